@@ -1,0 +1,55 @@
+//! Cluster membership and status types.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+/// Identifies a node within a cluster.
+pub type NodeId = u64;
+
+/// A node and how to reach it (an endpoint address or ticket, opaque to consensus).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ClusterNode {
+    /// The node's id.
+    pub id: NodeId,
+    /// How peers and clients reach it.
+    pub addr: String,
+}
+
+/// The role a node currently plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeRole {
+    /// Leads the cluster.
+    Leader,
+    /// Votes and replicates.
+    Follower,
+    /// Campaigning for leadership.
+    Candidate,
+    /// Replicates without voting.
+    Learner,
+    /// Shutting down or not yet started.
+    Shutdown,
+}
+
+/// A snapshot of one node's view of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The node answering.
+    pub node_id: NodeId,
+    /// Its role.
+    pub role: NodeRole,
+    /// The current term.
+    pub term: u64,
+    /// The leader, if known.
+    pub leader: Option<NodeId>,
+    /// Index of the last entry in this node's log.
+    pub last_log_index: Option<u64>,
+    /// Index of the last entry applied to this node's state machine.
+    pub last_applied: Option<u64>,
+    /// Voting members.
+    pub voters: BTreeSet<NodeId>,
+    /// Non-voting members.
+    pub learners: BTreeSet<NodeId>,
+    /// Every member with its address.
+    pub nodes: Vec<ClusterNode>,
+}

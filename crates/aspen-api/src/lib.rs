@@ -1,0 +1,25 @@
+//! Aspen's public API: the data model (keys, revisions, ranges, transactions, leases),
+//! the [`KeyValueStore`] and [`ClusterController`] traits, typed errors, and every limit
+//! Aspen enforces, with validation helpers.
+//!
+//! Architecture invariant: this crate does no I/O and depends on no runtime, storage or
+//! network crate; everything else depends on it.
+#![deny(missing_docs)]
+
+pub mod cluster;
+pub mod error;
+pub mod kv;
+pub mod limits;
+pub mod sql;
+pub mod store;
+pub mod txn;
+
+pub use cluster::{ClusterNode, ClusterStatus, NodeId, NodeRole};
+pub use error::{ApplyError, ClusterError, KvError, ValidationError};
+pub use kv::{
+    GetRequest, GetResponse, KeyRange, KeyValue, LeaseId, ReadConsistency, Revision, ScanRequest, ScanResponse,
+    MAX_LEASE_ID, WriteCommand, WriteResponse, prefix_end, validate_key, validate_lease_id, validate_value,
+};
+pub use sql::{SqlRequest, SqlResponse, SqlValue};
+pub use store::{ClusterController, KeyValueStore};
+pub use txn::{Compare, CompareOp, CompareTarget, TxnOp, TxnOpResponse, TxnRequest, TxnResponse};
