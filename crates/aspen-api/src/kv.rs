@@ -156,6 +156,30 @@ pub enum WriteCommand {
     Batch(Vec<WriteCommand>),
 }
 
+impl std::fmt::Display for WriteCommand {
+    /// A one-line summary for logs: the operation and its key, never the value bytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteCommand::Put { key, value, lease } => {
+                write!(f, "put {} ({} bytes, lease {lease:?})", String::from_utf8_lossy(key), value.len())
+            }
+            WriteCommand::Delete { key } => write!(f, "delete {}", String::from_utf8_lossy(key)),
+            WriteCommand::DeleteRange { range } => write!(
+                f,
+                "delete-range [{}, {})",
+                String::from_utf8_lossy(&range.start),
+                range.end.as_deref().map_or("end".into(), String::from_utf8_lossy)
+            ),
+            WriteCommand::Txn(txn) => {
+                write!(f, "txn ({} compares, {}/{} ops)", txn.compare.len(), txn.success.len(), txn.failure.len())
+            }
+            WriteCommand::LeaseGrant { id, ttl_secs } => write!(f, "lease-grant {id} ttl {ttl_secs}s"),
+            WriteCommand::LeaseRevoke { id } => write!(f, "lease-revoke {id}"),
+            WriteCommand::Batch(commands) => write!(f, "batch of {}", commands.len()),
+        }
+    }
+}
+
 impl WriteCommand {
     /// Checks every bound on the command before it is proposed.
     pub fn validate(&self) -> Result<(), ValidationError> {
@@ -264,7 +288,7 @@ pub struct GetResponse {
 pub struct ScanRequest {
     /// Keys to read.
     pub range: KeyRange,
-    /// Most keys to return, at most [`MAX_SCAN_LIMIT`].
+    /// Most keys to return, at most [`MAX_SCAN_LIMIT`]; 0 means [`MAX_SCAN_LIMIT`].
     pub limit: u32,
     /// Return keys and metadata without values.
     pub keys_only: bool,
@@ -307,7 +331,7 @@ impl ScanRequest {
 pub struct ScanResponse {
     /// Matching records, in key order (empty for `count_only`).
     pub kvs: Vec<KeyValue>,
-    /// Number of keys in the range after `after` (not bounded by `limit`).
+    /// For `count_only` scans, the number of matching keys; otherwise the number returned.
     pub count: u64,
     /// Resume token when more keys remain: pass it as `after` for the next page.
     pub continuation: Option<Vec<u8>>,
@@ -355,10 +379,7 @@ mod tests {
                 WriteCommand::Put { key: b"k".to_vec(), value: big_value, lease: None },
                 ValidationError::ValueTooLarge { size: MAX_VALUE_SIZE + 1, max: MAX_VALUE_SIZE },
             ),
-            (
-                WriteCommand::Batch(vec![WriteCommand::Batch(vec![])]),
-                ValidationError::NestedBatch,
-            ),
+            (WriteCommand::Batch(vec![WriteCommand::Batch(vec![])]), ValidationError::NestedBatch),
             (
                 WriteCommand::Batch(vec![WriteCommand::Delete { key: b"k".to_vec() }; MAX_BATCH_SIZE + 1]),
                 ValidationError::BatchTooLarge { count: MAX_BATCH_SIZE + 1, max: MAX_BATCH_SIZE },

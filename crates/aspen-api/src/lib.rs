@@ -17,8 +17,8 @@ pub mod txn;
 pub use cluster::{ClusterNode, ClusterStatus, NodeId, NodeRole};
 pub use error::{ApplyError, ClusterError, KvError, ValidationError};
 pub use kv::{
-    GetRequest, GetResponse, KeyRange, KeyValue, LeaseId, ReadConsistency, Revision, ScanRequest, ScanResponse,
-    MAX_LEASE_ID, WriteCommand, WriteResponse, prefix_end, validate_key, validate_lease_id, validate_value,
+    GetRequest, GetResponse, KeyRange, KeyValue, LeaseId, MAX_LEASE_ID, ReadConsistency, Revision, ScanRequest,
+    ScanResponse, WriteCommand, WriteResponse, prefix_end, validate_key, validate_lease_id, validate_value,
 };
 pub use sql::{SqlRequest, SqlResponse, SqlValue};
 pub use store::{ClusterController, KeyValueStore};

@@ -22,7 +22,12 @@ pub struct SqlRequest {
 impl SqlRequest {
     /// A query with the default bounds (1000 rows, 1 s).
     pub fn new(query: impl Into<String>) -> Self {
-        SqlRequest { query: query.into(), row_limit: 1000, timeout_ms: 1000, consistency: ReadConsistency::Linearizable }
+        SqlRequest {
+            query: query.into(),
+            row_limit: 1000,
+            timeout_ms: 1000,
+            consistency: ReadConsistency::Linearizable,
+        }
     }
 
     /// Checks the query size, row limit and timeout.

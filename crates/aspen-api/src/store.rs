@@ -27,8 +27,7 @@ pub trait ClusterController: Send + Sync {
     /// Adds a non-voting member that starts replicating.
     fn add_learner(&self, node: ClusterNode) -> impl Future<Output = Result<(), ClusterError>> + Send;
     /// Changes the voting members (joint consensus).
-    fn change_membership(&self, voters: BTreeSet<NodeId>)
-    -> impl Future<Output = Result<(), ClusterError>> + Send;
+    fn change_membership(&self, voters: BTreeSet<NodeId>) -> impl Future<Output = Result<(), ClusterError>> + Send;
     /// Removes a node from the cluster entirely.
     fn remove(&self, node: NodeId) -> impl Future<Output = Result<(), ClusterError>> + Send;
     /// Reports this node's view of the cluster.

@@ -170,7 +170,14 @@ mod tests {
     use super::*;
 
     fn kv(value: &[u8], version: u64) -> KeyValue {
-        KeyValue { key: b"k".to_vec(), value: value.to_vec(), create_revision: 3, mod_revision: 7, version, lease: None }
+        KeyValue {
+            key: b"k".to_vec(),
+            value: value.to_vec(),
+            create_revision: 3,
+            mod_revision: 7,
+            version,
+            lease: None,
+        }
     }
 
     #[test]

@@ -1,0 +1,11 @@
+//! The Raft log in redb, protected by a blake3 hash chain.
+//!
+//! One table holds entries keyed by index; each row is `hash || term || entry_bytes`
+//! (see [`chain`]). A second table holds the vote, the committed log id and the purge
+//! point with its anchor hash. The chain is verified in full when the store opens and
+//! for every range read; a mismatch is [`LogStoreError::ChainMismatch`] naming the index.
+
+pub mod chain;
+mod store;
+
+pub use store::{LogSummary, RedbLogStore};

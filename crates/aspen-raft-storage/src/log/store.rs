@@ -1,0 +1,473 @@
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use aspen_api::limits::{MAX_BATCH_SIZE, MAX_ENTRY_SIZE};
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::chain::{self, ChainHash, GENESIS};
+use crate::error::{LogStoreError, redb_error};
+use crate::type_config::{Entry, LogId, TypeConfig, Vote};
+
+const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_log_meta");
+
+const META_VOTE: &str = "vote";
+const META_COMMITTED: &str = "committed";
+const META_PURGED: &str = "purged";
+
+/// The hash-chained redb Raft log. Cheap to clone: clones share one database.
+#[derive(Clone)]
+pub struct RedbLogStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    db: Database,
+    /// What the chain needs to extend and verify itself, cached from disk. Updated only
+    /// after the transaction that changes it has committed.
+    state: Mutex<ChainState>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct ChainState {
+    /// Last entry and its hash.
+    last: Option<(LogId, ChainHash)>,
+    /// Last purged log id.
+    purged: Option<LogId>,
+    /// The hash the first stored entry chains from: GENESIS, or the purge point's hash.
+    anchor: ChainHash,
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+}
+
+/// What [`RedbLogStore::verify`] found: the log's bounds after a full chain check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogSummary {
+    /// Last purged log id.
+    pub purged: Option<LogId>,
+    /// Last entry's log id.
+    pub last: Option<LogId>,
+    /// Number of stored entries.
+    pub entries: u64,
+    /// Hash of the last entry (or the anchor when the log is empty).
+    pub last_hash: ChainHash,
+}
+
+impl RedbLogStore {
+    /// Opens (or creates) the log at `path` and verifies the whole hash chain.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, LogStoreError> {
+        let db = Database::create(path.as_ref()).map_err(redb_error)?;
+        let txn = db.begin_write().map_err(redb_error)?;
+        txn.open_table(ENTRIES).map_err(redb_error)?;
+        txn.open_table(META).map_err(redb_error)?;
+        txn.commit().map_err(redb_error)?;
+        let shared = Shared { db, state: Mutex::new(ChainState::default()) };
+        let state = shared.load_and_verify()?.0;
+        *shared.lock() = state;
+        Ok(RedbLogStore { shared: Arc::new(shared) })
+    }
+
+    /// Re-reads the log from disk and verifies every entry's hash and decoding.
+    pub fn verify(&self) -> Result<LogSummary, LogStoreError> {
+        Ok(self.shared.load_and_verify()?.1)
+    }
+
+    /// Raw access for tests that simulate corruption: overwrites the stored row of `index`.
+    #[doc(hidden)]
+    pub fn overwrite_raw_row(&self, index: u64, row: &[u8]) -> Result<(), LogStoreError> {
+        let txn = self.shared.db.begin_write().map_err(redb_error)?;
+        txn.open_table(ENTRIES).map_err(redb_error)?.insert(index, row).map_err(redb_error)?;
+        txn.commit().map_err(redb_error)
+    }
+
+    /// Raw access for tests that simulate corruption: the stored row of `index`.
+    #[doc(hidden)]
+    pub fn read_raw_row(&self, index: u64) -> Result<Option<Vec<u8>>, LogStoreError> {
+        let txn = self.shared.db.begin_read().map_err(redb_error)?;
+        let table = txn.open_table(ENTRIES).map_err(redb_error)?;
+        Ok(table.get(index).map_err(redb_error)?.map(|row| row.value().to_vec()))
+    }
+
+    /// Appends entries durably (one redb transaction, one fsync) and extends the chain.
+    pub fn append_entries(&self, entries: &[Entry]) -> Result<(), LogStoreError> {
+        self.shared.append(entries)
+    }
+
+    /// Entries in `range`, verified against the chain.
+    pub fn read_entries(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry>, LogStoreError> {
+        self.shared.read(range)
+    }
+
+    /// The purge point and last log id.
+    pub fn log_state(&self) -> LogState<TypeConfig> {
+        let state = self.shared.lock();
+        let last = state.last.as_ref().map(|(log_id, _)| *log_id).or(state.purged);
+        LogState { last_purged_log_id: state.purged, last_log_id: last }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, ChainState> {
+        // A poisoned lock means a panic mid-update of the cache; the cache is only written
+        // after a successful commit, so the data it caches is still consistent.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn load_and_verify(&self) -> Result<(ChainState, LogSummary), LogStoreError> {
+        let txn = self.db.begin_read().map_err(redb_error)?;
+        let meta = txn.open_table(META).map_err(redb_error)?;
+        let vote: Option<Vote> = read_meta(&meta, META_VOTE)?;
+        let committed: Option<LogId> = read_meta::<Option<LogId>>(&meta, META_COMMITTED)?.flatten();
+        let purge_point: Option<(LogId, ChainHash)> = read_meta(&meta, META_PURGED)?;
+        let (purged, anchor) = match purge_point {
+            Some((log_id, hash)) => (Some(log_id), hash),
+            None => (None, GENESIS),
+        };
+
+        let entries = txn.open_table(ENTRIES).map_err(redb_error)?;
+        let mut prev_hash = anchor;
+        let mut expected_index = purged.map(|log_id| log_id.index + 1);
+        let mut last = None;
+        let mut count = 0u64;
+        for item in entries.iter().map_err(redb_error)? {
+            let (key, value) = item.map_err(redb_error)?;
+            let index = key.value();
+            if let Some(expected) = expected_index
+                && index != expected
+            {
+                return Err(LogStoreError::Gap { expected, found: index });
+            }
+            let entry = verify_row(index, &prev_hash, value.value())?;
+            prev_hash = row_hash(value.value());
+            last = Some((entry.log_id, prev_hash));
+            expected_index = Some(index + 1);
+            count += 1;
+        }
+        let summary =
+            LogSummary { purged, last: last.as_ref().map(|(log_id, _)| *log_id), entries: count, last_hash: prev_hash };
+        Ok((ChainState { last, purged, anchor, vote, committed }, summary))
+    }
+
+    fn append(&self, entries: &[Entry]) -> Result<(), LogStoreError> {
+        let Some(first) = entries.first() else { return Ok(()) };
+        if entries.len() > MAX_BATCH_SIZE {
+            return Err(LogStoreError::BatchTooLarge { count: entries.len(), max: MAX_BATCH_SIZE });
+        }
+        let mut state = self.lock().clone();
+        let txn = self.db.begin_write().map_err(redb_error)?;
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
+            // openraft truncates conflicting entries before appending; an append over
+            // existing entries still replaces them rather than forking the chain.
+            if let Some((last, _)) = &state.last
+                && first.index() <= last.index
+            {
+                remove_from(&mut table, first.index())?;
+                state.last = previous_entry(&table, first.index())?;
+            }
+            let mut prev_hash = match &state.last {
+                Some((last, hash)) => {
+                    if first.index() != last.index + 1 {
+                        return Err(LogStoreError::NonContiguousAppend { last: last.index, found: first.index() });
+                    }
+                    *hash
+                }
+                None => state.anchor,
+            };
+            let mut expected_index = first.index();
+            for entry in entries {
+                let index = entry.index();
+                if index != expected_index {
+                    return Err(LogStoreError::NonContiguousAppend { last: expected_index - 1, found: index });
+                }
+                let bytes = postcard::to_stdvec(entry).map_err(|error| LogStoreError::Encode(error.to_string()))?;
+                if bytes.len() > MAX_ENTRY_SIZE {
+                    return Err(LogStoreError::EntryTooLarge { index, size: bytes.len(), max: MAX_ENTRY_SIZE });
+                }
+                let term = entry.log_id.leader_id.term;
+                let hash = chain::entry_hash(&prev_hash, index, term, &bytes);
+                table.insert(index, chain::encode_row(&hash, term, &bytes).as_slice()).map_err(redb_error)?;
+                prev_hash = hash;
+                expected_index += 1;
+            }
+            let last_entry = &entries[entries.len() - 1];
+            state.last = Some((last_entry.log_id, prev_hash));
+        }
+        // The durability point of the whole system: redb's default durability fsyncs here.
+        txn.commit().map_err(redb_error)?;
+        *self.lock() = state;
+        Ok(())
+    }
+
+    fn read(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry>, LogStoreError> {
+        let anchor = self.lock().anchor;
+        let txn = self.db.begin_read().map_err(redb_error)?;
+        let table = txn.open_table(ENTRIES).map_err(redb_error)?;
+        let start = match range.start_bound() {
+            Bound::Included(start) => *start,
+            Bound::Excluded(start) => start.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(end) => Bound::Included(*end),
+            Bound::Excluded(end) => Bound::Excluded(*end),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let mut entries = Vec::new();
+        let mut prev: Option<(u64, ChainHash)> = None;
+        for item in table.range::<u64>((Bound::Included(start), end)).map_err(redb_error)? {
+            let (key, value) = item.map_err(redb_error)?;
+            let index = key.value();
+            let prev_hash = match prev {
+                Some((prev_index, hash)) if prev_index + 1 == index => hash,
+                Some((prev_index, _)) => return Err(LogStoreError::Gap { expected: prev_index + 1, found: index }),
+                // The first entry read chains from its stored predecessor, or from the
+                // anchor when it is the first entry of the log.
+                None => match index.checked_sub(1).map(|prev_index| table.get(prev_index)).transpose() {
+                    Ok(Some(Some(row))) => row_hash(row.value()),
+                    Ok(_) => anchor,
+                    Err(error) => return Err(redb_error(error)),
+                },
+            };
+            entries.push(verify_row(index, &prev_hash, value.value())?);
+            prev = Some((index, row_hash(value.value())));
+        }
+        Ok(entries)
+    }
+
+    fn truncate_after(&self, last_kept: Option<LogId>) -> Result<(), LogStoreError> {
+        let first_removed = last_kept.map_or(0, |log_id| log_id.index + 1);
+        let mut state = self.lock().clone();
+        let txn = self.db.begin_write().map_err(redb_error)?;
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
+            remove_from(&mut table, first_removed)?;
+            state.last = previous_entry(&table, first_removed)?;
+        }
+        txn.commit().map_err(redb_error)?;
+        *self.lock() = state;
+        Ok(())
+    }
+
+    fn purge(&self, upto: LogId) -> Result<(), LogStoreError> {
+        let mut state = self.lock().clone();
+        if state.purged.is_some_and(|purged| purged.index >= upto.index) {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(redb_error)?;
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
+            let stored_hash = table.get(upto.index).map_err(redb_error)?.map(|row| row_hash(row.value()));
+            let first_index = table.first().map_err(redb_error)?.map(|(key, _)| key.value());
+            state.anchor = match (stored_hash, first_index) {
+                // The purge point is stored: the remaining entries chain from its hash.
+                (Some(hash), _) => hash,
+                // The purge point is before the first stored entry: the chain is unchanged.
+                (None, Some(first)) if upto.index < first => state.anchor,
+                // Everything stored is obsolete (a snapshot overtook the log).
+                _ => chain::anchor_hash(upto.index, upto.leader_id.term),
+            };
+            let removed: Vec<u64> = table
+                .range::<u64>(..=upto.index)
+                .map_err(redb_error)?
+                .map(|item| item.map(|(key, _)| key.value()))
+                .collect::<Result<_, _>>()
+                .map_err(redb_error)?;
+            for index in removed {
+                table.remove(index).map_err(redb_error)?;
+            }
+            if state.last.is_some_and(|(last, _)| last.index <= upto.index) {
+                state.last = None;
+            }
+            state.purged = Some(upto);
+            let mut meta = txn.open_table(META).map_err(redb_error)?;
+            write_meta(&mut meta, META_PURGED, &(upto, state.anchor))?;
+        }
+        txn.commit().map_err(redb_error)?;
+        *self.lock() = state;
+        Ok(())
+    }
+
+    fn save_vote(&self, vote: &Vote) -> Result<(), LogStoreError> {
+        let txn = self.db.begin_write().map_err(redb_error)?;
+        write_meta(&mut txn.open_table(META).map_err(redb_error)?, META_VOTE, vote)?;
+        txn.commit().map_err(redb_error)?;
+        self.lock().vote = Some(*vote);
+        Ok(())
+    }
+
+    fn save_committed(&self, committed: Option<LogId>) -> Result<(), LogStoreError> {
+        let mut txn = self.db.begin_write().map_err(redb_error)?;
+        // Losing the committed index in a crash is safe (it is re-learned from the leader),
+        // so it rides along with the next durable commit instead of paying its own fsync.
+        txn.set_durability(Durability::None).map_err(redb_error)?;
+        write_meta(&mut txn.open_table(META).map_err(redb_error)?, META_COMMITTED, &committed)?;
+        txn.commit().map_err(redb_error)?;
+        self.lock().committed = committed;
+        Ok(())
+    }
+}
+
+fn remove_from(table: &mut redb::Table<'_, u64, &[u8]>, first_removed: u64) -> Result<(), LogStoreError> {
+    let removed: Vec<u64> = table
+        .range::<u64>(first_removed..)
+        .map_err(redb_error)?
+        .map(|item| item.map(|(key, _)| key.value()))
+        .collect::<Result<_, _>>()
+        .map_err(redb_error)?;
+    for index in removed {
+        table.remove(index).map_err(redb_error)?;
+    }
+    Ok(())
+}
+
+fn previous_entry(
+    table: &redb::Table<'_, u64, &[u8]>,
+    before: u64,
+) -> Result<Option<(LogId, ChainHash)>, LogStoreError> {
+    let Some(item) = table.range::<u64>(..before).map_err(redb_error)?.next_back() else { return Ok(None) };
+    let (key, value) = item.map_err(redb_error)?;
+    let entry = decode_row_entry(key.value(), value.value())?;
+    Ok(Some((entry.log_id, row_hash(value.value()))))
+}
+
+fn row_hash(row: &[u8]) -> ChainHash {
+    chain::decode_row(row).map_or(GENESIS, |row| row.hash)
+}
+
+fn decode_row_entry(index: u64, row: &[u8]) -> Result<Entry, LogStoreError> {
+    let row = chain::decode_row(row)
+        .ok_or_else(|| LogStoreError::MalformedEntry { index, reason: "row shorter than its header".into() })?;
+    let entry: Entry = postcard::from_bytes(row.entry_bytes)
+        .map_err(|error| LogStoreError::MalformedEntry { index, reason: error.to_string() })?;
+    if entry.index() != index || entry.log_id.leader_id.term != row.term {
+        return Err(LogStoreError::MalformedEntry {
+            index,
+            reason: format!(
+                "row holds entry {} of term {} under term {}",
+                entry.index(),
+                entry.log_id.leader_id.term,
+                row.term
+            ),
+        });
+    }
+    Ok(entry)
+}
+
+/// Checks a row's hash against the chain before decoding it.
+fn verify_row(index: u64, prev_hash: &ChainHash, row: &[u8]) -> Result<Entry, LogStoreError> {
+    let parsed = chain::decode_row(row)
+        .ok_or_else(|| LogStoreError::MalformedEntry { index, reason: "row shorter than its header".into() })?;
+    let expected = chain::entry_hash(prev_hash, index, parsed.term, parsed.entry_bytes);
+    if expected != parsed.hash {
+        return Err(LogStoreError::ChainMismatch { index, expected: hex(&expected), found: hex(&parsed.hash) });
+    }
+    decode_row_entry(index, row)
+}
+
+fn hex(hash: &ChainHash) -> String {
+    hash.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn read_meta<T: DeserializeOwned>(
+    table: &redb::ReadOnlyTable<&str, &[u8]>,
+    name: &'static str,
+) -> Result<Option<T>, LogStoreError> {
+    let Some(value) = table.get(name).map_err(redb_error)? else { return Ok(None) };
+    postcard::from_bytes(value.value())
+        .map(Some)
+        .map_err(|error| LogStoreError::MalformedMeta { name, reason: error.to_string() })
+}
+
+fn write_meta<T: Serialize>(
+    table: &mut redb::Table<'_, &str, &[u8]>,
+    name: &'static str,
+    value: &T,
+) -> Result<(), LogStoreError> {
+    let bytes = postcard::to_stdvec(value).map_err(|error| LogStoreError::Encode(error.to_string()))?;
+    table.insert(name, bytes.as_slice()).map_err(redb_error)?;
+    Ok(())
+}
+
+/// Runs blocking redb work off the async executor.
+async fn blocking<T, F>(shared: &Arc<Shared>, work: F) -> Result<T, LogStoreError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Shared) -> Result<T, LogStoreError> + Send + 'static,
+{
+    let shared = Arc::clone(shared);
+    tokio::task::spawn_blocking(move || work(&shared)).await.map_err(|error| LogStoreError::Task(error.to_string()))?
+}
+
+impl RaftLogReader<TypeConfig> for RedbLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        Ok(blocking(&self.shared, move |shared| shared.read(bounds)).await?)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.shared.lock().vote)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for RedbLogStore {
+    type LogReader = RedbLogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        Ok(self.log_state())
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        let vote = *vote;
+        Ok(blocking(&self.shared, move |shared| shared.save_vote(&vote)).await?)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        Ok(blocking(&self.shared, move |shared| shared.save_committed(committed)).await?)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.shared.lock().committed)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let result = blocking(&self.shared, move |shared| shared.append(&entries)).await;
+        match result {
+            Ok(()) => {
+                callback.io_completed(Ok(()));
+                Ok(())
+            }
+            Err(error) => {
+                let message = error.to_string();
+                callback.io_completed(Err(io::Error::other(message)));
+                Err(error.into())
+            }
+        }
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        Ok(blocking(&self.shared, move |shared| shared.truncate_after(last_log_id)).await?)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        Ok(blocking(&self.shared, move |shared| shared.purge(log_id)).await?)
+    }
+}

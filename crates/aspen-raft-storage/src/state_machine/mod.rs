@@ -1,0 +1,319 @@
+//! The state machine in SQLite.
+//!
+//! One writer connection applies each batch of committed entries in one transaction,
+//! together with last_applied and membership. Reads go through an r2d2 pool of read-only
+//! connections and run concurrently with applies (WAL mode). Snapshots are files built
+//! by `VACUUM INTO` (see [`snapshot`]).
+
+pub mod apply;
+pub mod meta;
+mod pool;
+pub mod read;
+pub mod schema;
+pub mod snapshot;
+pub mod sql;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use aspen_api::limits::MAX_BATCH_SIZE;
+use aspen_api::{GetResponse, ScanRequest, ScanResponse, SqlRequest, SqlResponse, validate_key};
+use futures::{Stream, TryStreamExt};
+use openraft::EntryPayload;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use rusqlite::{Connection, TransactionBehavior};
+
+use self::meta::AppliedState;
+use self::pool::ReadOnlyConnections;
+use self::snapshot::{SnapshotFile, SnapshotStore};
+use crate::error::{SnapshotError, SqlError, StateMachineError};
+use crate::type_config::{Entry, EntryResponse, LogId, SnapshotMeta, StoredMembership, TypeConfig};
+
+/// File name of the live database inside the state machine's directory.
+pub const DB_FILE: &str = "state.db";
+/// Read connections in the pool.
+pub const READ_POOL_SIZE: u32 = 8;
+
+/// A snapshot under [`TypeConfig`] with file-backed data.
+pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>;
+
+/// The SQLite state machine. Cheap to clone: clones share the writer and the pool.
+#[derive(Clone)]
+pub struct SqliteStateMachine {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    db_path: PathBuf,
+    writer: Mutex<Writer>,
+    snapshots: SnapshotStore,
+    reader: StateMachineReader,
+}
+
+struct Writer {
+    conn: Connection,
+    applied: AppliedState,
+}
+
+/// Serves reads from the pool of read-only connections. Cheap to clone.
+#[derive(Clone)]
+pub struct StateMachineReader {
+    pool: r2d2::Pool<ReadOnlyConnections>,
+}
+
+impl SqliteStateMachine {
+    /// Opens (or creates) the state machine in `dir`. If the database is behind the
+    /// current snapshot (its last commits were lost in a crash after the log was purged),
+    /// the snapshot is reinstalled before anything else.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, StateMachineError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir)?;
+        let db_path = dir.join(DB_FILE);
+        let conn = Connection::open(&db_path)?;
+        schema::configure_writer(&conn)?;
+        let applied = meta::read_applied(&conn)?;
+        let snapshots = SnapshotStore::open(dir.join("snapshots"))?;
+        let pool = r2d2::Pool::builder()
+            .max_size(READ_POOL_SIZE)
+            .min_idle(Some(1))
+            .build(ReadOnlyConnections::new(db_path.clone()))?;
+        let shared = Shared {
+            db_path,
+            writer: Mutex::new(Writer { conn, applied }),
+            snapshots,
+            reader: StateMachineReader { pool },
+        };
+        let state_machine = SqliteStateMachine { shared: Arc::new(shared) };
+        if let Some((meta, _)) = state_machine.shared.snapshots.current()? {
+            let applied = state_machine.shared.lock_writer().applied.last_applied;
+            if meta.last_log_id > applied {
+                tracing::warn!(?applied, snapshot = ?meta.last_log_id, "state machine is behind its snapshot; reinstalling");
+                state_machine.shared.load_snapshot_into_db(&meta)?;
+            }
+        }
+        Ok(state_machine)
+    }
+
+    /// A handle for reads.
+    pub fn reader(&self) -> StateMachineReader {
+        self.shared.reader.clone()
+    }
+
+    /// The last applied log id and membership.
+    pub fn applied_state_now(&self) -> AppliedState {
+        self.shared.lock_writer().applied.clone()
+    }
+
+    /// Applies entries synchronously in one transaction and returns one response per
+    /// entry. Used by [`RaftStateMachine::apply`] and by tests and benchmarks.
+    pub fn apply_entries(&self, entries: &[Entry]) -> Result<Vec<EntryResponse>, StateMachineError> {
+        self.shared.apply_entries(entries)
+    }
+
+    /// Builds a snapshot now and makes it current.
+    pub fn build_snapshot_now(&self) -> Result<(SnapshotMeta, SnapshotFile), StateMachineError> {
+        Ok(self.shared.snapshots.build(&self.shared.db_path)?)
+    }
+
+    /// Installs a snapshot: validates and keeps a copy, then replaces the data.
+    pub fn install_snapshot_now(&self, meta: &SnapshotMeta, file: &SnapshotFile) -> Result<(), StateMachineError> {
+        let (meta, _) = self.shared.snapshots.adopt(file, meta)?;
+        self.shared.load_snapshot_into_db(&meta)
+    }
+
+    /// The current snapshot, if any.
+    pub fn current_snapshot(&self) -> Result<Option<(SnapshotMeta, SnapshotFile)>, StateMachineError> {
+        Ok(self.shared.snapshots.current()?)
+    }
+
+    /// Starts receiving a streamed snapshot of `size` bytes with blake3 `checksum`.
+    pub fn receive_snapshot(&self, size: u64, checksum: [u8; 32]) -> Result<snapshot::SnapshotReceiver, SnapshotError> {
+        self.shared.snapshots.receive(size, checksum)
+    }
+
+    async fn blocking<T, F>(&self, work: F) -> Result<T, StateMachineError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Shared) -> Result<T, StateMachineError> + Send + 'static,
+    {
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || work(&shared))
+            .await
+            .map_err(|error| StateMachineError::Task(error.to_string()))?
+    }
+}
+
+impl Shared {
+    fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        // `applied` is only replaced after a successful commit, so a writer poisoned by a
+        // panic elsewhere still describes the database correctly.
+        self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn apply_entries(&self, entries: &[Entry]) -> Result<Vec<EntryResponse>, StateMachineError> {
+        let mut writer = self.lock_writer();
+        let mut applied = writer.applied.clone();
+        let txn = writer.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut responses = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let index = entry.log_id.index;
+            let response = match &entry.payload {
+                EntryPayload::Blank => EntryResponse::NoOp,
+                EntryPayload::Normal(command) => EntryResponse::Write(apply::apply_command(&txn, index, command)?),
+                EntryPayload::Membership(membership) => {
+                    applied.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
+                    EntryResponse::NoOp
+                }
+            };
+            applied.last_applied = Some(entry.log_id);
+            responses.push(response);
+        }
+        meta::write_applied(&txn, &applied)?;
+        txn.commit()?;
+        writer.applied = applied;
+        Ok(responses)
+    }
+
+    /// Replaces the live data with the snapshot's in one transaction: a crash leaves
+    /// either the old state or the new one, never a mix.
+    fn load_snapshot_into_db(&self, meta: &SnapshotMeta) -> Result<(), StateMachineError> {
+        let snapshot_path = self.snapshots_current_path()?;
+        let mut writer = self.lock_writer();
+        let path = snapshot_path.to_str().ok_or_else(|| SnapshotError::Invalid("non-UTF-8 data path".into()))?;
+        writer.conn.execute("ATTACH DATABASE ?1 AS snap", [format!("file:{path}?mode=ro")])?;
+        let result = (|| -> Result<AppliedState, StateMachineError> {
+            let txn = writer.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            txn.execute_batch(
+                "DELETE FROM main.kv_store;
+                 INSERT INTO main.kv_store SELECT * FROM snap.kv_store;
+                 DELETE FROM main.leases;
+                 INSERT INTO main.leases SELECT * FROM snap.leases;
+                 DELETE FROM main.raft_meta;
+                 INSERT INTO main.raft_meta SELECT * FROM snap.raft_meta;",
+            )?;
+            let applied = meta::read_applied(&txn)?;
+            if applied.last_applied != meta.last_log_id {
+                return Err(SnapshotError::Invalid(format!(
+                    "snapshot holds state at {:?}, expected {:?}",
+                    applied.last_applied, meta.last_log_id
+                ))
+                .into());
+            }
+            txn.commit()?;
+            Ok(applied)
+        })();
+        writer.conn.execute("DETACH DATABASE snap", [])?;
+        writer.applied = result?;
+        Ok(())
+    }
+
+    fn snapshots_current_path(&self) -> Result<PathBuf, StateMachineError> {
+        self.snapshots
+            .current_path()?
+            .ok_or_else(|| SnapshotError::Invalid("no current snapshot to load".into()).into())
+    }
+}
+
+impl StateMachineReader {
+    /// Reads one key from the local state machine.
+    pub fn get(&self, key: &[u8]) -> Result<GetResponse, StateMachineError> {
+        validate_key(key)?;
+        let mut conn = self.pool.get()?;
+        Ok(read::get(&mut conn, key)?)
+    }
+
+    /// Scans a range from the local state machine.
+    pub fn scan(&self, request: &ScanRequest) -> Result<ScanResponse, StateMachineError> {
+        request.validate()?;
+        let mut conn = self.pool.get()?;
+        Ok(read::scan(&mut conn, request)?)
+    }
+
+    /// Runs a read-only SQL query over the `kv` view.
+    pub fn sql(&self, request: &SqlRequest) -> Result<SqlResponse, SqlError> {
+        let mut conn = self.pool.get().map_err(|error| SqlError::Storage(Box::new(error.into())))?;
+        sql::run_query(&mut conn, request)
+    }
+
+    /// The applied index as seen by readers.
+    pub fn revision(&self) -> Result<u64, StateMachineError> {
+        let conn = self.pool.get()?;
+        Ok(meta::read_revision(&conn)?)
+    }
+}
+
+/// Builds snapshots on request from openraft.
+pub struct SqliteSnapshotBuilder {
+    state_machine: SqliteStateMachine,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SqliteSnapshotBuilder {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let (meta, snapshot) =
+            self.state_machine.blocking(|shared| Ok(shared.snapshots.build(&shared.db_path)?)).await?;
+        tracing::info!(last_log_id = ?meta.last_log_id, size = snapshot.size(), "built snapshot");
+        Ok(Snapshot { meta, snapshot })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for SqliteStateMachine {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SqliteSnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let applied = self.applied_state_now();
+        Ok((applied.last_applied, applied.membership))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
+    {
+        let mut batch: Vec<Entry> = Vec::new();
+        let mut responders = Vec::new();
+        loop {
+            let next = entries.try_next().await?;
+            let end = next.is_none();
+            if let Some((entry, responder)) = next {
+                batch.push(entry);
+                responders.push(responder);
+            }
+            if batch.len() == MAX_BATCH_SIZE || (end && !batch.is_empty()) {
+                let work = std::mem::take(&mut batch);
+                let responses = self.blocking(move |shared| shared.apply_entries(&work)).await?;
+                // Responses go out only after the transaction commits, so a client that
+                // sees its write acknowledged can read it back from any pooled connection.
+                for (responder, response) in responders.drain(..).zip(responses) {
+                    if let Some(responder) = responder {
+                        responder.send(response);
+                    }
+                }
+            }
+            if end {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SqliteSnapshotBuilder { state_machine: self.clone() }
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
+        let meta = meta.clone();
+        self.blocking(move |shared| {
+            let (meta, _) = shared.snapshots.adopt(&snapshot, &meta)?;
+            shared.load_snapshot_into_db(&meta)
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let current = self.blocking(|shared| Ok(shared.snapshots.current()?)).await?;
+        Ok(current.map(|(meta, snapshot)| Snapshot { meta, snapshot }))
+    }
+}
