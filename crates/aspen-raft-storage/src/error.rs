@@ -43,6 +43,14 @@ pub enum LogStoreError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The database file is damaged beyond what redb can report as an error.
+    #[error("log file {path} is corrupted: {reason}")]
+    Corrupted {
+        /// The file.
+        path: String,
+        /// What failed while reading it.
+        reason: String,
+    },
     /// An append would leave a gap after the current last entry.
     #[error("append at index {found} does not follow the last entry {last}")]
     NonContiguousAppend {
@@ -89,6 +97,7 @@ impl LogStoreError {
                 | LogStoreError::MalformedEntry { .. }
                 | LogStoreError::Gap { .. }
                 | LogStoreError::MalformedMeta { .. }
+                | LogStoreError::Corrupted { .. }
         ) || matches!(self, LogStoreError::Redb(redb::Error::Corrupted(_)))
     }
 }

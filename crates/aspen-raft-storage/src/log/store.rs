@@ -15,11 +15,11 @@ use crate::error::{LogStoreError, redb_error};
 use crate::type_config::{Entry, LogId, TypeConfig, Vote};
 
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_log_meta");
+const META: TableDefinition<&[u8], &[u8]> = TableDefinition::new("raft_log_meta");
 
-const META_VOTE: &str = "vote";
-const META_COMMITTED: &str = "committed";
-const META_PURGED: &str = "purged";
+const META_VOTE: &[u8] = b"vote";
+const META_COMMITTED: &[u8] = b"committed";
+const META_PURGED: &[u8] = b"purged";
 
 /// The hash-chained redb Raft log. Cheap to clone: clones share one database.
 #[derive(Clone)]
@@ -62,7 +62,21 @@ pub struct LogSummary {
 impl RedbLogStore {
     /// Opens (or creates) the log at `path` and verifies the whole hash chain.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, LogStoreError> {
-        let db = Database::create(path.as_ref()).map_err(redb_error)?;
+        let path = path.as_ref();
+        // redb panics on some kinds of damage (e.g. invalid UTF-8 in its table directory);
+        // a damaged file must be a typed error, never a crashed node.
+        std::panic::catch_unwind(|| Self::open_unchecked(path)).unwrap_or_else(|panic| {
+            let reason = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|message| message.to_string()))
+                .unwrap_or_else(|| "redb panicked".into());
+            Err(LogStoreError::Corrupted { path: path.display().to_string(), reason })
+        })
+    }
+
+    fn open_unchecked(path: &Path) -> Result<Self, LogStoreError> {
+        let db = Database::create(path).map_err(redb_error)?;
         let txn = db.begin_write().map_err(redb_error)?;
         txn.open_table(ENTRIES).map_err(redb_error)?;
         txn.open_table(META).map_err(redb_error)?;
@@ -102,6 +116,21 @@ impl RedbLogStore {
     /// Entries in `range`, verified against the chain.
     pub fn read_entries(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry>, LogStoreError> {
         self.shared.read(range)
+    }
+
+    /// Removes every entry after `last_kept` (all entries for `None`).
+    pub fn truncate_entries_after(&self, last_kept: Option<LogId>) -> Result<(), LogStoreError> {
+        self.shared.truncate_after(last_kept)
+    }
+
+    /// Removes every entry up to and including `upto`, keeping the chain's anchor.
+    pub fn purge_entries_upto(&self, upto: LogId) -> Result<(), LogStoreError> {
+        self.shared.purge(upto)
+    }
+
+    /// Durably records a vote.
+    pub fn save_vote_now(&self, vote: &Vote) -> Result<(), LogStoreError> {
+        self.shared.save_vote(vote)
     }
 
     /// The purge point and last log id.
@@ -180,8 +209,7 @@ impl Shared {
                 }
                 None => state.anchor,
             };
-            let mut expected_index = first.index();
-            for entry in entries {
+            for (expected_index, entry) in (first.index()..).zip(entries) {
                 let index = entry.index();
                 if index != expected_index {
                     return Err(LogStoreError::NonContiguousAppend { last: expected_index - 1, found: index });
@@ -194,7 +222,6 @@ impl Shared {
                 let hash = chain::entry_hash(&prev_hash, index, term, &bytes);
                 table.insert(index, chain::encode_row(&hash, term, &bytes).as_slice()).map_err(redb_error)?;
                 prev_hash = hash;
-                expected_index += 1;
             }
             let last_entry = &entries[entries.len() - 1];
             state.last = Some((last_entry.log_id, prev_hash));
@@ -376,18 +403,19 @@ fn hex(hash: &ChainHash) -> String {
 }
 
 fn read_meta<T: DeserializeOwned>(
-    table: &redb::ReadOnlyTable<&str, &[u8]>,
-    name: &'static str,
+    table: &redb::ReadOnlyTable<&[u8], &[u8]>,
+    name: &'static [u8],
 ) -> Result<Option<T>, LogStoreError> {
     let Some(value) = table.get(name).map_err(redb_error)? else { return Ok(None) };
-    postcard::from_bytes(value.value())
-        .map(Some)
-        .map_err(|error| LogStoreError::MalformedMeta { name, reason: error.to_string() })
+    postcard::from_bytes(value.value()).map(Some).map_err(|error| LogStoreError::MalformedMeta {
+        name: std::str::from_utf8(name).unwrap_or("?"),
+        reason: error.to_string(),
+    })
 }
 
 fn write_meta<T: Serialize>(
-    table: &mut redb::Table<'_, &str, &[u8]>,
-    name: &'static str,
+    table: &mut redb::Table<'_, &[u8], &[u8]>,
+    name: &'static [u8],
     value: &T,
 ) -> Result<(), LogStoreError> {
     let bytes = postcard::to_stdvec(value).map_err(|error| LogStoreError::Encode(error.to_string()))?;

@@ -84,16 +84,34 @@ fn collect_rows(
     Ok(SqlResponse { columns, rows, truncated })
 }
 
-/// Allows a SELECT that reads only the `kv` view (and `kv_store` through it) and calls
-/// functions; denies every other action, including reads of internal tables.
+/// Allows a SELECT that reads only the `kv` view (and `kv_store` through it), common
+/// table expressions and functions; denies every other action, including reads of the
+/// internal tables (`raft_meta`, `leases`, `sqlite_*`) and direct column reads of
+/// `kv_store`. SQLite reports column-less reads (`COUNT(*)` through a flattened view)
+/// without the view as accessor; those reveal nothing the view does not, so they pass.
 fn authorize_kv_view_reads(context: AuthContext<'_>) -> Authorization {
     match context.action {
         AuthAction::Select | AuthAction::Function { .. } | AuthAction::Recursive => Authorization::Allow,
-        AuthAction::Read { table_name: "kv", .. } => Authorization::Allow,
-        AuthAction::Read { table_name: "kv_store", .. } if context.accessor == Some("kv") => Authorization::Allow,
+        AuthAction::Read { table_name: "kv_store", column_name } => {
+            if context.accessor == Some("kv") || column_name.is_empty() {
+                Authorization::Allow
+            } else {
+                Authorization::Deny
+            }
+        }
+        AuthAction::Read { table_name, .. }
+            if INTERNAL_TABLES.contains(&table_name) || table_name.starts_with("sqlite_") =>
+        {
+            Authorization::Deny
+        }
+        // The `kv` view itself and common table expressions.
+        AuthAction::Read { .. } => Authorization::Allow,
         _ => Authorization::Deny,
     }
 }
+
+/// Tables SQL users may never read.
+const INTERNAL_TABLES: [&str; 2] = ["raft_meta", "leases"];
 
 fn classify(error: rusqlite::Error) -> SqlError {
     match &error {
