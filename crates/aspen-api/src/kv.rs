@@ -26,8 +26,10 @@ pub fn validate_lease_id(id: LeaseId) -> Result<(), ValidationError> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
     /// The key bytes.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// The value bytes; empty when the read asked for keys only.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Revision of the write that created the key (since its last delete).
     pub create_revision: Revision,
@@ -43,8 +45,10 @@ pub struct KeyValue {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct KeyRange {
     /// First key in the range (inclusive).
+    #[serde(with = "serde_bytes")]
     pub start: Vec<u8>,
     /// First key past the range (exclusive); `None` reaches the end of the keyspace.
+    #[serde(with = "serde_bytes")]
     pub end: Option<Vec<u8>>,
 }
 
@@ -121,8 +125,10 @@ pub enum WriteCommand {
     /// Set `key` to `value`, optionally attached to a lease.
     Put {
         /// Key to write.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         /// New value.
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         /// Lease to attach the key to; the lease must exist.
         lease: Option<LeaseId>,
@@ -130,6 +136,7 @@ pub enum WriteCommand {
     /// Remove one key.
     Delete {
         /// Key to remove.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// Remove every key in a range (use [`KeyRange::prefix`] for a prefix).
@@ -269,6 +276,7 @@ pub enum ReadConsistency {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GetRequest {
     /// Key to read.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// Freshness required.
     pub consistency: ReadConsistency,
@@ -295,6 +303,7 @@ pub struct ScanRequest {
     /// Return only the number of matching keys.
     pub count_only: bool,
     /// Resume strictly after this key (the previous page's continuation token).
+    #[serde(with = "serde_bytes")]
     pub after: Option<Vec<u8>>,
     /// Freshness required.
     pub consistency: ReadConsistency,
@@ -334,6 +343,7 @@ pub struct ScanResponse {
     /// For `count_only` scans, the number of matching keys; otherwise the number returned.
     pub count: u64,
     /// Resume token when more keys remain: pass it as `after` for the next page.
+    #[serde(with = "serde_bytes")]
     pub continuation: Option<Vec<u8>>,
     /// The state machine's revision when the scan was served.
     pub revision: Revision,

@@ -57,7 +57,7 @@ pub enum SqlValue {
     /// Text.
     Text(String),
     /// Bytes.
-    Blob(Vec<u8>),
+    Blob(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// The rows a query returned.

@@ -27,7 +27,7 @@ pub enum CompareOp {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CompareTarget {
     /// The value bytes, compared lexicographically.
-    Value(Vec<u8>),
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The key's version.
     Version(u64),
     /// The key's create revision.
@@ -40,6 +40,7 @@ pub enum CompareTarget {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Compare {
     /// Key whose record is compared.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// Relation between the stored field and the operand.
     pub op: CompareOp,
@@ -72,13 +73,16 @@ pub enum TxnOp {
     /// Read one key as of the transaction's point in the history.
     Get {
         /// Key to read.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// Write one key.
     Put {
         /// Key to write.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         /// New value.
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         /// Lease to attach the key to.
         lease: Option<LeaseId>,
@@ -86,6 +90,7 @@ pub enum TxnOp {
     /// Remove one key.
     Delete {
         /// Key to remove.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// Remove every key in a range.
