@@ -27,7 +27,10 @@ fn bench_dir() -> tempfile::TempDir {
 fn put_entry(index: u64) -> Entry {
     let key = format!("bench/key/{:08}", index % READ_KEYS).into_bytes();
     let command = WriteCommand::Put { key, value: vec![b'x'; VALUE_SIZE], lease: None };
-    Entry { log_id: openraft::LogId::new(LeaderId { term: 1, node_id: 1 }, index), payload: EntryPayload::Normal(command) }
+    Entry {
+        log_id: openraft::LogId::new(LeaderId { term: 1, node_id: 1 }, index),
+        payload: EntryPayload::Normal(command),
+    }
 }
 
 fn log_append(c: &mut Criterion) {
