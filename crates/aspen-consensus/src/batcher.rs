@@ -1,0 +1,115 @@
+//! Groups concurrent client writes into Raft entries, so one entry (one append, one fsync,
+//! one apply transaction) carries many writes. This is where write throughput comes from.
+
+use std::sync::Arc;
+
+use aspen_api::limits::{MAX_BATCH_SIZE, MAX_VALUE_SIZE};
+use aspen_api::{ApplyError, KvError, WriteCommand, WriteResponse};
+use aspen_raft_storage::{EntryResponse, SqliteStateMachine, TypeConfig};
+use openraft::Raft;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::errors::client_write_error;
+
+/// Most payload bytes (keys and values) grouped into one entry: a few maximum-size values,
+/// well under the entry and RPC message limits.
+pub const MAX_BATCH_BYTES: usize = 4 * MAX_VALUE_SIZE;
+
+/// The raft handle type.
+pub type AspenRaft = Raft<TypeConfig, SqliteStateMachine>;
+
+/// A write waiting to be proposed.
+pub struct PendingWrite {
+    /// The command.
+    pub command: WriteCommand,
+    /// Where its result goes.
+    pub reply: oneshot::Sender<Result<WriteResponse, KvError>>,
+}
+
+fn payload_bytes(command: &WriteCommand) -> usize {
+    match command {
+        WriteCommand::Put { key, value, .. } => key.len() + value.len(),
+        WriteCommand::Batch(commands) => commands.iter().map(payload_bytes).sum(),
+        _ => 64,
+    }
+}
+
+/// Runs until the queue closes: takes whatever writes are queued, groups them, and
+/// proposes each group as one entry, with at most `max_in_flight` groups outstanding.
+pub async fn run(raft: AspenRaft, mut queue: mpsc::Receiver<PendingWrite>, max_in_flight: usize) {
+    let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    let mut carry: Option<PendingWrite> = None;
+    loop {
+        let first = match carry.take() {
+            Some(write) => write,
+            None => match queue.recv().await {
+                Some(write) => write,
+                None => return,
+            },
+        };
+        let mut group = vec![first];
+        // A client's own batch is an entry by itself (batches do not nest).
+        if !matches!(group[0].command, WriteCommand::Batch(_)) {
+            let mut bytes = payload_bytes(&group[0].command);
+            while group.len() < MAX_BATCH_SIZE && bytes < MAX_BATCH_BYTES {
+                let Ok(next) = queue.try_recv() else { break };
+                if matches!(next.command, WriteCommand::Batch(_))
+                    || bytes + payload_bytes(&next.command) > MAX_BATCH_BYTES
+                {
+                    carry = Some(next);
+                    break;
+                }
+                bytes += payload_bytes(&next.command);
+                group.push(next);
+            }
+        }
+        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { return };
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            propose(&raft, group).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn propose(raft: &AspenRaft, mut group: Vec<PendingWrite>) {
+    if group.len() == 1 {
+        let Some(write) = group.pop() else { return };
+        let result = match raft.client_write(write.command).await {
+            Ok(response) => entry_result(response.data),
+            Err(error) => Err(client_write_error(error)),
+        };
+        let _ = write.reply.send(result);
+        return;
+    }
+    let (commands, replies): (Vec<_>, Vec<_>) = group.into_iter().map(|write| (write.command, write.reply)).unzip();
+    let count = commands.len();
+    match raft.client_write(WriteCommand::Batch(commands)).await {
+        Ok(response) => match entry_result(response.data) {
+            Ok(WriteResponse::Batch(results)) if results.len() == count => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result.map_err(KvError::from));
+                }
+            }
+            other => {
+                let error = KvError::Storage(format!("batch of {count} produced {other:?}"));
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        },
+        Err(error) => {
+            let error = client_write_error(error);
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+fn entry_result(response: EntryResponse) -> Result<WriteResponse, KvError> {
+    match response {
+        EntryResponse::Write(result) => result.map_err(|error: ApplyError| KvError::Apply(error)),
+        EntryResponse::NoOp => Err(KvError::Storage("write entry produced no response".into())),
+    }
+}

@@ -1,0 +1,73 @@
+//! Consensus tuning, with the defaults and why.
+
+use std::time::Duration;
+
+use aspen_api::NodeId;
+
+/// Tuning of one Raft node. Defaults suit loopback and LAN clusters on small machines.
+#[derive(Clone, Debug)]
+pub struct ConsensusConfig {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// A name that tells clusters apart in logs.
+    pub cluster_name: String,
+    /// Leader heartbeat period. 100 ms: on a LAN a round trip is well under 1 ms, so this
+    /// is about liveness under load (a busy 2-core machine can stall tasks for tens of ms).
+    pub heartbeat_interval_ms: u64,
+    /// Election timeout range, randomized per term so candidates rarely collide. At 5-10x
+    /// the heartbeat, a follower tolerates several lost or late heartbeats before campaigning.
+    pub election_timeout_min_ms: u64,
+    /// Upper end of the election timeout range.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log behind a snapshot, so slightly lagging followers catch up
+    /// from the log instead of a whole snapshot.
+    pub log_entries_kept_after_snapshot: u64,
+    /// Most entries in one AppendEntries.
+    pub max_entries_per_append: u64,
+    /// How long a write may wait for commit before it reports an unknown outcome.
+    pub write_timeout: Duration,
+    /// How long a linearizable read may wait for its read point.
+    pub read_timeout: Duration,
+    /// Most client writes queued for batching; a full queue pushes back on callers.
+    pub max_pending_writes: usize,
+    /// Most batches proposed to Raft at once (pipelining depth).
+    pub max_batches_in_flight: usize,
+}
+
+impl ConsensusConfig {
+    /// Defaults for `node_id`.
+    pub fn new(node_id: NodeId) -> Self {
+        ConsensusConfig {
+            node_id,
+            cluster_name: "aspen".into(),
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            snapshot_after_entries: 10_000,
+            log_entries_kept_after_snapshot: 1_000,
+            max_entries_per_append: 300,
+            write_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(5),
+            max_pending_writes: 4096,
+            max_batches_in_flight: 8,
+        }
+    }
+
+    /// The openraft configuration these settings stand for.
+    pub fn raft_config(&self) -> Result<openraft::Config, openraft::ConfigError> {
+        openraft::Config {
+            cluster_name: self.cluster_name.clone(),
+            heartbeat_interval: self.heartbeat_interval_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            max_payload_entries: self.max_entries_per_append,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: self.log_entries_kept_after_snapshot,
+            install_snapshot_timeout: 10_000,
+            ..Default::default()
+        }
+        .validate()
+    }
+}

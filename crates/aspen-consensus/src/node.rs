@@ -1,0 +1,416 @@
+//! `RaftNode`: one member of an Aspen cluster, with a direct async API implementing the
+//! `KeyValueStore` and `ClusterController` traits, and the server side of every RPC.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
+
+use aspen_api::limits::MAX_PEERS;
+use aspen_api::{
+    ClusterController, ClusterError, ClusterNode, ClusterStatus, GetRequest, GetResponse, KeyValueStore, KvError,
+    NodeId, NodeRole, ReadConsistency, ScanRequest, ScanResponse, SqlRequest, SqlResponse, WriteCommand, WriteResponse,
+    validate_key,
+};
+use aspen_raft_storage::state_machine::Snapshot;
+use aspen_raft_storage::{RedbLogStore, SnapshotMeta, SnapshotReceiver, SqliteStateMachine, StateMachineReader, Vote};
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{InitializeError, LinearizableReadError, RaftError};
+use openraft::{ChangeMembers, RaftMetrics, ReadPolicy, ServerState};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::batcher::{self, AspenRaft, PendingWrite};
+use crate::config::ConsensusConfig;
+use crate::errors::{cluster_write_error, not_leader};
+use crate::network::NetworkFactory;
+use crate::rpc::{RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
+
+/// Failures starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error("invalid consensus config: {0}")]
+    Config(#[from] openraft::ConfigError),
+    /// openraft could not start on these stores.
+    #[error("raft failed to start: {0}")]
+    Raft(String),
+}
+
+/// A snapshot being received from the leader.
+struct SnapshotInbox {
+    vote: Vote,
+    meta: SnapshotMeta,
+    receiver: SnapshotReceiver,
+}
+
+/// One cluster member. Cheap to clone.
+pub struct RaftNode<C: RaftRpcClient> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C: RaftRpcClient> Clone for RaftNode<C> {
+    fn clone(&self) -> Self {
+        RaftNode { inner: Arc::clone(&self.inner) }
+    }
+}
+
+struct Inner<C> {
+    config: ConsensusConfig,
+    raft: AspenRaft,
+    state_machine: SqliteStateMachine,
+    reader: StateMachineReader,
+    rpc: Arc<C>,
+    writes: mpsc::Sender<PendingWrite>,
+    snapshot_inbox: Mutex<Option<SnapshotInbox>>,
+}
+
+impl<C: RaftRpcClient> RaftNode<C> {
+    /// Starts Raft on the given stores; peers are reached through `rpc`.
+    pub async fn start(
+        config: ConsensusConfig,
+        log: RedbLogStore,
+        state_machine: SqliteStateMachine,
+        rpc: Arc<C>,
+    ) -> Result<Self, StartError> {
+        let raft_config = Arc::new(config.raft_config()?);
+        let reader = state_machine.reader();
+        let raft = AspenRaft::new(
+            config.node_id,
+            raft_config,
+            NetworkFactory::new(Arc::clone(&rpc)),
+            log,
+            state_machine.clone(),
+        )
+        .await
+        .map_err(|error| StartError::Raft(error.to_string()))?;
+        let (writes, queue) = mpsc::channel(config.max_pending_writes);
+        tokio::spawn(batcher::run(raft.clone(), queue, config.max_batches_in_flight));
+        let inner = Inner { config, raft, state_machine, reader, rpc, writes, snapshot_inbox: Mutex::new(None) };
+        Ok(RaftNode { inner: Arc::new(inner) })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.config.node_id
+    }
+
+    /// The openraft handle (for metrics and tests).
+    pub fn raft(&self) -> &AspenRaft {
+        &self.inner.raft
+    }
+
+    /// The latest Raft metrics.
+    pub fn metrics(&self) -> RaftMetrics<aspen_raft_storage::TypeConfig> {
+        self.inner.raft.metrics().borrow_watched().clone()
+    }
+
+    /// Stops Raft. Pending writes fail with `Unavailable`.
+    pub async fn shutdown(&self) -> Result<(), String> {
+        self.inner.raft.shutdown().await.map_err(|error| error.to_string())
+    }
+
+    fn leader(&self) -> Option<(NodeId, Option<ClusterNode>)> {
+        let metrics = self.inner.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        let leader = metrics.current_leader?;
+        let node = metrics.membership_config.membership().get_node(&leader).cloned();
+        Some((leader, node))
+    }
+
+    /// Sends `request` to the current leader (never to this node).
+    async fn call_leader(&self, request: RaftRpc) -> Result<RaftRpcReply, KvError> {
+        let Some((leader, Some(node))) = self.leader() else {
+            return Err(KvError::NotLeader { leader: None, leader_addr: None });
+        };
+        if leader == self.id() {
+            return Err(KvError::Unavailable("this node is the leader".into()));
+        }
+        self.inner.rpc.call(leader, &node, request).await.map_err(|failure| match failure {
+            RpcFailure::Timeout { after_ms, .. } => KvError::Timeout { after_ms },
+            other => KvError::Unavailable(other.to_string()),
+        })
+    }
+
+    /// Proposes a write on this node (which must lead), through the batcher.
+    async fn propose(&self, command: WriteCommand) -> Result<WriteResponse, KvError> {
+        let timeout = self.inner.config.write_timeout;
+        let after_ms = timeout.as_millis() as u64;
+        let (reply, result) = oneshot::channel();
+        tokio::time::timeout(timeout, self.inner.writes.send(PendingWrite { command, reply }))
+            .await
+            .map_err(|_| KvError::Timeout { after_ms })?
+            .map_err(|_| KvError::Unavailable("node is shutting down".into()))?;
+        tokio::time::timeout(timeout, result)
+            .await
+            .map_err(|_| KvError::Timeout { after_ms })?
+            .map_err(|_| KvError::Unavailable("node is shutting down".into()))?
+    }
+
+    /// Waits until this node's state machine reflects every write acknowledged before the
+    /// call (ReadIndex): on the leader directly, on a follower via the leader's read index.
+    pub async fn read_barrier(&self, consistency: ReadConsistency) -> Result<(), KvError> {
+        if consistency == ReadConsistency::Stale {
+            return Ok(());
+        }
+        let timeout = self.inner.config.read_timeout;
+        let read_index = match self.leader() {
+            Some((leader, _)) if leader == self.id() => match self.local_read_index().await {
+                Ok(_) => return Ok(()),
+                Err(KvError::NotLeader { .. }) => self.remote_read_index().await?,
+                Err(error) => return Err(error),
+            },
+            _ => self.remote_read_index().await?,
+        };
+        self.inner
+            .raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(read_index), "read index")
+            .await
+            .map_err(|_| KvError::Timeout { after_ms: timeout.as_millis() as u64 })?;
+        Ok(())
+    }
+
+    /// On the leader: confirms leadership with a quorum and waits for the read point.
+    async fn local_read_index(&self) -> Result<u64, KvError> {
+        match self.inner.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(read_log_id) => Ok(read_log_id.index()),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward))) => Err(not_leader(&forward)),
+            Err(RaftError::APIError(error)) => Err(KvError::Unavailable(error.to_string())),
+            Err(RaftError::Fatal(fatal)) => Err(KvError::Unavailable(fatal.to_string())),
+        }
+    }
+
+    async fn remote_read_index(&self) -> Result<u64, KvError> {
+        match self.call_leader(RaftRpc::ReadIndex).await? {
+            RaftRpcReply::ReadIndex(result) => result,
+            other => Err(KvError::Unavailable(format!("unexpected reply to ReadIndex: {other:?}"))),
+        }
+    }
+
+    /// Handles a request from a peer. Access control happens before this, in the transport.
+    pub async fn handle_rpc(&self, request: RaftRpc) -> RaftRpcReply {
+        let raft = &self.inner.raft;
+        match request {
+            RaftRpc::AppendEntries(request) => match raft.append_entries(request).await {
+                Ok(response) => RaftRpcReply::AppendEntries(response),
+                Err(error) => RaftRpcReply::Failed(error.to_string()),
+            },
+            RaftRpc::Vote(request) => match raft.vote(request).await {
+                Ok(response) => RaftRpcReply::Vote(response),
+                Err(error) => RaftRpcReply::Failed(error.to_string()),
+            },
+            RaftRpc::PreVote(request) => match raft.pre_vote(request).await {
+                Ok(response) => RaftRpcReply::Vote(response),
+                Err(error) => RaftRpcReply::Failed(error.to_string()),
+            },
+            RaftRpc::TransferLeader(request) => match raft.handle_transfer_leader(request).await {
+                Ok(Ok(())) => RaftRpcReply::TransferLeader,
+                Ok(Err(error)) => RaftRpcReply::Failed(error.to_string()),
+                Err(error) => RaftRpcReply::Failed(error.to_string()),
+            },
+            RaftRpc::Snapshot(chunk) => match self.receive_snapshot_chunk(chunk).await {
+                Ok(response) => RaftRpcReply::Snapshot(response),
+                Err(error) => RaftRpcReply::Failed(error),
+            },
+            RaftRpc::ReadIndex => RaftRpcReply::ReadIndex(self.local_read_index().await),
+            RaftRpc::Forward(command) => {
+                // One hop only: a forwarded write is never forwarded again.
+                let result = match command.validate() {
+                    Ok(()) => self.propose(command).await,
+                    Err(error) => Err(error.into()),
+                };
+                RaftRpcReply::Forward(result)
+            }
+        }
+    }
+
+    async fn receive_snapshot_chunk(
+        &self,
+        chunk: crate::rpc::SnapshotChunk,
+    ) -> Result<Option<openraft::raft::SnapshotResponse<aspen_raft_storage::TypeConfig>>, String> {
+        let mut inbox = self.inner.snapshot_inbox.lock().await;
+        if chunk.offset == 0 {
+            let receiver = self
+                .inner
+                .state_machine
+                .receive_snapshot(chunk.size, chunk.checksum)
+                .map_err(|error| error.to_string())?;
+            *inbox = Some(SnapshotInbox { vote: chunk.vote, meta: chunk.meta.clone(), receiver });
+        }
+        let Some(state) = inbox.as_mut() else {
+            return Err(format!("snapshot chunk at offset {} without a start", chunk.offset));
+        };
+        if state.meta != chunk.meta || state.vote != chunk.vote {
+            *inbox = None;
+            return Err("snapshot chunk belongs to another snapshot".into());
+        }
+        if let Err(error) = state.receiver.write_chunk(chunk.offset, &chunk.data) {
+            *inbox = None;
+            return Err(error.to_string());
+        }
+        if chunk.offset + (chunk.data.len() as u64) < chunk.size {
+            return Ok(None);
+        }
+        let Some(done) = inbox.take() else { return Err("snapshot inbox vanished".into()) };
+        let file = done.receiver.finish().map_err(|error| error.to_string())?;
+        let snapshot = Snapshot { meta: done.meta, snapshot: file };
+        self.inner.raft.install_full_snapshot(done.vote, snapshot).await.map(Some).map_err(|error| error.to_string())
+    }
+
+    fn blocking_read<T, F>(&self, read: F) -> impl Future<Output = Result<T, KvError>> + Send + use<T, F, C>
+    where
+        T: Send + 'static,
+        F: FnOnce(&StateMachineReader) -> Result<T, KvError> + Send + 'static,
+    {
+        let reader = self.inner.reader.clone();
+        async move {
+            tokio::task::spawn_blocking(move || read(&reader))
+                .await
+                .map_err(|error| KvError::Storage(format!("read task failed: {error}")))?
+        }
+    }
+}
+
+impl<C: RaftRpcClient> KeyValueStore for RaftNode<C> {
+    async fn get(&self, request: GetRequest) -> Result<GetResponse, KvError> {
+        validate_key(&request.key)?;
+        self.read_barrier(request.consistency).await?;
+        self.blocking_read(move |reader| reader.get(&request.key).map_err(|error| KvError::Storage(error.to_string())))
+            .await
+    }
+
+    async fn scan(&self, request: ScanRequest) -> Result<ScanResponse, KvError> {
+        request.validate()?;
+        self.read_barrier(request.consistency).await?;
+        self.blocking_read(move |reader| reader.scan(&request).map_err(|error| KvError::Storage(error.to_string())))
+            .await
+    }
+
+    async fn write(&self, command: WriteCommand) -> Result<WriteResponse, KvError> {
+        command.validate()?;
+        match self.leader() {
+            Some((leader, _)) if leader == self.id() => match self.propose(command.clone()).await {
+                // Leadership moved between the check and the proposal: forward once.
+                Err(KvError::NotLeader { .. }) => self.forward(command).await,
+                result => result,
+            },
+            Some(_) => self.forward(command).await,
+            None => Err(KvError::NotLeader { leader: None, leader_addr: None }),
+        }
+    }
+
+    async fn sql(&self, request: SqlRequest) -> Result<SqlResponse, KvError> {
+        request.validate()?;
+        self.read_barrier(request.consistency).await?;
+        self.blocking_read(move |reader| reader.sql(&request).map_err(|error| KvError::Sql(error.to_string()))).await
+    }
+}
+
+impl<C: RaftRpcClient> RaftNode<C> {
+    async fn forward(&self, command: WriteCommand) -> Result<WriteResponse, KvError> {
+        match self.call_leader(RaftRpc::Forward(command)).await? {
+            RaftRpcReply::Forward(result) => result,
+            other => Err(KvError::Unavailable(format!("unexpected reply to Forward: {other:?}"))),
+        }
+    }
+
+    fn require_leader(&self) -> Result<(), ClusterError> {
+        match self.leader() {
+            Some((leader, _)) if leader == self.id() => Ok(()),
+            Some((leader, node)) => {
+                Err(ClusterError::NotLeader { leader: Some(leader), leader_addr: node.map(|node| node.addr) })
+            }
+            None => Err(ClusterError::NotLeader { leader: None, leader_addr: None }),
+        }
+    }
+}
+
+fn fatal(error: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Failed(error.to_string())
+}
+
+impl<C: RaftRpcClient> ClusterController for RaftNode<C> {
+    async fn init(&self, members: Vec<ClusterNode>) -> Result<(), ClusterError> {
+        if members.is_empty() || members.len() > MAX_PEERS {
+            return Err(ClusterError::Invalid(format!("a cluster has 1..={MAX_PEERS} initial members")));
+        }
+        let members: BTreeMap<NodeId, ClusterNode> = members.into_iter().map(|node| (node.id, node)).collect();
+        match self.inner.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Err(ClusterError::AlreadyInitialized),
+            Err(error) => Err(fatal(error)),
+        }
+    }
+
+    async fn add_learner(&self, node: ClusterNode) -> Result<(), ClusterError> {
+        self.require_leader()?;
+        let members = self.metrics().membership_config.membership().nodes().count();
+        if members >= MAX_PEERS {
+            return Err(ClusterError::Invalid(format!("the cluster already has {MAX_PEERS} nodes")));
+        }
+        self.inner.raft.add_learner(node.id, node, true).await.map(|_| ()).map_err(cluster_write_error)
+    }
+
+    async fn change_membership(&self, voters: BTreeSet<NodeId>) -> Result<(), ClusterError> {
+        self.require_leader()?;
+        if voters.is_empty() {
+            return Err(ClusterError::Invalid("a cluster needs at least one voter".into()));
+        }
+        let metrics = self.metrics();
+        let membership = metrics.membership_config.membership();
+        if let Some(unknown) = voters.iter().find(|id| membership.get_node(id).is_none()) {
+            return Err(ClusterError::UnknownNode(*unknown));
+        }
+        self.inner.raft.change_membership(voters, false).await.map(|_| ()).map_err(cluster_write_error)
+    }
+
+    async fn remove(&self, node: NodeId) -> Result<(), ClusterError> {
+        self.require_leader()?;
+        let metrics = self.metrics();
+        let membership = metrics.membership_config.membership();
+        if membership.get_node(&node).is_none() {
+            return Err(ClusterError::UnknownNode(node));
+        }
+        let is_voter = membership.voter_ids().any(|id| id == node);
+        if is_voter {
+            let change = ChangeMembers::RemoveVoters(BTreeSet::from([node]));
+            self.inner.raft.change_membership(change, false).await.map_err(cluster_write_error)?;
+        }
+        let change = ChangeMembers::RemoveNodes(BTreeSet::from([node]));
+        self.inner.raft.change_membership(change, false).await.map(|_| ()).map_err(cluster_write_error)
+    }
+
+    async fn status(&self) -> Result<ClusterStatus, ClusterError> {
+        let metrics = self.metrics();
+        let membership = metrics.membership_config.membership();
+        let role = match metrics.state {
+            ServerState::Leader => NodeRole::Leader,
+            ServerState::Follower => NodeRole::Follower,
+            ServerState::Candidate => NodeRole::Candidate,
+            ServerState::Learner => NodeRole::Learner,
+            ServerState::Shutdown => NodeRole::Shutdown,
+        };
+        Ok(ClusterStatus {
+            node_id: self.id(),
+            role,
+            term: metrics.current_term,
+            leader: metrics.current_leader,
+            last_log_index: metrics.last_log_index,
+            last_applied: metrics.last_applied.map(|log_id| log_id.index),
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+            nodes: membership.nodes().map(|(_, node)| node.clone()).collect(),
+        })
+    }
+
+    async fn trigger_snapshot(&self) -> Result<(), ClusterError> {
+        self.inner.raft.trigger().snapshot().await.map_err(fatal)
+    }
+
+    async fn transfer_leader(&self, node: NodeId) -> Result<(), ClusterError> {
+        self.require_leader()?;
+        if self.metrics().membership_config.membership().get_node(&node).is_none() {
+            return Err(ClusterError::UnknownNode(node));
+        }
+        self.inner.raft.trigger().transfer_leader(node).await.map_err(fatal)
+    }
+}

@@ -1,0 +1,304 @@
+//! Consensus behaviour of real RaftNodes (real redb logs, real SQLite state machines on
+//! temp dirs) over an in-memory network. Every message is round-tripped through postcard,
+//! as on the wire. The iroh transport has its own tests; these are about consensus.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aspen_api::{
+    ClusterController, ClusterNode, GetRequest, KeyValueStore, KvError, NodeId, ReadConsistency, ScanRequest,
+    WriteCommand, WriteResponse,
+};
+use aspen_consensus::{ConsensusConfig, RaftNode, RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
+use aspen_raft_storage::{RedbLogStore, SqliteStateMachine};
+
+type Node = RaftNode<Router>;
+
+/// Routes RPCs between in-process nodes; a node marked down is unreachable.
+#[derive(Default)]
+struct Router {
+    nodes: Mutex<BTreeMap<NodeId, Node>>,
+    down: Mutex<BTreeSet<NodeId>>,
+}
+
+impl RaftRpcClient for Router {
+    async fn call(&self, target: NodeId, _node: &ClusterNode, request: RaftRpc) -> Result<RaftRpcReply, RpcFailure> {
+        let unreachable = |reason: &str| RpcFailure::Unreachable { node: target, reason: reason.into() };
+        if self.down.lock().expect("lock").contains(&target) {
+            return Err(unreachable("node is down"));
+        }
+        let node = self.nodes.lock().expect("lock").get(&target).cloned().ok_or_else(|| unreachable("no such node"))?;
+        let bytes = postcard::to_stdvec(&request).map_err(|error| unreachable(&error.to_string()))?;
+        let request: RaftRpc = postcard::from_bytes(&bytes).map_err(|error| unreachable(&error.to_string()))?;
+        let reply = node.handle_rpc(request).await;
+        let bytes = postcard::to_stdvec(&reply).map_err(|error| unreachable(&error.to_string()))?;
+        postcard::from_bytes(&bytes).map_err(|error| unreachable(&error.to_string()))
+    }
+}
+
+struct Cluster {
+    router: Arc<Router>,
+    dir: tempfile::TempDir,
+    config: fn(NodeId) -> ConsensusConfig,
+}
+
+fn fast_config(id: NodeId) -> ConsensusConfig {
+    let mut config = ConsensusConfig::new(id);
+    config.heartbeat_interval_ms = 50;
+    config.election_timeout_min_ms = 300;
+    config.election_timeout_max_ms = 600;
+    config
+}
+
+fn member(id: NodeId) -> ClusterNode {
+    ClusterNode { id, addr: format!("mem://{id}") }
+}
+
+impl Cluster {
+    fn new(config: fn(NodeId) -> ConsensusConfig) -> Self {
+        Cluster { router: Arc::new(Router::default()), dir: tempfile::tempdir().expect("tempdir"), config }
+    }
+
+    fn node_dir(&self, id: NodeId) -> PathBuf {
+        self.dir.path().join(format!("node-{id}"))
+    }
+
+    async fn start(&self, id: NodeId) -> Node {
+        let dir = self.node_dir(id);
+        std::fs::create_dir_all(&dir).expect("node dir");
+        let log = RedbLogStore::open(dir.join("raft-log.redb")).expect("log");
+        let state_machine = SqliteStateMachine::open(Path::new(&dir).join("state-machine")).expect("state machine");
+        let node =
+            RaftNode::start((self.config)(id), log, state_machine, Arc::clone(&self.router)).await.expect("start");
+        self.router.nodes.lock().expect("lock").insert(id, node.clone());
+        self.router.down.lock().expect("lock").remove(&id);
+        node
+    }
+
+    async fn kill(&self, id: NodeId) {
+        self.router.down.lock().expect("lock").insert(id);
+        let node = self.router.nodes.lock().expect("lock").remove(&id);
+        if let Some(node) = node {
+            node.shutdown().await.expect("shutdown");
+        }
+    }
+
+    fn node(&self, id: NodeId) -> Node {
+        self.router.nodes.lock().expect("lock").get(&id).cloned().expect("node is running")
+    }
+
+    async fn start_initialized(&self, ids: &[NodeId]) -> Vec<Node> {
+        let mut nodes = Vec::new();
+        for id in ids {
+            nodes.push(self.start(*id).await);
+        }
+        nodes[0].init(ids.iter().map(|id| member(*id)).collect()).await.expect("init");
+        self.wait_for_leader(ids).await;
+        nodes
+    }
+
+    /// Waits until every running node in `ids` agrees on a leader among them.
+    async fn wait_for_leader(&self, ids: &[NodeId]) -> NodeId {
+        for _ in 0..200 {
+            let leaders: BTreeSet<Option<NodeId>> =
+                ids.iter().map(|id| self.node(*id).metrics().current_leader).collect();
+            if let [Some(leader)] = leaders.iter().collect::<Vec<_>>().as_slice()
+                && ids.contains(leader)
+            {
+                return *leader;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no agreed leader among {ids:?}");
+    }
+}
+
+fn put(key: &str, value: &str) -> WriteCommand {
+    WriteCommand::Put { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec(), lease: None }
+}
+
+async fn linearizable_value(node: &Node, key: &str) -> Option<Vec<u8>> {
+    let request = GetRequest { key: key.as_bytes().to_vec(), consistency: ReadConsistency::Linearizable };
+    node.get(request).await.expect("linearizable get").kv.map(|kv| kv.value)
+}
+
+/// Retries a write through leader changes, as a client library does.
+async fn write_with_retry(cluster: &Cluster, ids: &[NodeId], command: WriteCommand) -> WriteResponse {
+    for attempt in 0..100 {
+        let node = cluster.node(ids[attempt % ids.len()]);
+        match node.write(command.clone()).await {
+            Ok(response) => return response,
+            Err(KvError::NotLeader { .. } | KvError::Unavailable(_)) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("write failed: {error}"),
+        }
+    }
+    panic!("write never succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_on_leader_and_follower_are_read_linearizably_on_every_node() {
+    let cluster = Cluster::new(fast_config);
+    let nodes = cluster.start_initialized(&[1, 2, 3]).await;
+    let leader = cluster.wait_for_leader(&[1, 2, 3]).await;
+    let follower = nodes.iter().find(|node| node.id() != leader).expect("a follower");
+
+    cluster.node(leader).write(put("on-leader", "1")).await.expect("write on leader");
+    follower.write(put("on-follower", "2")).await.expect("write on follower is forwarded");
+    for node in &nodes {
+        assert_eq!(linearizable_value(node, "on-leader").await, Some(b"1".to_vec()), "node {}", node.id());
+        assert_eq!(linearizable_value(node, "on-follower").await, Some(b"2".to_vec()), "node {}", node.id());
+    }
+    let status = follower.status().await.expect("status");
+    assert_eq!(status.leader, Some(leader));
+    assert_eq!(status.voters, BTreeSet::from([1, 2, 3]));
+    assert!(matches!(nodes[1].init(vec![member(9)]).await, Err(aspen_api::ClusterError::AlreadyInitialized)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_are_batched_into_fewer_entries() {
+    let cluster = Cluster::new(fast_config);
+    cluster.start_initialized(&[1, 2, 3]).await;
+    let leader = cluster.node(cluster.wait_for_leader(&[1, 2, 3]).await);
+    let before = leader.metrics().last_log_index.unwrap_or(0);
+    let writes = 400;
+    let mut tasks = Vec::new();
+    for i in 0..writes {
+        let leader = leader.clone();
+        tasks.push(tokio::spawn(async move { leader.write(put(&format!("batch/{i:04}"), "v")).await }));
+    }
+    for task in tasks {
+        assert!(matches!(task.await.expect("join"), Ok(WriteResponse::Put { .. })));
+    }
+    let entries = leader.metrics().last_log_index.unwrap_or(0) - before;
+    assert!(entries < writes, "{writes} writes took {entries} entries: no batching happened");
+    let scan = leader.scan(ScanRequest::prefix(b"batch/".to_vec(), 0)).await.expect("scan");
+    assert_eq!(scan.kvs.len(), writes as usize);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_crash_loses_no_acknowledged_write_and_old_leader_catches_up() {
+    let cluster = Cluster::new(fast_config);
+    cluster.start_initialized(&[1, 2, 3]).await;
+    let old_leader = cluster.wait_for_leader(&[1, 2, 3]).await;
+    for i in 0..50 {
+        write_with_retry(&cluster, &[1, 2, 3], put(&format!("acked/{i:02}"), &i.to_string())).await;
+    }
+    cluster.kill(old_leader).await;
+    let survivors: Vec<NodeId> = [1, 2, 3].into_iter().filter(|id| *id != old_leader).collect();
+    let new_leader = cluster.wait_for_leader(&survivors).await;
+    assert_ne!(new_leader, old_leader);
+    for id in &survivors {
+        let scan = cluster.node(*id).scan(ScanRequest::prefix(b"acked/".to_vec(), 0)).await.expect("scan");
+        assert_eq!(scan.kvs.len(), 50, "node {id} after failover");
+    }
+    write_with_retry(&cluster, &survivors, put("after-failover", "yes")).await;
+
+    // The old leader restarts from its files and catches up.
+    let restarted = cluster.start(old_leader).await;
+    cluster.wait_for_leader(&[1, 2, 3]).await;
+    assert_eq!(linearizable_value(&restarted, "after-failover").await, Some(b"yes".to_vec()));
+    assert_eq!(linearizable_value(&restarted, "acked/49").await, Some(b"49".to_vec()));
+}
+
+fn snapshotting_config(id: NodeId) -> ConsensusConfig {
+    let mut config = fast_config(id);
+    config.snapshot_after_entries = 20;
+    config.log_entries_kept_after_snapshot = 0;
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_learner_catches_up_through_a_streamed_snapshot() {
+    let cluster = Cluster::new(snapshotting_config);
+    cluster.start_initialized(&[1, 2, 3]).await;
+    let leader = cluster.node(cluster.wait_for_leader(&[1, 2, 3]).await);
+    for i in 0..120 {
+        leader.write(put(&format!("snap/{i:03}"), &"x".repeat(100))).await.expect("write");
+    }
+    // Wait for the leader to snapshot and purge its log, so the learner cannot replay it.
+    for _ in 0..100 {
+        if leader.metrics().purged.is_some_and(|purged| purged.index > 50) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let purged = leader.metrics().purged.expect("leader purged its log");
+    let learner = cluster.start(4).await;
+    leader.add_learner(member(4)).await.expect("add learner");
+    learner
+        .raft()
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(
+            |metrics| metrics.snapshot.is_some_and(|snapshot| snapshot.index >= purged.index),
+            "learner got a snapshot",
+        )
+        .await
+        .expect("the learner installed a snapshot covering the purged log");
+    // A linearizable read on the learner waits for the leader's read index.
+    let scan = learner.scan(ScanRequest::prefix(b"snap/".to_vec(), 0)).await.expect("scan");
+    assert_eq!(scan.kvs.len(), 120);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_grows_to_five_and_shrinks_to_three_while_writes_continue() {
+    let cluster = Cluster::new(fast_config);
+    cluster.start_initialized(&[1, 2, 3]).await;
+    let leader_id = cluster.wait_for_leader(&[1, 2, 3]).await;
+    let leader = cluster.node(leader_id);
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked_count = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let leader = leader.clone();
+        let stop = Arc::clone(&stop);
+        let acked_count = Arc::clone(&acked_count);
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("during/{i:05}");
+                if leader.write(put(&key, "v")).await.is_ok() {
+                    acked.push(key);
+                    acked_count.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+            }
+            acked
+        })
+    };
+    let wait_for_acks = |target: usize| {
+        let acked_count = Arc::clone(&acked_count);
+        async move {
+            while acked_count.load(Ordering::Relaxed) < target {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    wait_for_acks(5).await;
+    for id in [4, 5] {
+        cluster.start(id).await;
+        leader.add_learner(member(id)).await.expect("add learner");
+    }
+    leader.change_membership(BTreeSet::from([1, 2, 3, 4, 5])).await.expect("grow to 5");
+    assert_eq!(leader.status().await.expect("status").voters, BTreeSet::from([1, 2, 3, 4, 5]));
+    let during = acked_count.load(Ordering::Relaxed);
+    let shrink_to: BTreeSet<NodeId> =
+        [leader_id].into_iter().chain([1, 2, 3, 4, 5].into_iter().filter(|id| *id != leader_id).take(2)).collect();
+    leader.change_membership(shrink_to.clone()).await.expect("shrink to 3");
+    // Writes keep being acknowledged after both changes.
+    tokio::time::timeout(Duration::from_secs(10), wait_for_acks(during + 5)).await.expect("writes continue");
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.await.expect("writer");
+    let status = leader.status().await.expect("status");
+    assert_eq!(status.voters, shrink_to);
+    for id in &shrink_to {
+        let node = cluster.node(*id);
+        for key in [&acked[0], &acked[acked.len() / 2], &acked[acked.len() - 1]] {
+            assert_eq!(linearizable_value(&node, key).await, Some(b"v".to_vec()), "node {id} key {key}");
+        }
+    }
+}
