@@ -1,0 +1,76 @@
+//! Binding the node's iroh endpoint: relays off unless configured, no public discovery,
+//! no port mapping, and a secret key persisted so the endpoint id survives restarts.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use aspen_api::limits::MAX_STREAMS_PER_CONNECTION;
+use iroh::endpoint::{IdleTimeout, NetReportConfig, PortmapperConfig, QuicTransportConfig, VarInt, presets};
+use iroh::{Endpoint, RelayMode, SecretKey};
+
+use crate::error::TransportError;
+
+/// A connection with no traffic for this long is closed; keep-alives run well inside it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keep-alive period on idle connections.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// Loads the 32-byte secret key at `path`, or creates one (mode 0600) if none exists.
+pub fn load_or_create_secret_key(path: &Path) -> Result<SecretKey, TransportError> {
+    let key_error = |reason: String| TransportError::KeyFile { path: path.display().to_string(), reason };
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let bytes: [u8; 32] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| key_error(format!("holds {} bytes, a key is 32", bytes.len())))?;
+            Ok(SecretKey::from_bytes(&bytes))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let key = SecretKey::generate();
+            let temp = path.with_extension("tmp");
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(&temp).map_err(|error| key_error(error.to_string()))?;
+            file.write_all(&key.to_bytes()).map_err(|error| key_error(error.to_string()))?;
+            file.sync_all().map_err(|error| key_error(error.to_string()))?;
+            std::fs::rename(&temp, path).map_err(|error| key_error(error.to_string()))?;
+            Ok(key)
+        }
+        Err(error) => Err(key_error(error.to_string())),
+    }
+}
+
+/// Binds an endpoint on `bind_addr` that accepts `alpns`.
+pub async fn bind_endpoint(
+    secret_key: SecretKey,
+    bind_addr: SocketAddr,
+    alpns: Vec<Vec<u8>>,
+) -> Result<Endpoint, TransportError> {
+    let bind_error = |reason: String| TransportError::Bind { addr: bind_addr.to_string(), reason };
+    let idle = IdleTimeout::try_from(IDLE_TIMEOUT).map_err(|error| bind_error(error.to_string()))?;
+    let transport = QuicTransportConfig::builder()
+        .max_idle_timeout(Some(idle))
+        .keep_alive_interval(KEEP_ALIVE)
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION as u32))
+        .build();
+    Endpoint::builder(presets::Minimal)
+        .secret_key(secret_key)
+        // No relays and no n0 DNS/pkarr lookup: peers are dialed by id + direct address,
+        // so binding never waits on unreachable internet services.
+        .relay_mode(RelayMode::Disabled)
+        .clear_ip_transports()
+        .bind_addr(bind_addr)
+        .map_err(|error| bind_error(error.to_string()))?
+        .portmapper_config(PortmapperConfig::Disabled)
+        .net_report_config(NetReportConfig::minimal())
+        .transport_config(transport)
+        .alpns(alpns)
+        .bind()
+        .await
+        .map_err(|error| bind_error(error.to_string()))
+}

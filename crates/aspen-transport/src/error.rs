@@ -1,0 +1,95 @@
+//! Typed transport errors.
+
+/// Why a transport operation failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    /// The endpoint could not bind.
+    #[error("cannot bind endpoint on {addr}: {reason}")]
+    Bind {
+        /// The requested address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The secret key file is unreadable or malformed.
+    #[error("secret key file {path}: {reason}")]
+    KeyFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A peer address string does not parse.
+    #[error("invalid peer address {input:?}: {reason} (expected <endpoint-id>@<ip:port>[,<ip:port>] or a ticket)")]
+    InvalidPeerAddr {
+        /// The input.
+        input: String,
+        /// Why.
+        reason: String,
+    },
+    /// No connection within the connect timeout.
+    #[error("connecting to {peer} timed out after {after_ms} ms")]
+    ConnectTimeout {
+        /// The peer.
+        peer: String,
+        /// The timeout.
+        after_ms: u64,
+    },
+    /// The connection was refused or failed during the handshake.
+    #[error("cannot connect to {peer}: {reason}")]
+    Connect {
+        /// The peer.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// A stream could not be opened in time.
+    #[error("opening a stream to {peer} timed out after {after_ms} ms")]
+    OpenTimeout {
+        /// The peer.
+        peer: String,
+        /// The timeout.
+        after_ms: u64,
+    },
+    /// No reply within the read timeout; the request may have been handled.
+    #[error("no reply from {peer} within {after_ms} ms")]
+    ReadTimeout {
+        /// The peer.
+        peer: String,
+        /// The timeout.
+        after_ms: u64,
+    },
+    /// A message is larger than the RPC limit (checked before sending and while reading).
+    #[error("message of {size} bytes exceeds the RPC limit of {max} bytes")]
+    MessageTooLarge {
+        /// Size of the message (or at least this many bytes).
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The stream failed mid-exchange (reset, closed connection).
+    #[error("stream to {peer} failed: {reason}")]
+    Stream {
+        /// The peer.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// A message could not be encoded or decoded.
+    #[error("malformed message: {0}")]
+    Codec(String),
+}
+
+impl TransportError {
+    /// Whether the request certainly did not reach the peer (safe to retry anything).
+    pub fn is_before_send(&self) -> bool {
+        matches!(
+            self,
+            TransportError::ConnectTimeout { .. }
+                | TransportError::Connect { .. }
+                | TransportError::OpenTimeout { .. }
+                | TransportError::InvalidPeerAddr { .. }
+                | TransportError::MessageTooLarge { .. }
+        )
+    }
+}

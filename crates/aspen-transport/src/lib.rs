@@ -1,0 +1,24 @@
+//! Aspen's network layer on iroh QUIC: binding an endpoint with relays off and a persistent
+//! identity, peer addresses, bounded request/response RPC with pooled connections and
+//! timeouts, and cluster-secret proofs. It knows nothing of Raft or the KV store: message
+//! types are the caller's.
+//!
+//! Architecture invariant: depends only on aspen-api among Aspen crates, so the client can
+//! use it without pulling in consensus or storage.
+
+pub mod auth;
+pub mod endpoint;
+pub mod error;
+pub mod peer;
+pub mod rpc;
+
+pub use endpoint::{bind_endpoint, load_or_create_secret_key};
+pub use error::TransportError;
+pub use iroh::{Endpoint, EndpointId, SecretKey};
+pub use peer::PeerAddr;
+pub use rpc::{RpcClient, RpcHandler, RpcProtocol};
+
+/// ALPN of the Raft RPC protocol between nodes.
+pub const RAFT_ALPN: &[u8] = b"aspen-raft/1";
+/// ALPN of the client RPC protocol.
+pub const CLIENT_ALPN: &[u8] = b"aspen-client/1";

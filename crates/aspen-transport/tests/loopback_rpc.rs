@@ -1,0 +1,171 @@
+//! Real iroh endpoints on 127.0.0.1 exchanging bounded RPCs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aspen_api::limits::MAX_RPC_MESSAGE_SIZE;
+use aspen_transport::{
+    EndpointId, PeerAddr, RpcClient, RpcHandler, RpcProtocol, SecretKey, TransportError, bind_endpoint,
+    load_or_create_secret_key,
+};
+use iroh::protocol::Router;
+use serde::{Deserialize, Serialize};
+
+const TEST_ALPN: &[u8] = b"aspen-test/1";
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+enum Request {
+    Echo(#[serde(with = "serde_bytes")] Vec<u8>),
+    Slow(u64),
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+enum Reply {
+    Echo { from: String, bytes: usize },
+    Rejected(String),
+}
+
+struct EchoHandler;
+
+impl RpcHandler for EchoHandler {
+    type Request = Request;
+    type Response = Reply;
+
+    async fn handle(&self, peer: EndpointId, request: Request) -> Reply {
+        match request {
+            Request::Echo(bytes) => Reply::Echo { from: peer.to_string(), bytes: bytes.len() },
+            Request::Slow(millis) => {
+                tokio::time::sleep(Duration::from_millis(millis)).await;
+                Reply::Echo { from: peer.to_string(), bytes: 0 }
+            }
+        }
+    }
+
+    fn reject(&self, _peer: EndpointId, error: TransportError) -> Reply {
+        Reply::Rejected(error.to_string())
+    }
+}
+
+async fn server(key: SecretKey) -> (Router, PeerAddr) {
+    let endpoint =
+        bind_endpoint(key, "127.0.0.1:0".parse().expect("addr"), vec![TEST_ALPN.to_vec()]).await.expect("bind");
+    let addr = PeerAddr { id: endpoint.id(), addrs: endpoint.bound_sockets() };
+    let router = Router::builder(endpoint).accept(TEST_ALPN, RpcProtocol::new(Arc::new(EchoHandler))).spawn();
+    (router, addr)
+}
+
+async fn client() -> RpcClient {
+    let endpoint =
+        bind_endpoint(SecretKey::generate(), "127.0.0.1:0".parse().expect("addr"), vec![]).await.expect("bind");
+    RpcClient::new(endpoint)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_reply_carries_the_authenticated_peer_id() {
+    let (router, addr) = server(SecretKey::generate()).await;
+    let client = client().await;
+    let reply: Reply = client.call(&addr, TEST_ALPN, &Request::Echo(vec![1; 1000])).await.expect("call");
+    assert_eq!(reply, Reply::Echo { from: client.endpoint().id().to_string(), bytes: 1000 });
+    // The pooled connection serves many calls, concurrently.
+    let client = Arc::new(client);
+    let mut calls = Vec::new();
+    for i in 0..50 {
+        let client = Arc::clone(&client);
+        let addr = addr.clone();
+        calls.push(tokio::spawn(
+            async move { client.call::<_, Reply>(&addr, TEST_ALPN, &Request::Echo(vec![0; i])).await },
+        ));
+    }
+    for (i, call) in calls.into_iter().enumerate() {
+        assert!(matches!(call.await.expect("join"), Ok(Reply::Echo { bytes, .. }) if bytes == i));
+    }
+    router.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_malformed_requests_get_typed_errors_and_the_connection_survives() {
+    let (router, addr) = server(SecretKey::generate()).await;
+    let client = client().await;
+    let huge = Request::Echo(vec![0; MAX_RPC_MESSAGE_SIZE + 1]);
+    let error = client.call::<_, Reply>(&addr, TEST_ALPN, &huge).await.expect_err("too large");
+    assert!(matches!(error, TransportError::MessageTooLarge { max: MAX_RPC_MESSAGE_SIZE, .. }), "{error}");
+    assert!(error.is_before_send());
+
+    // A frame the server cannot decode (a different type on the same ALPN).
+    let reply: Reply = client.call(&addr, TEST_ALPN, &"not a request".to_string()).await.expect("reply to garbage");
+    assert!(matches!(reply, Reply::Rejected(ref reason) if reason.contains("malformed")), "{reply:?}");
+
+    let reply: Reply = client.call(&addr, TEST_ALPN, &Request::Echo(vec![9; 10])).await.expect("still works");
+    assert!(matches!(reply, Reply::Echo { bytes: 10, .. }));
+    router.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_peer_fails_within_the_connect_timeout() {
+    let client = client().await;
+    // A peer id with an address nobody listens on.
+    let nobody = PeerAddr { id: SecretKey::generate().public(), addrs: vec!["127.0.0.1:9".parse().expect("addr")] };
+    let started = Instant::now();
+    let error = client.call::<_, Reply>(&nobody, TEST_ALPN, &Request::Echo(vec![])).await.expect_err("unreachable");
+    assert!(matches!(error, TransportError::ConnectTimeout { .. } | TransportError::Connect { .. }), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(8), "bounded by the connect timeout");
+
+    // Right address, wrong identity: the handshake refuses it.
+    let (router, addr) = server(SecretKey::generate()).await;
+    let impostor = PeerAddr { id: SecretKey::generate().public(), addrs: addr.addrs.clone() };
+    let error = client.call::<_, Reply>(&impostor, TEST_ALPN, &Request::Echo(vec![])).await.expect_err("wrong id");
+    assert!(matches!(error, TransportError::Connect { .. } | TransportError::ConnectTimeout { .. }), "{error}");
+    router.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reconnects_after_the_server_restarts_with_the_same_identity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_path = dir.path().join("node.key");
+    let key = load_or_create_secret_key(&key_path).expect("create key");
+    assert_eq!(load_or_create_secret_key(&key_path).expect("reload").public(), key.public(), "identity is stable");
+    std::fs::write(dir.path().join("bad.key"), b"short").expect("write");
+    assert!(matches!(load_or_create_secret_key(&dir.path().join("bad.key")), Err(TransportError::KeyFile { .. })));
+
+    let (router, addr) = server(key.clone()).await;
+    let client = client().await;
+    let _: Reply = client.call(&addr, TEST_ALPN, &Request::Echo(vec![])).await.expect("first");
+    let port = addr.addrs[0];
+    router.shutdown().await.expect("shutdown");
+    drop(router);
+
+    // Same key, same port: the pooled connection is dead, the client must reconnect.
+    // The closed endpoint's socket is released asynchronously; retry the bind briefly.
+    let mut endpoint = None;
+    for _ in 0..50 {
+        match bind_endpoint(key.clone(), port, vec![TEST_ALPN.to_vec()]).await {
+            Ok(bound) => {
+                endpoint = Some(bound);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let endpoint = endpoint.expect("rebind the same port");
+    let router = Router::builder(endpoint).accept(TEST_ALPN, RpcProtocol::new(Arc::new(EchoHandler))).spawn();
+    let mut result = client.call::<_, Reply>(&addr, TEST_ALPN, &Request::Echo(vec![1])).await;
+    for _ in 0..3 {
+        if result.is_ok() {
+            break;
+        }
+        result = client.call::<_, Reply>(&addr, TEST_ALPN, &Request::Echo(vec![1])).await;
+    }
+    assert!(matches!(result, Ok(Reply::Echo { bytes: 1, .. })), "{result:?}");
+    router.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reply_hits_the_read_timeout() {
+    let (router, addr) = server(SecretKey::generate()).await;
+    let endpoint =
+        bind_endpoint(SecretKey::generate(), "127.0.0.1:0".parse().expect("addr"), vec![]).await.expect("bind");
+    let client = RpcClient::with_read_timeout(endpoint, Duration::from_millis(200));
+    let error = client.call::<_, Reply>(&addr, TEST_ALPN, &Request::Slow(2000)).await.expect_err("timeout");
+    assert!(matches!(error, TransportError::ReadTimeout { after_ms: 200, .. }), "{error}");
+    router.shutdown().await.expect("shutdown");
+}
