@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod error;
 pub mod kv;
 pub mod limits;
+pub mod protocol;
 pub mod sql;
 pub mod store;
 pub mod txn;
@@ -20,6 +21,7 @@ pub use kv::{
     GetRequest, GetResponse, KeyRange, KeyValue, LeaseId, MAX_LEASE_ID, ReadConsistency, Revision, ScanRequest,
     ScanResponse, WriteCommand, WriteResponse, prefix_end, validate_key, validate_lease_id, validate_value,
 };
+pub use protocol::{ClientEnvelope, ClientRequest, ClientResponse};
 pub use sql::{SqlRequest, SqlResponse, SqlValue};
 pub use store::{ClusterController, KeyValueStore};
 pub use txn::{Compare, CompareOp, CompareTarget, TxnOp, TxnOpResponse, TxnRequest, TxnResponse};

@@ -1,0 +1,75 @@
+//! The client protocol: what a client sends to any node (ALPN `aspen-client/1`) and what
+//! comes back. Every request carries the client token configured on the node.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::{ClusterNode, ClusterStatus, NodeId};
+use crate::error::{ClusterError, KvError};
+use crate::kv::{GetRequest, GetResponse, ScanRequest, ScanResponse, WriteCommand, WriteResponse};
+use crate::sql::{SqlRequest, SqlResponse};
+
+/// Longest client token, in bytes.
+pub const MAX_TOKEN_SIZE: usize = 256;
+
+/// A request with its credentials.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClientEnvelope {
+    /// The client token configured on the node.
+    pub token: String,
+    /// The request.
+    pub request: ClientRequest,
+}
+
+/// Everything a client can ask a node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ClientRequest {
+    /// Read one key.
+    Get(GetRequest),
+    /// Read a range.
+    Scan(ScanRequest),
+    /// Apply a write (put, delete, txn, lease, batch).
+    Write(WriteCommand),
+    /// Run a read-only SQL query.
+    Sql(SqlRequest),
+    /// This node's view of the cluster.
+    Status,
+    /// Prometheus text metrics of this node.
+    Metrics,
+    /// Initialize a new cluster with these voters.
+    Init(Vec<ClusterNode>),
+    /// Add a learner.
+    AddLearner(ClusterNode),
+    /// Set the voters (joint consensus).
+    ChangeMembership(BTreeSet<NodeId>),
+    /// Remove a node.
+    Remove(NodeId),
+    /// Build a snapshot now.
+    TriggerSnapshot,
+    /// Hand leadership to a node.
+    TransferLeader(NodeId),
+}
+
+/// A node's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ClientResponse {
+    /// Answer to `Get`.
+    Get(Result<GetResponse, KvError>),
+    /// Answer to `Scan`.
+    Scan(Result<ScanResponse, KvError>),
+    /// Answer to `Write`.
+    Write(Result<WriteResponse, KvError>),
+    /// Answer to `Sql`.
+    Sql(Result<SqlResponse, KvError>),
+    /// Answer to `Status`.
+    Status(Result<ClusterStatus, ClusterError>),
+    /// Answer to `Metrics`.
+    Metrics(String),
+    /// Answer to the membership and maintenance requests.
+    Cluster(Result<(), ClusterError>),
+    /// The token was missing or wrong; nothing was done.
+    Unauthorized(String),
+    /// The request could not be decoded or was too large; nothing was done.
+    Rejected(String),
+}
