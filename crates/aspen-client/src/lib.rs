@@ -86,7 +86,10 @@ impl AspenClient {
 
     /// Parses comma- or whitespace-separated node addresses.
     pub fn parse_peers(text: &str) -> Result<Vec<PeerAddr>, ClientError> {
-        text.split([',', ' ', '\n']).filter(|part| !part.trim().is_empty()).map(|part| part.parse().map_err(ClientError::Address)).collect()
+        text.split([',', ' ', '\n'])
+            .filter(|part| !part.trim().is_empty())
+            .map(|part| part.parse().map_err(ClientError::Address))
+            .collect()
     }
 
     /// Sets how long calls retry through elections and unreachable nodes.

@@ -212,6 +212,7 @@ impl<C: RaftRpcClient> RaftNode<C> {
                 Err(error) => RaftRpcReply::Failed(error),
             },
             RaftRpc::ReadIndex => RaftRpcReply::ReadIndex(self.local_read_index().await),
+            RaftRpc::Ping => RaftRpcReply::Pong { node_id: self.id() },
             RaftRpc::Forward(command) => {
                 // One hop only: a forwarded write is never forwarded again.
                 let result = match command.validate() {
@@ -347,7 +348,26 @@ impl<C: RaftRpcClient> ClusterController for RaftNode<C> {
         if members >= MAX_PEERS {
             return Err(ClusterError::Invalid(format!("the cluster already has {MAX_PEERS} nodes")));
         }
-        self.inner.raft.add_learner(node.id, node, true).await.map(|_| ()).map_err(cluster_write_error)
+        // Refuse a node that cannot be reached, refuses our cluster secret, or is not the
+        // node it claims to be, before it enters the membership.
+        match self.inner.rpc.call(node.id, &node, RaftRpc::Ping).await {
+            Ok(RaftRpcReply::Pong { node_id }) if node_id == node.id => {}
+            Ok(RaftRpcReply::Pong { node_id }) => {
+                return Err(ClusterError::Invalid(format!("{} is node {node_id}, not node {}", node.addr, node.id)));
+            }
+            Ok(other) => return Err(ClusterError::Invalid(format!("node {} answered {other:?}", node.id))),
+            Err(failure) => {
+                return Err(ClusterError::Invalid(format!("node {} is unreachable or refused us: {failure}", node.id)));
+            }
+        }
+        // Blocking: returns once the learner has caught up, so promoting it right after is
+        // safe. Bounded: a learner that cannot be reached (or refuses us) is a timeout.
+        let timeout = self.inner.config.write_timeout;
+        tokio::time::timeout(timeout, self.inner.raft.add_learner(node.id, node, true))
+            .await
+            .map_err(|_| ClusterError::Timeout { after_ms: timeout.as_millis() as u64 })?
+            .map(|_| ())
+            .map_err(cluster_write_error)
     }
 
     async fn change_membership(&self, voters: BTreeSet<NodeId>) -> Result<(), ClusterError> {
@@ -360,7 +380,12 @@ impl<C: RaftRpcClient> ClusterController for RaftNode<C> {
         if let Some(unknown) = voters.iter().find(|id| membership.get_node(id).is_none()) {
             return Err(ClusterError::UnknownNode(*unknown));
         }
-        self.inner.raft.change_membership(voters, false).await.map(|_| ()).map_err(cluster_write_error)
+        let timeout = self.inner.config.write_timeout;
+        tokio::time::timeout(timeout, self.inner.raft.change_membership(voters, false))
+            .await
+            .map_err(|_| ClusterError::Timeout { after_ms: timeout.as_millis() as u64 })?
+            .map(|_| ())
+            .map_err(cluster_write_error)
     }
 
     async fn remove(&self, node: NodeId) -> Result<(), ClusterError> {

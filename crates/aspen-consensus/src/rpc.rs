@@ -47,6 +47,8 @@ pub enum RaftRpc {
     ReadIndex,
     /// A follower forwards a client write to the leader.
     Forward(WriteCommand),
+    /// Asks a node who it is, before adding it: proves it is reachable and admits us.
+    Ping,
 }
 
 /// The reply to a [`RaftRpc`].
@@ -64,6 +66,11 @@ pub enum RaftRpcReply {
     ReadIndex(Result<u64, KvError>),
     /// Reply to `Forward`.
     Forward(Result<WriteResponse, KvError>),
+    /// Reply to `Ping`: the node's id.
+    Pong {
+        /// The answering node's id.
+        node_id: NodeId,
+    },
     /// The receiver failed to handle the request.
     Failed(String),
 }

@@ -1,0 +1,205 @@
+//! Prometheus metrics: Raft state from openraft's metrics, request counters and latency
+//! histograms, security refusals; served as text on the node's HTTP metrics port and over
+//! the client protocol.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aspen_consensus::RaftNode;
+use openraft::ServerState;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::raft_rpc::IrohRaftClient;
+
+/// Upper bounds of the latency histogram buckets, in microseconds.
+const BUCKETS_US: [u64; 12] =
+    [250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000];
+/// Most concurrent scrapes served.
+const MAX_SCRAPES: usize = 16;
+/// Largest HTTP request head read from a scraper.
+const MAX_HTTP_REQUEST: usize = 8 * 1024;
+/// Longest a scraper may take to send its request.
+const SCRAPE_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Count, errors and latency histogram of one kind of request.
+#[derive(Debug, Default)]
+pub struct OpStats {
+    count: Counter,
+    errors: Counter,
+    sum_us: AtomicU64,
+    buckets: [AtomicU64; BUCKETS_US.len()],
+}
+
+impl OpStats {
+    /// Runs `work`, recording its latency and whether it failed.
+    pub async fn time<T, E>(&self, work: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+        let started = Instant::now();
+        let result = work.await;
+        let micros = started.elapsed().as_micros() as u64;
+        self.count.inc();
+        if result.is_err() {
+            self.errors.inc();
+        }
+        self.sum_us.fetch_add(micros, Ordering::Relaxed);
+        if let Some(bucket) = BUCKETS_US.iter().position(|bound| micros <= *bound) {
+            self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn render(&self, out: &mut String, name: &str) {
+        let _ = writeln!(out, "# TYPE aspen_{name}_total counter\naspen_{name}_total {}", self.count.get());
+        let _ =
+            writeln!(out, "# TYPE aspen_{name}_errors_total counter\naspen_{name}_errors_total {}", self.errors.get());
+        let _ = writeln!(out, "# TYPE aspen_{name}_latency_seconds histogram");
+        let mut cumulative = 0;
+        for (bound, bucket) in BUCKETS_US.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "aspen_{name}_latency_seconds_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+        }
+        let _ = writeln!(out, "aspen_{name}_latency_seconds_bucket{{le=\"+Inf\"}} {}", self.count.get());
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "aspen_{name}_latency_seconds_sum {sum}\naspen_{name}_latency_seconds_count {}",
+            self.count.get()
+        );
+    }
+}
+
+/// Everything the node counts.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Client reads (get, scan, sql).
+    pub reads: OpStats,
+    /// Client writes.
+    pub writes: OpStats,
+    /// Client requests refused for a wrong or missing token.
+    pub unauthorized: Counter,
+    /// Raft RPCs refused for a wrong cluster secret.
+    pub raft_denied: Arc<AtomicU64>,
+}
+
+/// Renders the Prometheus text exposition of the node.
+pub fn render(node: &RaftNode<IrohRaftClient>, metrics: &Metrics) -> String {
+    let raft = node.metrics();
+    let mut out = String::with_capacity(4096);
+    let id = node.id();
+    let state = match raft.state {
+        ServerState::Leader => 3,
+        ServerState::Candidate => 2,
+        ServerState::Follower => 1,
+        ServerState::Learner => 0,
+        ServerState::Shutdown => -1,
+    };
+    let gauge = |out: &mut String, name: &str, help: &str, value: i128| {
+        let _ = writeln!(
+            out,
+            "# HELP aspen_{name} {help}\n# TYPE aspen_{name} gauge\naspen_{name}{{node=\"{id}\"}} {value}"
+        );
+    };
+    gauge(&mut out, "raft_is_leader", "1 if this node leads", i128::from(raft.current_leader == Some(id)));
+    gauge(&mut out, "raft_state", "3 leader, 2 candidate, 1 follower, 0 learner, -1 shutdown", state);
+    gauge(&mut out, "raft_term", "current term", i128::from(raft.current_term));
+    gauge(&mut out, "raft_leader", "current leader id (0 if unknown)", i128::from(raft.current_leader.unwrap_or(0)));
+    gauge(&mut out, "raft_last_log_index", "last log index", i128::from(raft.last_log_index.unwrap_or(0)));
+    let applied = raft.last_applied.map_or(0, |log_id| log_id.index);
+    gauge(&mut out, "raft_applied_index", "last applied index", i128::from(applied));
+    gauge(
+        &mut out,
+        "raft_snapshot_index",
+        "last snapshot index",
+        i128::from(raft.snapshot.map_or(0, |log_id| log_id.index)),
+    );
+    gauge(&mut out, "raft_purged_index", "last purged index", i128::from(raft.purged.map_or(0, |log_id| log_id.index)));
+    if let Some(replication) = &raft.replication {
+        let _ = writeln!(out, "# HELP aspen_raft_replication_lag entries the follower is behind the leader's log");
+        let _ = writeln!(out, "# TYPE aspen_raft_replication_lag gauge");
+        let last = raft.last_log_index.unwrap_or(0);
+        for (follower, matched) in replication {
+            let matched = matched.map_or(0, |log_id| log_id.index);
+            let _ = writeln!(
+                out,
+                "aspen_raft_replication_lag{{node=\"{id}\",follower=\"{follower}\"}} {}",
+                last.saturating_sub(matched)
+            );
+        }
+    }
+    metrics.reads.render(&mut out, "client_reads");
+    metrics.writes.render(&mut out, "client_writes");
+    let _ = writeln!(
+        out,
+        "# TYPE aspen_client_unauthorized_total counter\naspen_client_unauthorized_total {}",
+        metrics.unauthorized.get()
+    );
+    let denied = metrics.raft_denied.load(Ordering::Relaxed);
+    let _ = writeln!(out, "# TYPE aspen_raft_rpc_denied_total counter\naspen_raft_rpc_denied_total {denied}");
+    out
+}
+
+/// Serves `GET /metrics` on `addr` until the task is aborted.
+pub async fn serve_http(listener: TcpListener, node: RaftNode<IrohRaftClient>, metrics: Arc<Metrics>) {
+    let scrapes = Arc::new(Semaphore::new(MAX_SCRAPES));
+    loop {
+        let Ok((mut stream, peer)) = listener.accept().await else { continue };
+        let Ok(permit) = Arc::clone(&scrapes).try_acquire_owned() else { continue };
+        let node = node.clone();
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let mut head = Vec::with_capacity(1024);
+            let mut buffer = [0u8; 1024];
+            let read = tokio::time::timeout(SCRAPE_READ_TIMEOUT, async {
+                while !head.windows(4).any(|window| window == b"\r\n\r\n") && head.len() < MAX_HTTP_REQUEST {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(count) => head.extend_from_slice(&buffer[..count]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                tracing::debug!(%peer, "metrics scrape did not send a request head");
+                return;
+            }
+            let (status, body) = if head.starts_with(b"GET /metrics ") || head.starts_with(b"GET / ") {
+                ("200 OK", render(&node, &metrics))
+            } else {
+                ("404 Not Found", "not found; try /metrics\n".to_string())
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Binds the metrics listener (separately, so a taken port is a startup error).
+pub async fn bind_http(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

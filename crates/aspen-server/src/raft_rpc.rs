@@ -1,0 +1,100 @@
+//! Raft RPCs over iroh: every request carries a proof of the cluster secret bound to the
+//! sender's authenticated endpoint id; requests without a valid proof are refused, logged,
+//! and never reach consensus.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use aspen_api::{ClusterNode, NodeId};
+use aspen_consensus::{RaftNode, RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
+use aspen_transport::auth::{cluster_proof, verify_cluster_proof};
+use aspen_transport::{EndpointId, PeerAddr, RAFT_ALPN, RpcClient, RpcHandler, TransportError};
+use serde::{Deserialize, Serialize};
+
+/// A Raft RPC with the sender's proof of the cluster secret.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RaftEnvelope {
+    /// `cluster_proof(secret, sender endpoint id)`.
+    pub proof: [u8; 32],
+    /// The request.
+    pub rpc: RaftRpc,
+}
+
+/// The answer to a [`RaftEnvelope`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftEnvelopeReply {
+    /// The receiver handled the request.
+    Reply(RaftRpcReply),
+    /// The receiver refused the sender (wrong secret) or the message (malformed).
+    Denied(String),
+}
+
+/// Sends Raft RPCs to peers over iroh.
+pub struct IrohRaftClient {
+    rpc: RpcClient,
+    proof: [u8; 32],
+}
+
+impl IrohRaftClient {
+    /// A client sending from `rpc`'s endpoint, proving `secret`.
+    pub fn new(rpc: RpcClient, secret: &str) -> Self {
+        let proof = cluster_proof(secret, &rpc.endpoint().id());
+        IrohRaftClient { rpc, proof }
+    }
+}
+
+fn failure(node: NodeId, error: TransportError) -> RpcFailure {
+    match error {
+        TransportError::ConnectTimeout { .. }
+        | TransportError::Connect { .. }
+        | TransportError::OpenTimeout { .. }
+        | TransportError::InvalidPeerAddr { .. } => RpcFailure::Unreachable { node, reason: error.to_string() },
+        TransportError::ReadTimeout { after_ms, .. } => RpcFailure::Timeout { node, after_ms },
+        other => RpcFailure::Network { node, reason: other.to_string() },
+    }
+}
+
+impl RaftRpcClient for IrohRaftClient {
+    async fn call(&self, target: NodeId, node: &ClusterNode, request: RaftRpc) -> Result<RaftRpcReply, RpcFailure> {
+        let peer: PeerAddr = node.addr.parse().map_err(|error| failure(target, error))?;
+        let envelope = RaftEnvelope { proof: self.proof, rpc: request };
+        match self.rpc.call(&peer, RAFT_ALPN, &envelope).await.map_err(|error| failure(target, error))? {
+            RaftEnvelopeReply::Reply(reply) => Ok(reply),
+            RaftEnvelopeReply::Denied(reason) => Err(RpcFailure::Network { node: target, reason }),
+        }
+    }
+}
+
+/// Serves Raft RPCs to a [`RaftNode`].
+pub struct RaftService {
+    node: RaftNode<IrohRaftClient>,
+    secret: String,
+    /// Requests refused for a missing or wrong secret.
+    pub denied: Arc<AtomicU64>,
+}
+
+impl RaftService {
+    /// Serves `node`, admitting senders that prove `secret`.
+    pub fn new(node: RaftNode<IrohRaftClient>, secret: String, denied: Arc<AtomicU64>) -> Self {
+        RaftService { node, secret, denied }
+    }
+}
+
+impl RpcHandler for RaftService {
+    type Request = RaftEnvelope;
+    type Response = RaftEnvelopeReply;
+
+    async fn handle(&self, peer: EndpointId, envelope: RaftEnvelope) -> RaftEnvelopeReply {
+        if !verify_cluster_proof(&self.secret, &peer, &envelope.proof) {
+            self.denied.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %peer.fmt_short(), "refused a Raft RPC: wrong cluster secret");
+            return RaftEnvelopeReply::Denied("wrong cluster secret".into());
+        }
+        RaftEnvelopeReply::Reply(self.node.handle_rpc(envelope.rpc).await)
+    }
+
+    fn reject(&self, peer: EndpointId, error: TransportError) -> RaftEnvelopeReply {
+        tracing::warn!(peer = %peer.fmt_short(), %error, "refused a malformed Raft RPC");
+        RaftEnvelopeReply::Denied(error.to_string())
+    }
+}

@@ -1,0 +1,151 @@
+//! Building, serving and stopping one node.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use aspen_api::{ClusterController, ClusterNode};
+use aspen_consensus::RaftNode;
+use aspen_raft_storage::{RedbLogStore, SqliteStateMachine};
+use aspen_transport::{
+    CLIENT_ALPN, PeerAddr, RAFT_ALPN, RpcClient, RpcProtocol, bind_endpoint, load_or_create_secret_key,
+};
+use iroh::protocol::Router;
+use tokio::task::JoinHandle;
+
+use crate::client_rpc::ClientService;
+use crate::config::NodeConfig;
+use crate::metrics::{Metrics, bind_http, serve_http};
+use crate::raft_rpc::{IrohRaftClient, RaftService};
+
+/// File in the data dir holding the node's address once it serves.
+pub const ADDR_FILE: &str = "node.addr";
+/// File in the data dir holding the node's secret key.
+pub const KEY_FILE: &str = "node.key";
+
+/// Why a node failed to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The data dir is unusable.
+    #[error("data dir {path}: {reason}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The network could not be set up.
+    #[error(transparent)]
+    Transport(#[from] aspen_transport::TransportError),
+    /// The Raft log could not be opened (including a broken hash chain).
+    #[error("raft log: {0}")]
+    Log(#[from] aspen_raft_storage::LogStoreError),
+    /// The state machine could not be opened.
+    #[error("state machine: {0}")]
+    StateMachine(#[from] aspen_raft_storage::StateMachineError),
+    /// Consensus failed to start.
+    #[error(transparent)]
+    Consensus(#[from] aspen_consensus::StartError),
+    /// The metrics port could not be bound.
+    #[error("metrics address {addr}: {reason}")]
+    Metrics {
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A running node.
+pub struct Server {
+    node: RaftNode<IrohRaftClient>,
+    router: Router,
+    addr: PeerAddr,
+    metrics_task: Option<JoinHandle<()>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Server {
+    /// Opens the node's files, binds its endpoint, starts Raft and serves both protocols.
+    pub async fn start(config: NodeConfig) -> Result<Server, ServerError> {
+        let data_error = |error: std::io::Error| ServerError::DataDir {
+            path: config.data_dir.display().to_string(),
+            reason: error.to_string(),
+        };
+        std::fs::create_dir_all(&config.data_dir).map_err(data_error)?;
+        let _ = std::fs::remove_file(config.data_dir.join(ADDR_FILE));
+        let key = load_or_create_secret_key(&config.data_dir.join(KEY_FILE))?;
+        let endpoint = bind_endpoint(key, config.bind, vec![RAFT_ALPN.to_vec(), CLIENT_ALPN.to_vec()]).await?;
+        let addr = PeerAddr::from(endpoint.addr());
+
+        let log = RedbLogStore::open(config.data_dir.join("raft-log.redb"))?;
+        let state_machine = SqliteStateMachine::open(config.data_dir.join("state-machine"))?;
+        let raft_client = Arc::new(IrohRaftClient::new(RpcClient::new(endpoint.clone()), &config.cluster_secret));
+        let node = RaftNode::start(config.consensus.clone(), log, state_machine, raft_client).await?;
+
+        let metrics = Arc::new(Metrics { raft_denied: Arc::new(AtomicU64::new(0)), ..Default::default() });
+        let raft_service =
+            RaftService::new(node.clone(), config.cluster_secret.clone(), Arc::clone(&metrics.raft_denied));
+        let client_service = ClientService::new(node.clone(), config.client_token.clone(), Arc::clone(&metrics));
+        let router = Router::builder(endpoint)
+            .accept(RAFT_ALPN, RpcProtocol::new(Arc::new(raft_service)))
+            .accept(CLIENT_ALPN, RpcProtocol::new(Arc::new(client_service)))
+            .spawn();
+
+        let metrics_task = match config.metrics_addr {
+            Some(metrics_addr) => {
+                let listener = bind_http(metrics_addr).await.map_err(|error| ServerError::Metrics {
+                    addr: metrics_addr.to_string(),
+                    reason: error.to_string(),
+                })?;
+                Some(tokio::spawn(serve_http(listener, node.clone(), Arc::clone(&metrics))))
+            }
+            None => None,
+        };
+        std::fs::write(config.data_dir.join(ADDR_FILE), format!("{addr}\n")).map_err(data_error)?;
+        tracing::info!(node = config.node_id, %addr, "node serving");
+        Ok(Server { node, router, addr, metrics_task, metrics })
+    }
+
+    /// The node's address (what peers and clients dial).
+    pub fn addr(&self) -> &PeerAddr {
+        &self.addr
+    }
+
+    /// The consensus node.
+    pub fn node(&self) -> &RaftNode<IrohRaftClient> {
+        &self.node
+    }
+
+    /// The node's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// This node as a cluster member.
+    pub fn member(&self) -> ClusterNode {
+        ClusterNode { id: self.node.id(), addr: self.addr.to_string() }
+    }
+
+    /// Initializes a new cluster of this node and `peers`, unless already initialized.
+    pub async fn init_if_new(&self, peers: Vec<ClusterNode>) -> Result<(), aspen_api::ClusterError> {
+        let mut members = vec![self.member()];
+        members.extend(peers.into_iter().filter(|peer| peer.id != self.node.id()));
+        match self.node.init(members).await {
+            Ok(()) | Err(aspen_api::ClusterError::AlreadyInitialized) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Stops serving and shuts Raft down; the node's files stay for a restart.
+    pub async fn shutdown(self) {
+        if let Some(task) = self.metrics_task {
+            task.abort();
+        }
+        if let Err(error) = self.router.shutdown().await {
+            tracing::warn!(%error, "router shutdown");
+        }
+        if let Err(error) = self.node.shutdown().await {
+            tracing::warn!(%error, "raft shutdown");
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! In-process clusters of real nodes over real iroh endpoints on 127.0.0.1, driven through
+//! the real client: replication, reads on every node, failover and restart, security.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aspen_api::{ClusterNode, GetRequest, ReadConsistency, ScanRequest};
+use aspen_client::{AspenClient, ClientError};
+use aspen_server::{NodeConfig, Server};
+use aspen_transport::PeerAddr;
+
+const SECRET: &str = "test-cluster-secret";
+const TOKEN: &str = "test-token";
+
+struct TestNode {
+    id: u64,
+    dir: PathBuf,
+    bind: SocketAddr,
+    server: Option<Server>,
+}
+
+fn config(id: u64, dir: PathBuf, bind: SocketAddr, secret: &str) -> NodeConfig {
+    let mut config = NodeConfig::local(id, dir, secret, TOKEN);
+    config.bind = bind;
+    config.consensus.heartbeat_interval_ms = 50;
+    config.consensus.election_timeout_min_ms = 300;
+    config.consensus.election_timeout_max_ms = 600;
+    config.consensus.write_timeout = Duration::from_secs(5);
+    config
+}
+
+impl TestNode {
+    async fn start(id: u64, root: &std::path::Path) -> TestNode {
+        let dir = root.join(format!("node-{id}"));
+        let server =
+            Server::start(config(id, dir.clone(), "127.0.0.1:0".parse().expect("addr"), SECRET)).await.expect("start");
+        let bind = server.addr().addrs[0];
+        TestNode { id, dir, bind, server: Some(server) }
+    }
+
+    fn server(&self) -> &Server {
+        self.server.as_ref().expect("running")
+    }
+
+    async fn stop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+    }
+
+    /// Restarts from the same files on the same port (its address is in the membership).
+    async fn restart(&mut self) {
+        for _ in 0..100 {
+            match Server::start(config(self.id, self.dir.clone(), self.bind, SECRET)).await {
+                Ok(server) => {
+                    self.server = Some(server);
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        panic!("node {} could not restart on {}", self.id, self.bind);
+    }
+
+    fn addr(&self) -> PeerAddr {
+        self.server().addr().clone()
+    }
+}
+
+async fn start_cluster(root: &std::path::Path, size: u64) -> Vec<TestNode> {
+    let mut nodes = Vec::new();
+    for id in 1..=size {
+        nodes.push(TestNode::start(id, root).await);
+    }
+    let members: Vec<ClusterNode> = nodes.iter().map(|node| node.server().member()).collect();
+    nodes[0].server().init_if_new(members[1..].to_vec()).await.expect("init");
+    nodes
+}
+
+async fn client(nodes: &[&TestNode]) -> AspenClient {
+    AspenClient::connect(nodes.iter().map(|node| node.addr()).collect(), TOKEN).await.expect("client")
+}
+
+async fn wait_for_leader(nodes: &[&TestNode]) -> u64 {
+    for _ in 0..200 {
+        let leaders: std::collections::BTreeSet<Option<u64>> =
+            nodes.iter().map(|node| node.server().node().metrics().current_leader).collect();
+        if leaders.len() == 1
+            && let Some(Some(leader)) = leaders.first()
+            && nodes.iter().any(|node| node.id == *leader)
+        {
+            return *leader;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no leader");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_through_any_node_are_linearizable_on_every_node() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let nodes = start_cluster(root.path(), 3).await;
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    wait_for_leader(&all).await;
+    for node in &nodes {
+        let single = client(&[node]).await;
+        single.put(format!("from-{}", node.id), "v").await.expect("put through this node");
+    }
+    for node in &nodes {
+        let single = client(&[node]).await;
+        for writer in 1..=3 {
+            let got = single.get(format!("from-{writer}")).await.expect("get");
+            assert_eq!(
+                got.kv.map(|kv| kv.value),
+                Some(b"v".to_vec()),
+                "read on node {} of write via {writer}",
+                node.id
+            );
+        }
+        let stale = single
+            .get_with(GetRequest { key: b"from-1".to_vec(), consistency: ReadConsistency::Stale })
+            .await
+            .expect("stale get");
+        assert!(stale.revision > 0);
+    }
+    let status = client(&all).await.status().await.expect("status");
+    assert_eq!(status.voters.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_kill_loses_no_acknowledged_write_and_restart_catches_up() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut nodes = start_cluster(root.path(), 3).await;
+    let leader = wait_for_leader(&nodes.iter().collect::<Vec<_>>()).await;
+    let everyone = client(&nodes.iter().collect::<Vec<_>>()).await;
+    for i in 0..30 {
+        everyone.put(format!("acked/{i:02}"), i.to_string()).await.expect("acked write");
+    }
+    let leader_index = nodes.iter().position(|node| node.id == leader).expect("leader is a node");
+    nodes[leader_index].stop().await;
+    let survivors: Vec<&TestNode> = nodes.iter().filter(|node| node.server.is_some()).collect();
+    let new_leader = wait_for_leader(&survivors).await;
+    assert_ne!(new_leader, leader);
+    let survivors_client = client(&survivors).await;
+    let scan = survivors_client.scan(ScanRequest::prefix(b"acked/".to_vec(), 0)).await.expect("scan");
+    assert_eq!(scan.kvs.len(), 30, "every acknowledged write survived the leader");
+    survivors_client.put("after", "failover").await.expect("write after failover");
+
+    nodes[leader_index].restart().await;
+    let restarted = client(&[&nodes[leader_index]]).await;
+    let got = restarted.get("after").await.expect("linearizable read on the restarted node");
+    assert_eq!(got.kv.map(|kv| kv.value), Some(b"failover".to_vec()));
+    for node in &mut nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wrong_secret_cannot_join_and_wrong_token_is_refused() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let nodes = start_cluster(root.path(), 3).await;
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    let leader = wait_for_leader(&all).await;
+
+    let wrong_token = AspenClient::connect(vec![nodes[0].addr()], "not-the-token").await.expect("client");
+    assert!(matches!(wrong_token.put("k", "v").await, Err(ClientError::Unauthorized(_))));
+    assert!(matches!(wrong_token.get("k").await, Err(ClientError::Unauthorized(_))));
+    assert!(nodes[0].server().metrics().unauthorized.get() >= 2);
+
+    // A node with the wrong secret: the leader cannot replicate to it, it never gets data.
+    let intruder_dir = root.path().join("intruder");
+    let intruder_config = config(9, intruder_dir, "127.0.0.1:0".parse().expect("addr"), "a-different-secret");
+    let intruder = Server::start(intruder_config).await.expect("intruder starts");
+    client(&all).await.put("secret-data", "x").await.expect("write");
+    let leader_node = nodes.iter().find(|node| node.id == leader).expect("leader");
+    let mut short = client(&[leader_node]).await.with_retry_deadline(Duration::from_secs(1));
+    let added = short.add_learner(intruder.member()).await;
+    assert!(added.is_err(), "a node with the wrong secret must not join: {added:?}");
+    assert!(intruder.node().metrics().last_applied.is_none(), "the intruder received no entries");
+    let denied = intruder.metrics().raft_denied.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(denied > 0, "the intruder refused the leader's RPCs as unauthenticated");
+    short = client(&all).await;
+    let got = short.get("secret-data").await.expect("cluster still serves");
+    assert_eq!(got.kv.map(|kv| kv.value), Some(b"x".to_vec()));
+    intruder.shutdown().await;
+}
