@@ -52,4 +52,48 @@ pub struct ClusterStatus {
     pub learners: BTreeSet<NodeId>,
     /// Every member with its address.
     pub nodes: Vec<ClusterNode>,
+    /// How this node sees each peer it talks to (the leader sees every member).
+    pub peers: Vec<PeerHealth>,
+}
+
+/// Whether a peer answers, as seen by one node's failure detector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Liveness {
+    /// The last RPC succeeded.
+    Healthy,
+    /// Recent RPCs failed, but not long or often enough to call the peer down.
+    Suspect,
+    /// RPCs have failed consecutively for longer than the detection window.
+    Down,
+}
+
+/// How far a peer's clock is from this node's, as measured from RPC round trips.
+/// Observational only: consensus never uses clocks for safety.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClockDrift {
+    /// No measurement yet.
+    Unknown,
+    /// Within 100 ms.
+    Ok,
+    /// 100 ms or more.
+    Warn,
+    /// 500 ms or more.
+    Alert,
+}
+
+/// One peer as seen by this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerHealth {
+    /// The peer.
+    pub node_id: NodeId,
+    /// Failure-detector verdict.
+    pub liveness: Liveness,
+    /// RPC failures since the last success.
+    pub consecutive_failures: u32,
+    /// The last failure, if any since the last success.
+    pub last_error: Option<String>,
+    /// Peer clock minus local clock, in milliseconds, from the latest round trip.
+    pub clock_offset_ms: Option<i64>,
+    /// Drift verdict.
+    pub clock: ClockDrift,
 }

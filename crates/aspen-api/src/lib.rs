@@ -15,7 +15,7 @@ pub mod sql;
 pub mod store;
 pub mod txn;
 
-pub use cluster::{ClusterNode, ClusterStatus, NodeId, NodeRole};
+pub use cluster::{ClockDrift, ClusterNode, ClusterStatus, Liveness, NodeId, NodeRole, PeerHealth};
 pub use error::{ApplyError, ClusterError, KvError, ValidationError};
 pub use kv::{
     GetRequest, GetResponse, KeyRange, KeyValue, LeaseId, MAX_LEASE_ID, ReadConsistency, Revision, ScanRequest,

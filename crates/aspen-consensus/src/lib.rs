@@ -9,10 +9,12 @@
 pub mod batcher;
 pub mod config;
 mod errors;
+pub mod health;
 pub mod network;
 pub mod node;
 pub mod rpc;
 
 pub use config::ConsensusConfig;
+pub use health::HealthTracker;
 pub use node::{RaftNode, StartError};
 pub use rpc::{RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure, SnapshotChunk};

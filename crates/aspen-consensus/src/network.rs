@@ -14,23 +14,26 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 
+use crate::health::HealthTracker;
 use crate::rpc::{RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure, SnapshotChunk};
 
 /// Creates per-peer network handles for openraft.
 pub struct NetworkFactory<C> {
     client: Arc<C>,
+    health: Arc<HealthTracker>,
 }
 
 impl<C> NetworkFactory<C> {
-    /// A factory whose handles send through `client`.
-    pub fn new(client: Arc<C>) -> Self {
-        NetworkFactory { client }
+    /// A factory whose handles send through `client` and report outcomes to `health`.
+    pub fn new(client: Arc<C>, health: Arc<HealthTracker>) -> Self {
+        NetworkFactory { client, health }
     }
 }
 
 /// openraft's handle to one peer.
 pub struct PeerNetwork<C> {
     client: Arc<C>,
+    health: Arc<HealthTracker>,
     target: NodeId,
     node: ClusterNode,
 }
@@ -39,7 +42,7 @@ impl<C: RaftRpcClient> RaftNetworkFactory<TypeConfig> for NetworkFactory<C> {
     type Network = PeerNetwork<C>;
 
     async fn new_client(&mut self, target: NodeId, node: &ClusterNode) -> Self::Network {
-        PeerNetwork { client: Arc::clone(&self.client), target, node: node.clone() }
+        PeerNetwork { client: Arc::clone(&self.client), health: Arc::clone(&self.health), target, node: node.clone() }
     }
 }
 
@@ -60,7 +63,13 @@ fn unexpected(reply: RaftRpcReply) -> RPCError<TypeConfig> {
 
 impl<C: RaftRpcClient> PeerNetwork<C> {
     async fn call(&self, request: RaftRpc) -> Result<RaftRpcReply, RPCError<TypeConfig>> {
-        self.client.call(self.target, &self.node, request).await.map_err(rpc_error)
+        let started = std::time::Instant::now();
+        let result = self.client.call(self.target, &self.node, request).await;
+        match &result {
+            Ok(_) => self.health.record_success(self.target),
+            Err(failure) => self.health.record_failure(self.target, started, &failure.to_string()),
+        }
+        result.map_err(rpc_error)
     }
 }
 

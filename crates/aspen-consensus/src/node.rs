@@ -21,6 +21,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use crate::batcher::{self, AspenRaft, PendingWrite};
 use crate::config::ConsensusConfig;
 use crate::errors::{cluster_write_error, not_leader};
+use crate::health::HealthTracker;
 use crate::network::NetworkFactory;
 use crate::rpc::{RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
 
@@ -59,6 +60,7 @@ struct Inner<C> {
     state_machine: SqliteStateMachine,
     reader: StateMachineReader,
     rpc: Arc<C>,
+    health: Arc<HealthTracker>,
     writes: mpsc::Sender<PendingWrite>,
     snapshot_inbox: Mutex<Option<SnapshotInbox>>,
 }
@@ -70,13 +72,14 @@ impl<C: RaftRpcClient> RaftNode<C> {
         log: RedbLogStore,
         state_machine: SqliteStateMachine,
         rpc: Arc<C>,
+        health: Arc<HealthTracker>,
     ) -> Result<Self, StartError> {
         let raft_config = Arc::new(config.raft_config()?);
         let reader = state_machine.reader();
         let raft = AspenRaft::new(
             config.node_id,
             raft_config,
-            NetworkFactory::new(Arc::clone(&rpc)),
+            NetworkFactory::new(Arc::clone(&rpc), Arc::clone(&health)),
             log,
             state_machine.clone(),
         )
@@ -84,7 +87,8 @@ impl<C: RaftRpcClient> RaftNode<C> {
         .map_err(|error| StartError::Raft(error.to_string()))?;
         let (writes, queue) = mpsc::channel(config.max_pending_writes);
         tokio::spawn(batcher::run(raft.clone(), queue, config.max_batches_in_flight));
-        let inner = Inner { config, raft, state_machine, reader, rpc, writes, snapshot_inbox: Mutex::new(None) };
+        let inner =
+            Inner { config, raft, state_machine, reader, rpc, health, writes, snapshot_inbox: Mutex::new(None) };
         Ok(RaftNode { inner: Arc::new(inner) })
     }
 
@@ -96,6 +100,11 @@ impl<C: RaftRpcClient> RaftNode<C> {
     /// The openraft handle (for metrics and tests).
     pub fn raft(&self) -> &AspenRaft {
         &self.inner.raft
+    }
+
+    /// The failure and clock-drift detector's view of the peers.
+    pub fn health(&self) -> &Arc<HealthTracker> {
+        &self.inner.health
     }
 
     /// The latest Raft metrics.
@@ -424,6 +433,7 @@ impl<C: RaftRpcClient> ClusterController for RaftNode<C> {
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
             nodes: membership.nodes().map(|(_, node)| node.clone()).collect(),
+            peers: self.inner.health.snapshot(),
         })
     }
 

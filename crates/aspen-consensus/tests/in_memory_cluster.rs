@@ -70,8 +70,9 @@ impl Cluster {
         std::fs::create_dir_all(&dir).expect("node dir");
         let log = RedbLogStore::open(dir.join("raft-log.redb")).expect("log");
         let state_machine = SqliteStateMachine::open(Path::new(&dir).join("state-machine")).expect("state machine");
-        let node =
-            RaftNode::start((self.config)(id), log, state_machine, Arc::clone(&self.router)).await.expect("start");
+        let node = RaftNode::start((self.config)(id), log, state_machine, Arc::clone(&self.router), Default::default())
+            .await
+            .expect("start");
         self.router.nodes.lock().expect("lock").insert(id, node.clone());
         self.router.down.lock().expect("lock").remove(&id);
         node

@@ -147,6 +147,24 @@ pub fn render(node: &RaftNode<IrohRaftClient>, metrics: &Metrics) -> String {
             );
         }
     }
+    let _ = writeln!(out, "# HELP aspen_peer_up failure detector: 1 healthy, 0.5 suspect, 0 down");
+    let _ = writeln!(out, "# TYPE aspen_peer_up gauge");
+    let peers = node.health().snapshot();
+    for peer in &peers {
+        let up = match peer.liveness {
+            aspen_api::Liveness::Healthy => "1",
+            aspen_api::Liveness::Suspect => "0.5",
+            aspen_api::Liveness::Down => "0",
+        };
+        let _ = writeln!(out, "aspen_peer_up{{node=\"{id}\",peer=\"{}\"}} {up}", peer.node_id);
+    }
+    let _ = writeln!(out, "# HELP aspen_peer_clock_offset_ms peer clock minus local clock (warn at 100, alert at 500)");
+    let _ = writeln!(out, "# TYPE aspen_peer_clock_offset_ms gauge");
+    for peer in &peers {
+        if let Some(offset) = peer.clock_offset_ms {
+            let _ = writeln!(out, "aspen_peer_clock_offset_ms{{node=\"{id}\",peer=\"{}\"}} {offset}", peer.node_id);
+        }
+    }
     metrics.reads.render(&mut out, "client_reads");
     metrics.writes.render(&mut out, "client_writes");
     let _ = writeln!(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use aspen_api::{ClusterNode, NodeId};
-use aspen_consensus::{RaftNode, RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
+use aspen_consensus::{HealthTracker, RaftNode, RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
 use aspen_transport::auth::{cluster_proof, verify_cluster_proof};
 use aspen_transport::{EndpointId, PeerAddr, RAFT_ALPN, RpcClient, RpcHandler, TransportError};
 use serde::{Deserialize, Serialize};
@@ -23,8 +23,14 @@ pub struct RaftEnvelope {
 /// The answer to a [`RaftEnvelope`].
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RaftEnvelopeReply {
-    /// The receiver handled the request.
-    Reply(RaftRpcReply),
+    /// The receiver handled the request; `clock_ms` is its wall clock when it replied, for
+    /// the clock-drift detector.
+    Reply {
+        /// The reply.
+        reply: RaftRpcReply,
+        /// Receiver's Unix time in milliseconds.
+        clock_ms: i64,
+    },
     /// The receiver refused the sender (wrong secret) or the message (malformed).
     Denied(String),
 }
@@ -33,14 +39,21 @@ pub enum RaftEnvelopeReply {
 pub struct IrohRaftClient {
     rpc: RpcClient,
     proof: [u8; 32],
+    health: Arc<HealthTracker>,
 }
 
 impl IrohRaftClient {
-    /// A client sending from `rpc`'s endpoint, proving `secret`.
-    pub fn new(rpc: RpcClient, secret: &str) -> Self {
+    /// A client sending from `rpc`'s endpoint, proving `secret`, sampling peer clocks into
+    /// `health`.
+    pub fn new(rpc: RpcClient, secret: &str, health: Arc<HealthTracker>) -> Self {
         let proof = cluster_proof(secret, &rpc.endpoint().id());
-        IrohRaftClient { rpc, proof }
+        IrohRaftClient { rpc, proof, health }
     }
+}
+
+/// Unix time in milliseconds (0 if the clock is before 1970).
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as i64)
 }
 
 fn failure(node: NodeId, error: TransportError) -> RpcFailure {
@@ -58,8 +71,12 @@ impl RaftRpcClient for IrohRaftClient {
     async fn call(&self, target: NodeId, node: &ClusterNode, request: RaftRpc) -> Result<RaftRpcReply, RpcFailure> {
         let peer: PeerAddr = node.addr.parse().map_err(|error| failure(target, error))?;
         let envelope = RaftEnvelope { proof: self.proof, rpc: request };
+        let sent_ms = unix_ms();
         match self.rpc.call(&peer, RAFT_ALPN, &envelope).await.map_err(|error| failure(target, error))? {
-            RaftEnvelopeReply::Reply(reply) => Ok(reply),
+            RaftEnvelopeReply::Reply { reply, clock_ms } => {
+                self.health.record_clock(target, sent_ms, clock_ms, unix_ms());
+                Ok(reply)
+            }
             RaftEnvelopeReply::Denied(reason) => Err(RpcFailure::Network { node: target, reason }),
         }
     }
@@ -90,7 +107,8 @@ impl RpcHandler for RaftService {
             tracing::warn!(peer = %peer.fmt_short(), "refused a Raft RPC: wrong cluster secret");
             return RaftEnvelopeReply::Denied("wrong cluster secret".into());
         }
-        RaftEnvelopeReply::Reply(self.node.handle_rpc(envelope.rpc).await)
+        let reply = self.node.handle_rpc(envelope.rpc).await;
+        RaftEnvelopeReply::Reply { reply, clock_ms: unix_ms() }
     }
 
     fn reject(&self, peer: EndpointId, error: TransportError) -> RaftEnvelopeReply {

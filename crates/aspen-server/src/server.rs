@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use aspen_api::{ClusterController, ClusterNode};
-use aspen_consensus::RaftNode;
+use aspen_consensus::{HealthTracker, RaftNode};
 use aspen_raft_storage::{RedbLogStore, SqliteStateMachine};
 use aspen_transport::{
     CLIENT_ALPN, PeerAddr, RAFT_ALPN, RpcClient, RpcProtocol, bind_endpoint, load_or_create_secret_key,
@@ -79,8 +79,13 @@ impl Server {
 
         let log = RedbLogStore::open(config.data_dir.join("raft-log.redb"))?;
         let state_machine = SqliteStateMachine::open(config.data_dir.join("state-machine"))?;
-        let raft_client = Arc::new(IrohRaftClient::new(RpcClient::new(endpoint.clone()), &config.cluster_secret));
-        let node = RaftNode::start(config.consensus.clone(), log, state_machine, raft_client).await?;
+        let health = Arc::new(HealthTracker::default());
+        let raft_client = Arc::new(IrohRaftClient::new(
+            RpcClient::new(endpoint.clone()),
+            &config.cluster_secret,
+            Arc::clone(&health),
+        ));
+        let node = RaftNode::start(config.consensus.clone(), log, state_machine, raft_client, health).await?;
 
         let metrics = Arc::new(Metrics { raft_denied: Arc::new(AtomicU64::new(0)), ..Default::default() });
         let raft_service =

@@ -147,6 +147,27 @@ async fn leader_kill_loses_no_acknowledged_write_and_restart_catches_up() {
     assert_eq!(scan.kvs.len(), 30, "every acknowledged write survived the leader");
     survivors_client.put("after", "failover").await.expect("write after failover");
 
+    // The new leader's failure detector calls the killed node down (not merely suspect),
+    // and measures the live peer's clock as in sync.
+    let new_leader_node = nodes.iter().find(|node| node.id == new_leader).expect("new leader");
+    let mut verdict = None;
+    for _ in 0..400 {
+        let status = aspen_api::ClusterController::status(new_leader_node.server().node()).await.expect("status");
+        let old = status.peers.iter().find(|peer| peer.node_id == leader).cloned();
+        let live = status.peers.iter().find(|peer| peer.node_id != leader).cloned();
+        if let (Some(old), Some(live)) = (old, live)
+            && old.liveness == aspen_api::Liveness::Down
+            && live.clock == aspen_api::ClockDrift::Ok
+        {
+            verdict = Some((old, live));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (old, live) = verdict.expect("the killed leader is detected as down and the live peer's clock is in sync");
+    assert!(old.consecutive_failures >= aspen_consensus::health::DOWN_AFTER_FAILURES);
+    assert_eq!(live.liveness, aspen_api::Liveness::Healthy);
+
     nodes[leader_index].restart().await;
     let restarted = client(&[&nodes[leader_index]]).await;
     let got = restarted.get("after").await.expect("linearizable read on the restarted node");
