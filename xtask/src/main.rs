@@ -9,7 +9,8 @@ cargo xtask <command>
 
 Commands:
   ci      format check, clippy -D warnings on all targets, every test (what CI runs)
-  bench   storage benchmarks (criterion); results under target/criterion/
+  bench   storage benchmarks (criterion, target/criterion/) and the 3-node cluster
+          closed-loop benchmark (target/bench/cluster.json); extra args go to criterion
   deny    cargo-deny license/ban/source checks (installs cargo-deny if missing)
   help    this text
 ";
@@ -48,7 +49,8 @@ fn ci() -> Result<()> {
 fn bench(extra: &[String]) -> Result<()> {
     let mut args = vec!["bench", "--package", "aspen-raft-storage", "--bench", "storage", "--"];
     args.extend(extra.iter().map(String::as_str));
-    cargo(&args)
+    cargo(&args)?;
+    cargo(&["bench", "--package", "aspen-server", "--bench", "cluster"])
 }
 
 fn deny() -> Result<()> {
