@@ -85,6 +85,8 @@ async fn main() -> Result<()> {
         server.init_if_new(peers).await.context("initializing the cluster")?;
     }
     println!("node {node_id} ready: {}", server.addr());
+    println!("node {node_id} endpoint id: {}", server.addr().id);
+    println!("node {node_id} ticket: {}", server.addr().ticket());
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

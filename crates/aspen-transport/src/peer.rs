@@ -31,6 +31,12 @@ impl PeerAddr {
         EndpointAddr::from_parts(self.id, self.addrs.iter().map(|addr| TransportAddr::Ip(*addr)))
     }
 
+    /// The same address as an iroh endpoint ticket (`endpoint...`), accepted wherever a
+    /// peer address is.
+    pub fn ticket(&self) -> String {
+        EndpointTicket::new(self.endpoint_addr()).to_string()
+    }
+
     /// A short id for logs.
     pub fn short(&self) -> String {
         self.id.fmt_short().to_string()
