@@ -1,1 +1,77 @@
-fn main() {}
+//! aspen-cli: parse the command line, run one command against the cluster (or start a dev
+//! cluster), print the result, and exit with a code scripts can rely on (see `cli`).
+
+mod cli;
+mod cluster;
+mod connect;
+mod dev;
+mod kv;
+mod output;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK};
+use crate::connect::{DEFAULT_TOKEN, connect, release};
+
+/// How a command that did not fail ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// It did what was asked.
+    Done,
+    /// The key it read does not exist.
+    NotFound,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    // Usage errors exit with clap's code 2 here, before anything runs.
+    let cli = Cli::parse();
+    let json = cli.json;
+    match run(cli).await {
+        Ok(Outcome::Done) => ExitCode::from(EXIT_OK),
+        Ok(Outcome::NotFound) => ExitCode::from(EXIT_NOT_FOUND),
+        Err(error) => {
+            let message = format!("{error:#}");
+            eprintln!("error: {message}");
+            if json {
+                // Best effort: the error is already on stderr.
+                let _ = output::print_json(&serde_json::json!({ "error": message }));
+            }
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let deadline = Duration::from_secs(cli.connection.timeout_secs);
+    let json = cli.json;
+    match cli.command {
+        Command::Dev(args) => dev::run(&args, cli.connection.token.as_deref().unwrap_or(DEFAULT_TOKEN), json).await,
+        Command::Kv(command) => {
+            let client = Arc::new(connect(&cli.connection).await?);
+            let outcome = kv::run(&client, command, json).await;
+            release(client).await;
+            outcome
+        }
+        Command::Sql(args) => {
+            let client = Arc::new(connect(&cli.connection).await?);
+            let outcome = kv::sql(&client, args, json).await;
+            release(client).await;
+            outcome
+        }
+        Command::Cluster(command) => {
+            let client = Arc::new(connect(&cli.connection).await?);
+            let outcome = cluster::run(Arc::clone(&client), command, json, deadline).await;
+            release(client).await;
+            outcome
+        }
+    }
+}

@@ -6,8 +6,11 @@
 //! Architecture invariant: depends on aspen-api and aspen-transport only, never on
 //! consensus or storage.
 
+pub mod txn_syntax;
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,8 @@ use aspen_transport::{CLIENT_ALPN, PeerAddr, RpcClient, SecretKey, TransportErro
 
 /// How long a call keeps retrying through leader elections and unreachable nodes.
 pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(15);
+/// Longest `close` waits for connections to finish closing.
+const CLOSE_GRACE: Duration = Duration::from_millis(250);
 /// Pause between retries.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Most nodes a client is configured with.
@@ -57,9 +62,28 @@ pub enum ClientError {
     Endpoint(TransportError),
 }
 
+/// Dials every peer at once and returns the index of the first that connects (0 if none
+/// does), so a dead node in the list costs nothing when others are up. The other dials go
+/// on in the background and fill the connection pool.
+async fn first_to_connect(rpc: &Arc<RpcClient>, peers: &[PeerAddr]) -> usize {
+    let (connected, mut first) = tokio::sync::mpsc::channel(peers.len());
+    for (index, peer) in peers.iter().enumerate() {
+        let rpc = Arc::clone(rpc);
+        let peer = peer.clone();
+        let connected = connected.clone();
+        tokio::spawn(async move {
+            if rpc.connect(&peer, CLIENT_ALPN).await.is_ok() {
+                let _ = connected.send(index).await;
+            }
+        });
+    }
+    drop(connected);
+    first.recv().await.unwrap_or(0)
+}
+
 /// A connection to an Aspen cluster.
 pub struct AspenClient {
-    rpc: RpcClient,
+    rpc: Arc<RpcClient>,
     peers: Vec<PeerAddr>,
     token: String,
     /// Index of the node that answered last; calls start there.
@@ -75,13 +99,9 @@ impl AspenClient {
         }
         let bind: SocketAddr = "0.0.0.0:0".parse().map_err(|_| ClientError::Config("bind address".into()))?;
         let endpoint = bind_endpoint(SecretKey::generate(), bind, Vec::new()).await.map_err(ClientError::Endpoint)?;
-        Ok(AspenClient {
-            rpc: RpcClient::new(endpoint),
-            peers,
-            token: token.into(),
-            preferred: AtomicUsize::new(0),
-            retry_deadline: DEFAULT_RETRY_DEADLINE,
-        })
+        let rpc = Arc::new(RpcClient::new(endpoint));
+        let preferred = AtomicUsize::new(first_to_connect(&rpc, &peers).await);
+        Ok(AspenClient { rpc, peers, token: token.into(), preferred, retry_deadline: DEFAULT_RETRY_DEADLINE })
     }
 
     /// Parses comma- or whitespace-separated node addresses.
@@ -287,5 +307,12 @@ impl AspenClient {
     /// The configured node addresses.
     pub fn peers(&self) -> &[PeerAddr] {
         &self.peers
+    }
+
+    /// Closes the client's connections (peers see a clean close). Bounded: a dial still
+    /// pending to a dead node would otherwise hold the close for seconds.
+    pub async fn close(&self) {
+        self.rpc.close_all();
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.rpc.endpoint().close()).await;
     }
 }

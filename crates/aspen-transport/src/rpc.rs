@@ -81,7 +81,8 @@ impl RpcClient {
         self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(key);
     }
 
-    async fn connect(&self, peer: &PeerAddr, alpn: &'static [u8]) -> Result<Connection, TransportError> {
+    /// Connects to `peer` on `alpn` (or reuses the pooled connection), without a request.
+    pub async fn connect(&self, peer: &PeerAddr, alpn: &'static [u8]) -> Result<Connection, TransportError> {
         let key = (peer.id, alpn);
         if let Some(connection) = self.pooled(&key) {
             return Ok(connection);
