@@ -206,3 +206,112 @@ async fn wrong_secret_cannot_join_and_wrong_token_is_refused() {
     assert_eq!(got.kv.map(|kv| kv.value), Some(b"x".to_vec()));
     intruder.shutdown().await;
 }
+
+fn snapshotting(config: &mut NodeConfig) {
+    config.consensus.snapshot_after_entries = 30;
+    config.consensus.log_entries_kept_after_snapshot = 0;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lagging_node_catches_up_through_a_snapshot_streamed_over_iroh() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut servers = Vec::new();
+    for id in 1..=3 {
+        let mut node_config =
+            config(id, root.path().join(format!("node-{id}")), "127.0.0.1:0".parse().expect("addr"), SECRET);
+        snapshotting(&mut node_config);
+        servers.push(Server::start(node_config).await.expect("start"));
+    }
+    let members: Vec<ClusterNode> = servers[1..].iter().map(Server::member).collect();
+    servers[0].init_if_new(members).await.expect("init");
+    let addrs: Vec<PeerAddr> = servers.iter().map(|server| server.addr().clone()).collect();
+    let writer = AspenClient::connect(addrs.clone(), TOKEN).await.expect("client");
+    writer.put("warmup", "1").await.expect("warm up");
+
+    // Take node 3 down, write enough for the others to snapshot and purge their logs.
+    let lagging = servers.pop().expect("node 3");
+    let lagging_dir = root.path().join("node-3");
+    let lagging_bind = lagging.addr().addrs[0];
+    lagging.shutdown().await;
+    for i in 0..120 {
+        writer.put(format!("lag/{i:03}"), "x".repeat(200)).await.expect("write while node 3 is down");
+    }
+    let leader = servers.iter().find(|server| server.node().metrics().current_leader == Some(server.node().id()));
+    let leader = leader.expect("a leader among nodes 1 and 2");
+    for _ in 0..100 {
+        if leader.node().metrics().purged.is_some_and(|purged| purged.index > 60) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(leader.node().metrics().purged.is_some_and(|purged| purged.index > 60), "leader purged its log");
+
+    // Node 3 restarts: the entries it misses are gone from the log, only a snapshot helps.
+    let mut restarted = None;
+    for _ in 0..100 {
+        let mut node_config = config(3, lagging_dir.clone(), lagging_bind, SECRET);
+        snapshotting(&mut node_config);
+        if let Ok(server) = Server::start(node_config).await {
+            restarted = Some(server);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let restarted = restarted.expect("node 3 restarts");
+    let reader = AspenClient::connect(vec![restarted.addr().clone()], TOKEN).await.expect("client");
+    let scan = reader.scan(ScanRequest::prefix(b"lag/".to_vec(), 0)).await.expect("linearizable scan on node 3");
+    assert_eq!(scan.kvs.len(), 120);
+    assert!(restarted.node().metrics().snapshot.is_some(), "node 3 installed a snapshot");
+    restarted.shutdown().await;
+    for server in servers {
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_three_to_five_to_three_over_iroh_while_writes_continue() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let nodes = start_cluster(root.path(), 3).await;
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    wait_for_leader(&all).await;
+    let admin = client(&all).await;
+    let writer = std::sync::Arc::new(client(&all).await);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writes = {
+        let writer = std::sync::Arc::clone(&writer);
+        let stop = std::sync::Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("members/{i:05}");
+                if writer.put(key.clone(), "v").await.is_ok() {
+                    acked.push(key);
+                }
+                i += 1;
+            }
+            acked
+        })
+    };
+    let mut extra = Vec::new();
+    for id in [4, 5] {
+        let node = TestNode::start(id, root.path()).await;
+        admin.add_learner(node.server().member()).await.expect("add learner");
+        extra.push(node);
+    }
+    admin.change_membership([1, 2, 3, 4, 5].into()).await.expect("grow to five voters");
+    assert_eq!(admin.status().await.expect("status").voters.len(), 5);
+    admin.change_membership([1, 4, 5].into()).await.expect("shrink to three voters");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writes.await.expect("writer");
+    assert!(!acked.is_empty());
+    let status = admin.status().await.expect("status");
+    assert_eq!(status.voters, [1, 4, 5].into());
+    let on_new_voter = client(&[&extra[1]]).await;
+    let scan = on_new_voter.scan(ScanRequest::prefix(b"members/".to_vec(), 0)).await.expect("scan on node 5");
+    let stored: std::collections::BTreeSet<Vec<u8>> = scan.kvs.into_iter().map(|kv| kv.key).collect();
+    for key in &acked {
+        assert!(stored.contains(key.as_bytes()), "acknowledged {key} is on the new voter");
+    }
+}
