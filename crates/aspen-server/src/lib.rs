@@ -6,6 +6,7 @@
 
 pub mod client_rpc;
 pub mod config;
+pub mod discovery;
 pub mod metrics;
 pub mod raft_rpc;
 pub mod server;

@@ -11,6 +11,8 @@ use aspen_transport::auth::{cluster_proof, verify_cluster_proof};
 use aspen_transport::{EndpointId, PeerAddr, RAFT_ALPN, RpcClient, RpcHandler, TransportError};
 use serde::{Deserialize, Serialize};
 
+use crate::discovery::AddressBook;
+
 /// A Raft RPC with the sender's proof of the cluster secret.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RaftEnvelope {
@@ -40,14 +42,15 @@ pub struct IrohRaftClient {
     rpc: RpcClient,
     proof: [u8; 32],
     health: Arc<HealthTracker>,
+    book: Arc<AddressBook>,
 }
 
 impl IrohRaftClient {
     /// A client sending from `rpc`'s endpoint, proving `secret`, sampling peer clocks into
     /// `health`.
-    pub fn new(rpc: RpcClient, secret: &str, health: Arc<HealthTracker>) -> Self {
+    pub fn new(rpc: RpcClient, secret: &str, health: Arc<HealthTracker>, book: Arc<AddressBook>) -> Self {
         let proof = cluster_proof(secret, &rpc.endpoint().id());
-        IrohRaftClient { rpc, proof, health }
+        IrohRaftClient { rpc, proof, health, book }
     }
 }
 
@@ -69,7 +72,11 @@ fn failure(node: NodeId, error: TransportError) -> RpcFailure {
 
 impl RaftRpcClient for IrohRaftClient {
     async fn call(&self, target: NodeId, node: &ClusterNode, request: RaftRpc) -> Result<RaftRpcReply, RpcFailure> {
-        let peer: PeerAddr = node.addr.parse().map_err(|error| failure(target, error))?;
+        // A gossiped address is fresher than the one recorded when the node joined.
+        let peer: PeerAddr = match self.book.get(target) {
+            Some(peer) => peer,
+            None => node.addr.parse().map_err(|error| failure(target, error))?,
+        };
         let envelope = RaftEnvelope { proof: self.proof, rpc: request };
         let sent_ms = unix_ms();
         match self.rpc.call(&peer, RAFT_ALPN, &envelope).await.map_err(|error| failure(target, error))? {

@@ -7,13 +7,16 @@ use aspen_api::{ClusterController, ClusterNode};
 use aspen_consensus::{HealthTracker, RaftNode};
 use aspen_raft_storage::{RedbLogStore, SqliteStateMachine};
 use aspen_transport::{
-    CLIENT_ALPN, PeerAddr, RAFT_ALPN, RpcClient, RpcProtocol, bind_endpoint, load_or_create_secret_key,
+    CLIENT_ALPN, MemoryLookup, PeerAddr, RAFT_ALPN, RpcClient, RpcProtocol, bind_endpoint_with_lookup,
+    load_or_create_secret_key,
 };
 use iroh::protocol::Router;
+use iroh_gossip::Gossip;
 use tokio::task::JoinHandle;
 
 use crate::client_rpc::ClientService;
 use crate::config::NodeConfig;
+use crate::discovery::{AddressBook, Discovery, MAX_ANNOUNCEMENT_SIZE};
 use crate::metrics::{Metrics, bind_http, serve_http};
 use crate::raft_rpc::{IrohRaftClient, RaftService};
 
@@ -61,7 +64,9 @@ pub struct Server {
     router: Router,
     addr: PeerAddr,
     metrics_task: Option<JoinHandle<()>>,
+    discovery_task: JoinHandle<()>,
     metrics: Arc<Metrics>,
+    book: Arc<AddressBook>,
 }
 
 impl Server {
@@ -74,8 +79,19 @@ impl Server {
         std::fs::create_dir_all(&config.data_dir).map_err(data_error)?;
         let _ = std::fs::remove_file(config.data_dir.join(ADDR_FILE));
         let key = load_or_create_secret_key(&config.data_dir.join(KEY_FILE))?;
-        let endpoint = bind_endpoint(key, config.bind, vec![RAFT_ALPN.to_vec(), CLIENT_ALPN.to_vec()]).await?;
+        let lookup = MemoryLookup::new();
+        let mut bootstrap = Vec::new();
+        for peer in &config.peers {
+            if let Ok(addr) = peer.addr.parse::<PeerAddr>() {
+                lookup.add_endpoint_info(addr.endpoint_addr());
+                bootstrap.push(addr.id);
+            }
+        }
+        let alpns = vec![RAFT_ALPN.to_vec(), CLIENT_ALPN.to_vec(), iroh_gossip::ALPN.to_vec()];
+        let endpoint = bind_endpoint_with_lookup(key.clone(), config.bind, alpns, Some(lookup.clone())).await?;
         let addr = PeerAddr::from(endpoint.addr());
+        let gossip = Gossip::builder().max_message_size(MAX_ANNOUNCEMENT_SIZE).spawn(endpoint.clone());
+        let book = Arc::new(AddressBook::default());
 
         let log = RedbLogStore::open(config.data_dir.join("raft-log.redb"))?;
         let state_machine = SqliteStateMachine::open(config.data_dir.join("state-machine"))?;
@@ -84,6 +100,7 @@ impl Server {
             RpcClient::new(endpoint.clone()),
             &config.cluster_secret,
             Arc::clone(&health),
+            Arc::clone(&book),
         ));
         let node = RaftNode::start(config.consensus.clone(), log, state_machine, raft_client, health).await?;
 
@@ -94,7 +111,27 @@ impl Server {
         let router = Router::builder(endpoint)
             .accept(RAFT_ALPN, RpcProtocol::new(Arc::new(raft_service)))
             .accept(CLIENT_ALPN, RpcProtocol::new(Arc::new(client_service)))
+            .accept(iroh_gossip::ALPN, gossip.clone())
             .spawn();
+
+        // Members already known from the log are gossip bootstrap peers too.
+        for member in node.metrics().membership_config.membership().nodes().map(|(_, member)| member.clone()) {
+            if let Ok(member_addr) = member.addr.parse::<PeerAddr>()
+                && member_addr.id != addr.id
+            {
+                lookup.add_endpoint_info(member_addr.endpoint_addr());
+                bootstrap.push(member_addr.id);
+            }
+        }
+        let discovery = Discovery {
+            gossip,
+            key,
+            secret: config.cluster_secret.clone(),
+            me: (config.node_id, addr.clone()),
+            book: Arc::clone(&book),
+            lookup,
+        };
+        let discovery_task = tokio::spawn(discovery.run(bootstrap));
 
         let metrics_task = match config.metrics_addr {
             Some(metrics_addr) => {
@@ -108,7 +145,7 @@ impl Server {
         };
         std::fs::write(config.data_dir.join(ADDR_FILE), format!("{addr}\n")).map_err(data_error)?;
         tracing::info!(node = config.node_id, %addr, "node serving");
-        Ok(Server { node, router, addr, metrics_task, metrics })
+        Ok(Server { node, router, addr, metrics_task, discovery_task, metrics, book })
     }
 
     /// The node's address (what peers and clients dial).
@@ -119,6 +156,11 @@ impl Server {
     /// The consensus node.
     pub fn node(&self) -> &RaftNode<IrohRaftClient> {
         &self.node
+    }
+
+    /// Peer addresses learned by gossip.
+    pub fn address_book(&self) -> &Arc<AddressBook> {
+        &self.book
     }
 
     /// The node's counters.
@@ -146,6 +188,7 @@ impl Server {
         if let Some(task) = self.metrics_task {
             task.abort();
         }
+        self.discovery_task.abort();
         if let Err(error) = self.router.shutdown().await {
             tracing::warn!(%error, "router shutdown");
         }

@@ -315,3 +315,54 @@ async fn membership_three_to_five_to_three_over_iroh_while_writes_continue() {
         assert!(stored.contains(key.as_bytes()), "acknowledged {key} is on the new voter");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gossip_teaches_peers_and_finds_a_node_restarted_on_a_new_port() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let any_port: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let first = Server::start(config(1, root.path().join("node-1"), any_port, SECRET)).await.expect("node 1");
+    let seed = vec![aspen_server::StaticPeer { id: 1, addr: first.addr().to_string() }];
+    let with_seed = |id: u64, bind: SocketAddr| {
+        let mut node_config = config(id, root.path().join(format!("node-{id}")), bind, SECRET);
+        node_config.peers = seed.clone();
+        node_config
+    };
+    let second = Server::start(with_seed(2, any_port)).await.expect("node 2");
+    let third = Server::start(with_seed(3, any_port)).await.expect("node 3");
+
+    // Nodes 2 and 3 only know node 1, yet learn each other.
+    let mut learned = false;
+    for _ in 0..200 {
+        if second.address_book().get(3).as_ref() == Some(third.addr())
+            && third.address_book().get(2).as_ref() == Some(second.addr())
+        {
+            learned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        learned,
+        "gossip spread the addresses: {:?} / {:?}",
+        second.address_book().all(),
+        third.address_book().all()
+    );
+
+    first.init_if_new(vec![second.member(), third.member()]).await.expect("init");
+    let everyone =
+        AspenClient::connect(vec![first.addr().clone(), second.addr().clone()], TOKEN).await.expect("client");
+    everyone.put("before", "1").await.expect("write");
+
+    // Node 3 comes back on a different port; the address in the membership is stale.
+    let old_addr = third.addr().clone();
+    third.shutdown().await;
+    let third = Server::start(with_seed(3, any_port)).await.expect("node 3 again");
+    assert_ne!(third.addr(), &old_addr, "restarted on a new port");
+    everyone.put("after", "2").await.expect("write");
+    let on_third = AspenClient::connect(vec![third.addr().clone()], TOKEN).await.expect("client");
+    let got = on_third.get("after").await.expect("linearizable read on the moved node");
+    assert_eq!(got.kv.map(|kv| kv.value), Some(b"2".to_vec()), "the leader reached node 3 at its gossiped address");
+    for server in [first, second, third] {
+        server.shutdown().await;
+    }
+}

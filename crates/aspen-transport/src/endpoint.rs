@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use aspen_api::limits::MAX_STREAMS_PER_CONNECTION;
+use iroh::address_lookup::MemoryLookup;
 use iroh::endpoint::{IdleTimeout, NetReportConfig, PortmapperConfig, QuicTransportConfig, VarInt, presets};
 use iroh::{Endpoint, RelayMode, SecretKey};
 
@@ -51,6 +52,17 @@ pub async fn bind_endpoint(
     bind_addr: SocketAddr,
     alpns: Vec<Vec<u8>>,
 ) -> Result<Endpoint, TransportError> {
+    bind_endpoint_with_lookup(secret_key, bind_addr, alpns, None).await
+}
+
+/// Binds an endpoint that also resolves endpoint ids through `lookup` (a static address
+/// book that gossip discovery fills), so peers can be dialed by id alone.
+pub async fn bind_endpoint_with_lookup(
+    secret_key: SecretKey,
+    bind_addr: SocketAddr,
+    alpns: Vec<Vec<u8>>,
+    lookup: Option<MemoryLookup>,
+) -> Result<Endpoint, TransportError> {
     let bind_error = |reason: String| TransportError::Bind { addr: bind_addr.to_string(), reason };
     let idle = IdleTimeout::try_from(IDLE_TIMEOUT).map_err(|error| bind_error(error.to_string()))?;
     let transport = QuicTransportConfig::builder()
@@ -58,7 +70,11 @@ pub async fn bind_endpoint(
         .keep_alive_interval(KEEP_ALIVE)
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION as u32))
         .build();
-    Endpoint::builder(presets::Minimal)
+    let mut builder = Endpoint::builder(presets::Minimal);
+    if let Some(lookup) = lookup {
+        builder = builder.address_lookup(lookup);
+    }
+    builder
         .secret_key(secret_key)
         // No relays and no n0 DNS/pkarr lookup: peers are dialed by id + direct address,
         // so binding never waits on unreachable internet services.

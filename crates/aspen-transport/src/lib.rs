@@ -12,8 +12,9 @@ pub mod error;
 pub mod peer;
 pub mod rpc;
 
-pub use endpoint::{bind_endpoint, load_or_create_secret_key};
+pub use endpoint::{bind_endpoint, bind_endpoint_with_lookup, load_or_create_secret_key};
 pub use error::TransportError;
+pub use iroh::address_lookup::MemoryLookup;
 pub use iroh::{Endpoint, EndpointId, SecretKey};
 pub use peer::PeerAddr;
 pub use rpc::{RpcClient, RpcHandler, RpcProtocol};
