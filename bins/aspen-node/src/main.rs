@@ -17,7 +17,7 @@ use clap::Parser;
 struct Args {
     /// TOML config file (keys: node_id, data_dir, bind, peers = [{id, addr}], cluster_secret,
     /// client_token, metrics_addr, heartbeat_interval_ms, election_timeout_min_ms,
-    /// election_timeout_max_ms, snapshot_after_entries).
+    /// election_timeout_max_ms, snapshot_after_entries, relays, dns_discovery, pkarr_discovery).
     #[arg(long, env = "ASPEN_CONFIG")]
     config: Option<PathBuf>,
     /// This node's id (1 or more).
@@ -41,6 +41,15 @@ struct Args {
     /// Address of the Prometheus metrics HTTP endpoint (GET /metrics).
     #[arg(long, env = "ASPEN_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// Use n0's public relays for NAT traversal (off by default; needs internet).
+    #[arg(long, env = "ASPEN_RELAYS")]
+    relays: bool,
+    /// Resolve peers through n0's DNS discovery (off by default; needs internet).
+    #[arg(long, env = "ASPEN_DNS_DISCOVERY")]
+    dns_discovery: bool,
+    /// Publish and resolve addresses through n0's pkarr relay (off by default; needs internet).
+    #[arg(long, env = "ASPEN_PKARR_DISCOVERY")]
+    pkarr_discovery: bool,
     /// Initialize a new cluster of this node and its --peer list if not yet initialized.
     #[arg(long)]
     init: bool,
@@ -60,6 +69,9 @@ impl Args {
             cluster_secret: self.cluster_secret.clone(),
             client_token: self.client_token.clone(),
             metrics_addr: self.metrics_addr,
+            relays: self.relays.then_some(true),
+            dns_discovery: self.dns_discovery.then_some(true),
+            pkarr_discovery: self.pkarr_discovery.then_some(true),
             ..Default::default()
         };
         Ok(overrides.over(file).resolve()?)

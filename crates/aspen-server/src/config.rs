@@ -10,6 +10,7 @@ use aspen_api::NodeId;
 use aspen_api::limits::MAX_PEERS;
 use aspen_api::protocol::MAX_TOKEN_SIZE;
 use aspen_consensus::ConsensusConfig;
+use aspen_transport::InternetServices;
 use serde::Deserialize;
 
 /// Shortest cluster secret accepted: a secret is the only thing keeping strangers out.
@@ -96,6 +97,12 @@ pub struct PartialConfig {
     pub election_timeout_max_ms: Option<u64>,
     /// Entries between snapshots.
     pub snapshot_after_entries: Option<u64>,
+    /// Use n0's public relays (default false).
+    pub relays: Option<bool>,
+    /// Resolve peers through n0's DNS discovery (default false).
+    pub dns_discovery: Option<bool>,
+    /// Publish and resolve addresses through n0's pkarr relay (default false).
+    pub pkarr_discovery: Option<bool>,
 }
 
 impl PartialConfig {
@@ -121,6 +128,9 @@ impl PartialConfig {
             election_timeout_min_ms: self.election_timeout_min_ms.or(lower.election_timeout_min_ms),
             election_timeout_max_ms: self.election_timeout_max_ms.or(lower.election_timeout_max_ms),
             snapshot_after_entries: self.snapshot_after_entries.or(lower.snapshot_after_entries),
+            relays: self.relays.or(lower.relays),
+            dns_discovery: self.dns_discovery.or(lower.dns_discovery),
+            pkarr_discovery: self.pkarr_discovery.or(lower.pkarr_discovery),
         }
     }
 
@@ -171,6 +181,11 @@ impl PartialConfig {
         consensus
             .raft_config()
             .map_err(|error| ConfigError::Invalid { setting: "consensus timing", reason: error.to_string() })?;
+        let internet = InternetServices {
+            relays: self.relays.unwrap_or(false),
+            dns_discovery: self.dns_discovery.unwrap_or(false),
+            pkarr_discovery: self.pkarr_discovery.unwrap_or(false),
+        };
         Ok(NodeConfig {
             node_id,
             data_dir,
@@ -180,6 +195,7 @@ impl PartialConfig {
             client_token,
             metrics_addr: self.metrics_addr,
             consensus,
+            internet,
         })
     }
 }
@@ -203,6 +219,8 @@ pub struct NodeConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Consensus tuning.
     pub consensus: ConsensusConfig,
+    /// Relays and internet discovery services (all off by default).
+    pub internet: InternetServices,
 }
 
 impl NodeConfig {
@@ -217,6 +235,7 @@ impl NodeConfig {
             client_token: token.to_string(),
             metrics_addr: None,
             consensus: ConsensusConfig::new(node_id),
+            internet: InternetServices::default(),
         }
     }
 

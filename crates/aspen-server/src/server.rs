@@ -88,7 +88,8 @@ impl Server {
             }
         }
         let alpns = vec![RAFT_ALPN.to_vec(), CLIENT_ALPN.to_vec(), iroh_gossip::ALPN.to_vec()];
-        let endpoint = bind_endpoint_with_lookup(key.clone(), config.bind, alpns, Some(lookup.clone())).await?;
+        let endpoint =
+            bind_endpoint_with_lookup(key.clone(), config.bind, alpns, Some(lookup.clone()), config.internet).await?;
         let addr = PeerAddr::from(endpoint.addr());
         let gossip = Gossip::builder().max_message_size(MAX_ANNOUNCEMENT_SIZE).spawn(endpoint.clone());
         let book = Arc::new(AddressBook::default());

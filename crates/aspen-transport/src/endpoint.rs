@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use aspen_api::limits::MAX_STREAMS_PER_CONNECTION;
-use iroh::address_lookup::MemoryLookup;
+use iroh::address_lookup::{DnsAddressLookup, MemoryLookup, PkarrPublisher, PkarrResolver};
 use iroh::endpoint::{IdleTimeout, NetReportConfig, PortmapperConfig, QuicTransportConfig, VarInt, presets};
 use iroh::{Endpoint, RelayMode, SecretKey};
 
@@ -46,13 +46,26 @@ pub fn load_or_create_secret_key(path: &Path) -> Result<SecretKey, TransportErro
     }
 }
 
+/// Internet-facing services, all off by default: these machines may have no internet, and
+/// binding must never wait on unreachable relays or DNS. Turn them on for deployments
+/// across NATs or without a static address list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InternetServices {
+    /// Use n0's public relays for NAT traversal and as a fallback path.
+    pub relays: bool,
+    /// Resolve peers' addresses through n0's DNS discovery service.
+    pub dns_discovery: bool,
+    /// Publish and resolve this node's address records through n0's pkarr relay.
+    pub pkarr_discovery: bool,
+}
+
 /// Binds an endpoint on `bind_addr` that accepts `alpns`.
 pub async fn bind_endpoint(
     secret_key: SecretKey,
     bind_addr: SocketAddr,
     alpns: Vec<Vec<u8>>,
 ) -> Result<Endpoint, TransportError> {
-    bind_endpoint_with_lookup(secret_key, bind_addr, alpns, None).await
+    bind_endpoint_with_lookup(secret_key, bind_addr, alpns, None, InternetServices::default()).await
 }
 
 /// Binds an endpoint that also resolves endpoint ids through `lookup` (a static address
@@ -62,6 +75,7 @@ pub async fn bind_endpoint_with_lookup(
     bind_addr: SocketAddr,
     alpns: Vec<Vec<u8>>,
     lookup: Option<MemoryLookup>,
+    internet: InternetServices,
 ) -> Result<Endpoint, TransportError> {
     let bind_error = |reason: String| TransportError::Bind { addr: bind_addr.to_string(), reason };
     let idle = IdleTimeout::try_from(IDLE_TIMEOUT).map_err(|error| bind_error(error.to_string()))?;
@@ -74,11 +88,18 @@ pub async fn bind_endpoint_with_lookup(
     if let Some(lookup) = lookup {
         builder = builder.address_lookup(lookup);
     }
+    if internet.dns_discovery {
+        builder = builder.address_lookup(DnsAddressLookup::n0_dns());
+    }
+    if internet.pkarr_discovery {
+        builder = builder.address_lookup(PkarrPublisher::n0_dns()).address_lookup(PkarrResolver::n0_dns());
+    }
+    // By default no relays and no n0 DNS/pkarr lookup: peers are dialed by id + direct
+    // address, so binding never waits on unreachable internet services.
+    let relay_mode = if internet.relays { RelayMode::Default } else { RelayMode::Disabled };
     builder
         .secret_key(secret_key)
-        // No relays and no n0 DNS/pkarr lookup: peers are dialed by id + direct address,
-        // so binding never waits on unreachable internet services.
-        .relay_mode(RelayMode::Disabled)
+        .relay_mode(relay_mode)
         .clear_ip_transports()
         .bind_addr(bind_addr)
         .map_err(|error| bind_error(error.to_string()))?

@@ -12,7 +12,7 @@ pub mod error;
 pub mod peer;
 pub mod rpc;
 
-pub use endpoint::{bind_endpoint, bind_endpoint_with_lookup, load_or_create_secret_key};
+pub use endpoint::{InternetServices, bind_endpoint, bind_endpoint_with_lookup, load_or_create_secret_key};
 pub use error::TransportError;
 pub use iroh::address_lookup::MemoryLookup;
 pub use iroh::{Endpoint, EndpointId, SecretKey};

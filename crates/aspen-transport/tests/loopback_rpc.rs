@@ -169,3 +169,36 @@ async fn slow_reply_hits_the_read_timeout() {
     assert!(matches!(error, TransportError::ReadTimeout { after_ms: 200, .. }), "{error}");
     router.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_and_internet_discovery_switched_on_do_not_stall_binding_or_direct_rpc_offline() {
+    // These machines cannot reach n0's relays, DNS or pkarr: turning them on must cost
+    // neither a stalled bind nor the direct loopback path.
+    let everything = aspen_transport::InternetServices { relays: true, dns_discovery: true, pkarr_discovery: true };
+    let started = Instant::now();
+    let server_endpoint = aspen_transport::bind_endpoint_with_lookup(
+        SecretKey::generate(),
+        "127.0.0.1:0".parse().expect("addr"),
+        vec![TEST_ALPN.to_vec()],
+        None,
+        everything,
+    )
+    .await
+    .expect("bind with internet services on");
+    let client_endpoint = aspen_transport::bind_endpoint_with_lookup(
+        SecretKey::generate(),
+        "127.0.0.1:0".parse().expect("addr"),
+        vec![],
+        None,
+        everything,
+    )
+    .await
+    .expect("bind");
+    assert!(started.elapsed() < Duration::from_secs(5), "binding took {:?}", started.elapsed());
+    let addr = PeerAddr { id: server_endpoint.id(), addrs: server_endpoint.bound_sockets() };
+    let router = Router::builder(server_endpoint).accept(TEST_ALPN, RpcProtocol::new(Arc::new(EchoHandler))).spawn();
+    let client = RpcClient::new(client_endpoint);
+    let reply: Reply = client.call(&addr, TEST_ALPN, &Request::Echo(vec![1, 2, 3])).await.expect("direct rpc");
+    assert!(matches!(reply, Reply::Echo { bytes: 3, .. }));
+    router.shutdown().await.expect("shutdown");
+}
