@@ -72,10 +72,12 @@ fn failure(node: NodeId, error: TransportError) -> RpcFailure {
 
 impl RaftRpcClient for IrohRaftClient {
     async fn call(&self, target: NodeId, node: &ClusterNode, request: RaftRpc) -> Result<RaftRpcReply, RpcFailure> {
-        // A gossiped address is fresher than the one recorded when the node joined.
-        let peer: PeerAddr = match self.book.get(target) {
-            Some(peer) => peer,
-            None => node.addr.parse().map_err(|error| failure(target, error))?,
+        let recorded: PeerAddr = node.addr.parse().map_err(|error| failure(target, error))?;
+        // A gossiped address is fresher than the one recorded when the node joined, but only
+        // for the same identity: node ids are unique per cluster, endpoint ids everywhere.
+        let peer = match self.book.get(target) {
+            Some(gossiped) if gossiped.id == recorded.id => gossiped,
+            _ => recorded,
         };
         let envelope = RaftEnvelope { proof: self.proof, rpc: request };
         let sent_ms = unix_ms();
