@@ -17,7 +17,8 @@ use clap::Parser;
 struct Args {
     /// TOML config file (keys: node_id, data_dir, bind, peers = [{id, addr}], cluster_secret,
     /// client_token, metrics_addr, heartbeat_interval_ms, election_timeout_min_ms,
-    /// election_timeout_max_ms, snapshot_after_entries, relays, dns_discovery, pkarr_discovery).
+    /// election_timeout_max_ms, snapshot_after_entries, relays, dns_discovery, pkarr_discovery,
+    /// mdns_discovery).
     #[arg(long, env = "ASPEN_CONFIG")]
     config: Option<PathBuf>,
     /// This node's id (1 or more).
@@ -50,6 +51,9 @@ struct Args {
     /// Publish and resolve addresses through n0's pkarr relay (off by default; needs internet).
     #[arg(long, env = "ASPEN_PKARR_DISCOVERY")]
     pkarr_discovery: bool,
+    /// Find cluster members on the LAN by mDNS (off by default).
+    #[arg(long, env = "ASPEN_MDNS")]
+    mdns: bool,
     /// Initialize a new cluster of this node and its --peer list if not yet initialized.
     #[arg(long)]
     init: bool,
@@ -72,6 +76,7 @@ impl Args {
             relays: self.relays.then_some(true),
             dns_discovery: self.dns_discovery.then_some(true),
             pkarr_discovery: self.pkarr_discovery.then_some(true),
+            mdns_discovery: self.mdns.then_some(true),
             ..Default::default()
         };
         Ok(overrides.over(file).resolve()?)

@@ -103,6 +103,8 @@ pub struct PartialConfig {
     pub dns_discovery: Option<bool>,
     /// Publish and resolve addresses through n0's pkarr relay (default false).
     pub pkarr_discovery: Option<bool>,
+    /// Find cluster members on the LAN by mDNS (default false).
+    pub mdns_discovery: Option<bool>,
 }
 
 impl PartialConfig {
@@ -131,6 +133,7 @@ impl PartialConfig {
             relays: self.relays.or(lower.relays),
             dns_discovery: self.dns_discovery.or(lower.dns_discovery),
             pkarr_discovery: self.pkarr_discovery.or(lower.pkarr_discovery),
+            mdns_discovery: self.mdns_discovery.or(lower.mdns_discovery),
         }
     }
 
@@ -196,6 +199,7 @@ impl PartialConfig {
             metrics_addr: self.metrics_addr,
             consensus,
             internet,
+            mdns_discovery: self.mdns_discovery.unwrap_or(false),
         })
     }
 }
@@ -221,6 +225,8 @@ pub struct NodeConfig {
     pub consensus: ConsensusConfig,
     /// Relays and internet discovery services (all off by default).
     pub internet: InternetServices,
+    /// mDNS discovery on the LAN (off by default).
+    pub mdns_discovery: bool,
 }
 
 impl NodeConfig {
@@ -236,6 +242,7 @@ impl NodeConfig {
             metrics_addr: None,
             consensus: ConsensusConfig::new(node_id),
             internet: InternetServices::default(),
+            mdns_discovery: false,
         }
     }
 

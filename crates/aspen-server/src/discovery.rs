@@ -150,6 +150,28 @@ pub fn cluster_topic(secret: &str) -> TopicId {
     TopicId::from_bytes(blake3::derive_key("aspen 2026-11 gossip discovery topic v1", secret.as_bytes()))
 }
 
+/// The mDNS service name of a cluster, derived from its secret so clusters sharing a LAN
+/// do not see each other (and the secret is not revealed).
+pub fn mdns_service_name(secret: &str) -> String {
+    let digest = blake3::derive_key("aspen 2026-11 mdns service name v1", secret.as_bytes());
+    let suffix: String = digest[..6].iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("aspen-{suffix}")
+}
+
+/// Waits for the next locally discovered endpoint, or forever when there is no source.
+async fn next_local_peer(source: &mut Option<tokio::sync::mpsc::Receiver<EndpointId>>) -> EndpointId {
+    match source {
+        Some(receiver) => match receiver.recv().await {
+            Some(peer) => peer,
+            None => {
+                *source = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// Everything the discovery task needs.
 pub struct Discovery {
     /// The gossip instance (also registered on the router).
@@ -164,13 +186,15 @@ pub struct Discovery {
     pub book: Arc<AddressBook>,
     /// The endpoint's static lookup, so gossip and RPC can dial learned peers by id.
     pub lookup: MemoryLookup,
+    /// Endpoints found on the LAN by mDNS, to join the gossip topic through.
+    pub local_peers: Option<tokio::sync::mpsc::Receiver<EndpointId>>,
 }
 
 impl Discovery {
     /// Runs until the gossip instance shuts down: joins the topic through `bootstrap`,
     /// announces this node periodically and whenever a neighbor appears, and records every
     /// valid announcement heard.
-    pub async fn run(self, bootstrap: Vec<EndpointId>) {
+    pub async fn run(mut self, bootstrap: Vec<EndpointId>) {
         let topic = cluster_topic(&self.secret);
         loop {
             let subscription = match self.gossip.subscribe(topic, bootstrap.clone()).await {
@@ -186,6 +210,11 @@ impl Discovery {
             loop {
                 tokio::select! {
                     _ = ticker.tick() => self.announce(&sender).await,
+                    peer = next_local_peer(&mut self.local_peers) => {
+                        if let Err(error) = sender.join_peers(vec![peer]).await {
+                            tracing::debug!(%error, "joining an mDNS-discovered peer failed");
+                        }
+                    }
                     event = receiver.next() => match event {
                         Some(Ok(Event::Received(message))) => self.hear(&message.content),
                         Some(Ok(Event::NeighborUp(_))) => self.announce(&sender).await,

@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicU64;
 use aspen_api::{ClusterController, ClusterNode};
 use aspen_consensus::{HealthTracker, RaftNode};
 use aspen_raft_storage::{RedbLogStore, SqliteStateMachine};
+use aspen_transport::EndpointId;
 use aspen_transport::{
     CLIENT_ALPN, MemoryLookup, PeerAddr, RAFT_ALPN, RpcClient, RpcProtocol, bind_endpoint_with_lookup,
     load_or_create_secret_key,
@@ -16,12 +17,14 @@ use tokio::task::JoinHandle;
 
 use crate::client_rpc::ClientService;
 use crate::config::NodeConfig;
-use crate::discovery::{AddressBook, Discovery, MAX_ANNOUNCEMENT_SIZE};
+use crate::discovery::{AddressBook, Discovery, MAX_ANNOUNCEMENT_SIZE, mdns_service_name};
 use crate::metrics::{Metrics, bind_http, serve_http};
 use crate::raft_rpc::{IrohRaftClient, RaftService};
 
 /// File in the data dir holding the node's address once it serves.
 pub const ADDR_FILE: &str = "node.addr";
+/// Longest a shutdown waits for background tasks to release the node's files.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// File in the data dir holding the node's secret key.
 pub const KEY_FILE: &str = "node.key";
 
@@ -48,6 +51,9 @@ pub enum ServerError {
     /// Consensus failed to start.
     #[error(transparent)]
     Consensus(#[from] aspen_consensus::StartError),
+    /// mDNS could not start (no IPv4 or IPv6 multicast on this host).
+    #[error("mDNS discovery: {0}")]
+    Mdns(String),
     /// The metrics port could not be bound.
     #[error("metrics address {addr}: {reason}")]
     Metrics {
@@ -56,6 +62,30 @@ pub enum ServerError {
         /// Why.
         reason: String,
     },
+}
+
+/// Starts mDNS on the endpoint: advertises this node under the cluster's service name and
+/// streams the endpoint ids it finds on the LAN.
+fn start_mdns(endpoint: &iroh::Endpoint, secret: &str) -> Result<tokio::sync::mpsc::Receiver<EndpointId>, ServerError> {
+    use futures::StreamExt;
+    use iroh_mdns_address_lookup::{DiscoveryEvent, MdnsAddressLookup};
+    let mdns_error = |reason: String| ServerError::Mdns(reason);
+    let mdns = MdnsAddressLookup::builder()
+        .service_name(mdns_service_name(secret))
+        .build(endpoint.id())
+        .map_err(|error| mdns_error(error.to_string()))?;
+    endpoint.address_lookup().map_err(|error| mdns_error(error.to_string()))?.add(mdns.clone());
+    let (found, local_peers) = tokio::sync::mpsc::channel(aspen_api::limits::MAX_PEERS);
+    tokio::spawn(async move {
+        let mut events = mdns.subscribe().await;
+        while let Some(event) = events.next().await {
+            if let DiscoveryEvent::Discovered { endpoint_info, .. } = event {
+                // Bounded: when the channel is full, later announcements rediscover the peer.
+                let _ = found.try_send(endpoint_info.endpoint_id);
+            }
+        }
+    });
+    Ok(local_peers)
 }
 
 /// A running node.
@@ -67,6 +97,7 @@ pub struct Server {
     discovery_task: JoinHandle<()>,
     metrics: Arc<Metrics>,
     book: Arc<AddressBook>,
+    log_watch: aspen_raft_storage::log::LogStoreWatch,
 }
 
 impl Server {
@@ -92,9 +123,11 @@ impl Server {
             bind_endpoint_with_lookup(key.clone(), config.bind, alpns, Some(lookup.clone()), config.internet).await?;
         let addr = PeerAddr::from(endpoint.addr());
         let gossip = Gossip::builder().max_message_size(MAX_ANNOUNCEMENT_SIZE).spawn(endpoint.clone());
+        let endpoint_for_mdns = endpoint.clone();
         let book = Arc::new(AddressBook::default());
 
         let log = RedbLogStore::open(config.data_dir.join("raft-log.redb"))?;
+        let log_watch = log.watch();
         let state_machine = SqliteStateMachine::open(config.data_dir.join("state-machine"))?;
         let health = Arc::new(HealthTracker::default());
         let raft_client = Arc::new(IrohRaftClient::new(
@@ -124,6 +157,8 @@ impl Server {
                 bootstrap.push(member_addr.id);
             }
         }
+        let local_peers =
+            if config.mdns_discovery { Some(start_mdns(&endpoint_for_mdns, &config.cluster_secret)?) } else { None };
         let discovery = Discovery {
             gossip,
             key,
@@ -131,6 +166,7 @@ impl Server {
             me: (config.node_id, addr.clone()),
             book: Arc::clone(&book),
             lookup,
+            local_peers,
         };
         let discovery_task = tokio::spawn(discovery.run(bootstrap));
 
@@ -146,7 +182,7 @@ impl Server {
         };
         std::fs::write(config.data_dir.join(ADDR_FILE), format!("{addr}\n")).map_err(data_error)?;
         tracing::info!(node = config.node_id, %addr, "node serving");
-        Ok(Server { node, router, addr, metrics_task, discovery_task, metrics, book })
+        Ok(Server { node, router, addr, metrics_task, discovery_task, metrics, book, log_watch })
     }
 
     /// The node's address (what peers and clients dial).
@@ -184,8 +220,22 @@ impl Server {
         }
     }
 
-    /// Stops serving and shuts Raft down; the node's files stay for a restart.
+    /// Stops serving and shuts Raft down; the node's files stay for a restart. Returns once
+    /// the log database is closed (bounded by [`SHUTDOWN_GRACE`]), so the same data dir can
+    /// be opened again right away.
     pub async fn shutdown(self) {
+        let log_watch = self.log_watch.clone();
+        self.stop().await;
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while !log_watch.is_closed() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        if !log_watch.is_closed() {
+            tracing::warn!("the raft log was still open {SHUTDOWN_GRACE:?} after shutdown");
+        }
+    }
+
+    async fn stop(self) {
         if let Some(task) = self.metrics_task {
             task.abort();
         }

@@ -238,7 +238,7 @@ async fn lagging_node_catches_up_through_a_snapshot_streamed_over_iroh() {
     }
     let leader = servers.iter().find(|server| server.node().metrics().current_leader == Some(server.node().id()));
     let leader = leader.expect("a leader among nodes 1 and 2");
-    for _ in 0..100 {
+    for _ in 0..400 {
         if leader.node().metrics().purged.is_some_and(|purged| purged.index > 60) {
             break;
         }
@@ -365,4 +365,33 @@ async fn gossip_teaches_peers_and_finds_a_node_restarted_on_a_new_port() {
     for server in [first, second, third] {
         server.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mdns_finds_members_on_the_lan_without_any_static_peer() {
+    let root = tempfile::tempdir().expect("tempdir");
+    // A secret of its own: the mDNS service name derives from it, so concurrent test
+    // clusters on this host stay apart.
+    let secret = format!("mdns-test-secret-{}", std::process::id());
+    let any_port: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let with_mdns = |id: u64| {
+        let mut node_config = config(id, root.path().join(format!("node-{id}")), any_port, &secret);
+        node_config.mdns_discovery = true;
+        node_config
+    };
+    let first = Server::start(with_mdns(1)).await.expect("node 1");
+    let second = Server::start(with_mdns(2)).await.expect("node 2");
+    let mut found = false;
+    for _ in 0..300 {
+        if first.address_book().get(2).as_ref() == Some(second.addr())
+            && second.address_book().get(1).as_ref() == Some(first.addr())
+        {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(found, "mDNS + gossip: {:?} / {:?}", first.address_book().all(), second.address_book().all());
+    first.shutdown().await;
+    second.shutdown().await;
 }

@@ -8,4 +8,4 @@
 pub mod chain;
 mod store;
 
-pub use store::{LogSummary, RedbLogStore};
+pub use store::{LogStoreWatch, LogSummary, RedbLogStore};

@@ -59,7 +59,31 @@ pub struct LogSummary {
     pub last_hash: ChainHash,
 }
 
+/// A handle that does not keep the log open; tells when every real handle is gone.
+#[derive(Clone, Debug)]
+pub struct LogStoreWatch {
+    shared: std::sync::Weak<Shared>,
+}
+
+impl LogStoreWatch {
+    /// Whether the database has been closed (every handle dropped), so it can be reopened.
+    pub fn is_closed(&self) -> bool {
+        self.shared.strong_count() == 0
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbLogShared").finish_non_exhaustive()
+    }
+}
+
 impl RedbLogStore {
+    /// A watch that tells when this log's database is closed.
+    pub fn watch(&self) -> LogStoreWatch {
+        LogStoreWatch { shared: Arc::downgrade(&self.shared) }
+    }
+
     /// Opens (or creates) the log at `path` and verifies the whole hash chain.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, LogStoreError> {
         let path = path.as_ref();
