@@ -96,6 +96,8 @@ pub struct Metrics {
     pub reads: OpStats,
     /// Client writes.
     pub writes: OpStats,
+    /// Raft RPCs this node sent (append entries, votes, snapshot chunks, forwards).
+    pub raft_rpcs: OpStats,
     /// Client requests refused for a wrong or missing token.
     pub unauthorized: Counter,
     /// Raft RPCs refused for a wrong cluster secret.
@@ -167,6 +169,7 @@ pub fn render(node: &RaftNode<IrohRaftClient>, metrics: &Metrics) -> String {
     }
     metrics.reads.render(&mut out, "client_reads");
     metrics.writes.render(&mut out, "client_writes");
+    metrics.raft_rpcs.render(&mut out, "raft_rpcs");
     let _ = writeln!(
         out,
         "# TYPE aspen_client_unauthorized_total counter\naspen_client_unauthorized_total {}",

@@ -12,6 +12,7 @@ use aspen_transport::{EndpointId, PeerAddr, RAFT_ALPN, RpcClient, RpcHandler, Tr
 use serde::{Deserialize, Serialize};
 
 use crate::discovery::AddressBook;
+use crate::metrics::Metrics;
 
 /// A Raft RPC with the sender's proof of the cluster secret.
 #[derive(Debug, Serialize, Deserialize)]
@@ -43,14 +44,21 @@ pub struct IrohRaftClient {
     proof: [u8; 32],
     health: Arc<HealthTracker>,
     book: Arc<AddressBook>,
+    metrics: Arc<Metrics>,
 }
 
 impl IrohRaftClient {
     /// A client sending from `rpc`'s endpoint, proving `secret`, sampling peer clocks into
     /// `health`.
-    pub fn new(rpc: RpcClient, secret: &str, health: Arc<HealthTracker>, book: Arc<AddressBook>) -> Self {
+    pub fn new(
+        rpc: RpcClient,
+        secret: &str,
+        health: Arc<HealthTracker>,
+        book: Arc<AddressBook>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let proof = cluster_proof(secret, &rpc.endpoint().id());
-        IrohRaftClient { rpc, proof, health, book }
+        IrohRaftClient { rpc, proof, health, book, metrics }
     }
 }
 
@@ -81,7 +89,8 @@ impl RaftRpcClient for IrohRaftClient {
         };
         let envelope = RaftEnvelope { proof: self.proof, rpc: request };
         let sent_ms = unix_ms();
-        match self.rpc.call(&peer, RAFT_ALPN, &envelope).await.map_err(|error| failure(target, error))? {
+        let reply = self.metrics.raft_rpcs.time(self.rpc.call(&peer, RAFT_ALPN, &envelope)).await;
+        match reply.map_err(|error| failure(target, error))? {
             RaftEnvelopeReply::Reply { reply, clock_ms } => {
                 self.health.record_clock(target, sent_ms, clock_ms, unix_ms());
                 Ok(reply)

@@ -130,15 +130,16 @@ impl Server {
         let log_watch = log.watch();
         let state_machine = SqliteStateMachine::open(config.data_dir.join("state-machine"))?;
         let health = Arc::new(HealthTracker::default());
+        let metrics = Arc::new(Metrics { raft_denied: Arc::new(AtomicU64::new(0)), ..Default::default() });
         let raft_client = Arc::new(IrohRaftClient::new(
             RpcClient::new(endpoint.clone()),
             &config.cluster_secret,
             Arc::clone(&health),
             Arc::clone(&book),
+            Arc::clone(&metrics),
         ));
         let node = RaftNode::start(config.consensus.clone(), log, state_machine, raft_client, health).await?;
 
-        let metrics = Arc::new(Metrics { raft_denied: Arc::new(AtomicU64::new(0)), ..Default::default() });
         let raft_service =
             RaftService::new(node.clone(), config.cluster_secret.clone(), Arc::clone(&metrics.raft_denied));
         let client_service = ClientService::new(node.clone(), config.client_token.clone(), Arc::clone(&metrics));

@@ -126,6 +126,46 @@ async fn writes_through_any_node_are_linearizable_on_every_node() {
     }
     let status = client(&all).await.status().await.expect("status");
     assert_eq!(status.voters.len(), 3);
+
+    // Metrics over the client protocol: the leader counts the writes and its Raft RPCs.
+    let leader_id = status.leader.expect("leader");
+    let leader = nodes.iter().find(|node| node.id == leader_id).expect("leader node");
+    let text = client(&[leader]).await.node_metrics(&leader.addr()).await.expect("metrics");
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|line| line.starts_with(name) && !line.starts_with('#'))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|number| number.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from metrics:\n{text}"))
+    };
+    assert_eq!(value("aspen_raft_is_leader{"), 1.0);
+    assert!(value("aspen_client_writes_total") >= 1.0);
+    assert!(value("aspen_raft_rpcs_total") > 0.0, "heartbeats and appends are counted");
+    assert!(text.contains("aspen_raft_replication_lag{"), "{text}");
+    assert!(text.contains("aspen_raft_rpcs_latency_seconds_bucket{le=\"0.001\"}"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_over_http() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let root = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("probe").local_addr().expect("addr").port();
+    let mut node_config = config(1, root.path().join("node-1"), "127.0.0.1:0".parse().expect("addr"), SECRET);
+    node_config.metrics_addr = Some(SocketAddr::from(([127, 0, 0, 1], port)));
+    let server = Server::start(node_config).await.expect("start");
+    server.init_if_new(Vec::new()).await.expect("init");
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("response");
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    assert!(response.contains("aspen_raft_term{node=\"1\"}"), "{response}");
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    stream.write_all(b"GET /nope HTTP/1.1\r\n\r\n").await.expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("response");
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+    server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
