@@ -2,11 +2,13 @@
 //! aspen-node processes.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const CLI: &str = env!("CARGO_BIN_EXE_aspen-cli");
+mod common;
+
+use common::{CLI, node_binary};
 
 /// A well-formed address nobody listens on.
 const SILENT_PEER: &str = "d59a253c4238f35ced0003979c3a86157534787a6cfe5ebc2f99a38033847565@127.0.0.1:9";
@@ -64,21 +66,6 @@ fn txn_syntax_errors_point_at_the_problem_before_any_request() {
     let stderr = text(&output.stderr);
     assert!(stderr.contains("line 1, column 17: `=` is not an operator"), "{stderr}");
     assert!(stderr.contains("\n                  ^"), "{stderr}");
-}
-
-/// The aspen-node binary beside aspen-cli. `cargo test --workspace` builds it; when this
-/// package is tested alone it is built here.
-pub fn node_binary() -> PathBuf {
-    let node_bin = PathBuf::from(CLI).with_file_name("aspen-node");
-    if !node_bin.is_file() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--package", "aspen-node", "--bin", "aspen-node"])
-            .status()
-            .expect("run cargo build for aspen-node");
-        assert!(status.success(), "building aspen-node failed");
-    }
-    assert!(node_bin.is_file(), "aspen-node is not at {}", node_bin.display());
-    node_bin
 }
 
 /// A running `aspen-cli dev`, stopped (SIGTERM) on drop.

@@ -6,21 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const CLI: &str = env!("CARGO_BIN_EXE_aspen-cli");
+mod common;
+
+use common::{CLI, node_binary};
 const SECRET: &str = "e2e-cluster-secret";
 const TOKEN: &str = "e2e-token";
-
-fn node_binary() -> PathBuf {
-    let node_bin = PathBuf::from(CLI).with_file_name("aspen-node");
-    if !node_bin.is_file() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--package", "aspen-node", "--bin", "aspen-node"])
-            .status()
-            .expect("run cargo build for aspen-node");
-        assert!(status.success(), "building aspen-node failed");
-    }
-    node_bin
-}
 
 fn free_port() -> u16 {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("probe socket");

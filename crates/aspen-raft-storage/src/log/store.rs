@@ -221,7 +221,7 @@ impl Shared {
             if let Some((last, _)) = &state.last
                 && first.index() <= last.index
             {
-                remove_from(&mut table, first.index())?;
+                remove_range(&mut table, first.index()..)?;
                 state.last = previous_entry(&table, first.index())?;
             }
             let mut prev_hash = match &state.last {
@@ -298,7 +298,7 @@ impl Shared {
         let txn = self.db.begin_write().map_err(redb_error)?;
         {
             let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
-            remove_from(&mut table, first_removed)?;
+            remove_range(&mut table, first_removed..)?;
             state.last = previous_entry(&table, first_removed)?;
         }
         txn.commit().map_err(redb_error)?;
@@ -324,15 +324,7 @@ impl Shared {
                 // Everything stored is obsolete (a snapshot overtook the log).
                 _ => chain::anchor_hash(upto.index, upto.leader_id.term),
             };
-            let removed: Vec<u64> = table
-                .range::<u64>(..=upto.index)
-                .map_err(redb_error)?
-                .map(|item| item.map(|(key, _)| key.value()))
-                .collect::<Result<_, _>>()
-                .map_err(redb_error)?;
-            for index in removed {
-                table.remove(index).map_err(redb_error)?;
-            }
+            remove_range(&mut table, ..=upto.index)?;
             if state.last.is_some_and(|(last, _)| last.index <= upto.index) {
                 state.last = None;
             }
@@ -365,9 +357,12 @@ impl Shared {
     }
 }
 
-fn remove_from(table: &mut redb::Table<'_, u64, &[u8]>, first_removed: u64) -> Result<(), LogStoreError> {
+fn remove_range(
+    table: &mut redb::Table<'_, u64, &[u8]>,
+    range: impl RangeBounds<u64> + 'static,
+) -> Result<(), LogStoreError> {
     let removed: Vec<u64> = table
-        .range::<u64>(first_removed..)
+        .range::<u64>(range)
         .map_err(redb_error)?
         .map(|item| item.map(|(key, _)| key.value()))
         .collect::<Result<_, _>>()
