@@ -1,5 +1,6 @@
 //! Project chores as Rust commands: `cargo xtask ci | bench | deny`.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -9,8 +10,16 @@ cargo xtask <command>
 
 Commands:
   ci      format check, clippy -D warnings on all targets, every test (what CI runs)
-  bench   storage benchmarks (criterion, target/criterion/) and the 3-node cluster
-          closed-loop benchmark (target/bench/cluster.json); extra args go to criterion
+  bench [all]       every benchmark below, in this order
+  bench storage     storage benchmarks (criterion, target/criterion/); extra args go to
+                    criterion (e.g. --noplot)
+  bench cluster     closed-loop load on 3 in-process nodes (target/bench/cluster.json)
+  bench etcd        Aspen vs etcd, 3 nodes each, same machine, same load generator:
+                    installs etcd 3.4 from Debian (etcd-server, etcd-client) and a font if
+                    missing, builds release binaries, runs aspen-bench; markdown on stdout,
+                    target/bench/etcd-vs-aspen.{json,png}. Extra args go to aspen-bench,
+                    e.g. --quick, --secs 10, --rounds 2, --workloads put,get, --json
+                    (see `cargo run -p aspen-bench -- --help`)
   deny    cargo-deny license/ban/source checks (installs cargo-deny if missing)
   help    this text
 ";
@@ -46,11 +55,107 @@ fn ci() -> Result<()> {
     Ok(())
 }
 
-fn bench(extra: &[String]) -> Result<()> {
+fn bench(args: &[String]) -> Result<()> {
+    let (which, extra) = match args.split_first() {
+        Some((first, rest)) if !first.starts_with('-') => (first.as_str(), rest),
+        _ => ("all", args),
+    };
+    match which {
+        "storage" => bench_storage(extra),
+        "cluster" => bench_cluster(),
+        "etcd" => bench_etcd(extra),
+        "all" => {
+            bench_storage(extra)?;
+            bench_cluster()?;
+            bench_etcd(&[])
+        }
+        other => bail!("unknown benchmark {other:?}\n\n{USAGE}"),
+    }
+}
+
+fn bench_storage(extra: &[String]) -> Result<()> {
     let mut args = vec!["bench", "--package", "aspen-raft-storage", "--bench", "storage", "--"];
     args.extend(extra.iter().map(String::as_str));
-    cargo(&args)?;
+    cargo(&args)
+}
+
+fn bench_cluster() -> Result<()> {
     cargo(&["bench", "--package", "aspen-server", "--bench", "cluster"])
+}
+
+/// Font files aspen-bench can draw the chart's text with (its first choice first).
+const FONT_FILES: [&str; 2] =
+    ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
+
+fn bench_etcd(extra: &[String]) -> Result<()> {
+    if !succeeds(Command::new("etcd").arg("--version")) {
+        eprintln!("==> etcd not found: installing etcd-server and etcd-client from Debian");
+        apt_install(&["etcd-server", "etcd-client"])?;
+    }
+    if !FONT_FILES.iter().any(|path| Path::new(path).is_file())
+        && let Err(error) = apt_install(&["fonts-dejavu-core"])
+    {
+        eprintln!("warning: no font for the chart's text ({error:#}); the chart will have bars only");
+    }
+    cargo(&["build", "--release", "--package", "aspen-node", "--package", "aspen-bench"])?;
+    let root = workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let target = if target.is_absolute() { target } else { root.join(target) };
+    let out_dir = target.join("bench");
+    let binary = target.join("release").join("aspen-bench");
+    eprintln!("==> {} {}", binary.display(), extra.join(" "));
+    let status = Command::new(&binary)
+        .arg("--out-dir")
+        .arg(&out_dir)
+        .arg("--data-dir")
+        .arg(out_dir.join("etcd-vs-aspen"))
+        .arg("--node-bin")
+        .arg(target.join("release").join("aspen-node"))
+        .args(extra)
+        .status()
+        .with_context(|| format!("running {}", binary.display()))?;
+    if !status.success() {
+        bail!("aspen-bench failed with {status}");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().map_or(manifest_dir.clone(), Path::to_path_buf)
+}
+
+fn succeeds(command: &mut Command) -> bool {
+    command.output().is_ok_and(|output| output.status.success())
+}
+
+/// `apt-get install -y PACKAGES` (through sudo unless root), with `apt-get update` and a
+/// second try if the first fails (a fresh machine has no package lists).
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let is_root =
+        Command::new("id").arg("-u").output().is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "0");
+    let apt_get = |args: &[&str]| -> Result<bool> {
+        // sudo resets the environment, so the variable goes through `env`.
+        let mut command = if is_root { Command::new("env") } else { Command::new("sudo") };
+        if !is_root {
+            command.arg("env");
+        }
+        command.arg("DEBIAN_FRONTEND=noninteractive").arg("apt-get").args(args);
+        eprintln!("==> apt-get {}", args.join(" "));
+        Ok(command.status().with_context(|| format!("running apt-get {}", args.join(" ")))?.success())
+    };
+    let mut install = vec!["install", "-y"];
+    install.extend_from_slice(packages);
+    if apt_get(&install)? {
+        return Ok(());
+    }
+    if !apt_get(&["update"])? {
+        bail!("apt-get update failed");
+    }
+    if !apt_get(&install)? {
+        bail!("apt-get install -y {} failed", packages.join(" "));
+    }
+    Ok(())
 }
 
 fn deny() -> Result<()> {

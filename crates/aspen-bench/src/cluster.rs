@@ -1,0 +1,463 @@
+//! Starting the two 3-node clusters as real processes on loopback, each member with its own
+//! data dir on the same disk, and stopping them whatever happens: every process is owned
+//! by a [`ChildGuard`] that kills it when dropped, so an error, a panic or Ctrl-C (handled
+//! by the binary as an error) leaves nothing running.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use aspen_api::{ClientRequest, ClientResponse, ClusterNode, GetRequest, ReadConsistency};
+use aspen_client::{AspenClient, ClientError};
+use aspen_transport::PeerAddr;
+use tokio::time::Instant;
+
+use crate::etcd::{EtcdClient, PutRequest};
+
+/// Members per cluster.
+pub const MEMBERS: usize = 3;
+/// Longest wait for a cluster to serve after its processes start.
+const READY_WAIT: Duration = Duration::from_secs(30);
+/// How often startup progress is polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How much of the end of a member's log an error shows.
+const LOG_TAIL_BYTES: u64 = 4096;
+/// Largest node.addr read: one address line.
+const ADDR_FILE_BYTES_MAX: u64 = 4096;
+/// Where each process's stdout and stderr go, inside its data dir.
+const LOG_FILE: &str = "process.log";
+
+/// Why a cluster could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// A file or directory operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A process could not be started.
+    #[error("cannot start {program}: {source} (is it installed? `cargo xtask bench etcd` installs etcd)")]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A process exited while starting.
+    #[error("{name} exited while starting ({status}); the end of {log}:\n{tail}")]
+    Exited {
+        /// Which member.
+        name: String,
+        /// Its exit status.
+        status: String,
+        /// Its log file.
+        log: String,
+        /// The end of its log.
+        tail: String,
+    },
+    /// The cluster did not become ready in time.
+    #[error("{what} not ready within {waited:?}: {detail}")]
+    NotReady {
+        /// Which cluster or member.
+        what: String,
+        /// How long it was given.
+        waited: Duration,
+        /// The last thing that failed.
+        detail: String,
+    },
+    /// An Aspen client call failed.
+    #[error(transparent)]
+    Aspen(#[from] ClientError),
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
+    let what = what.into();
+    move |source| ClusterError::Io { what, source }
+}
+
+/// A running child process, killed and reaped when dropped.
+pub struct ChildGuard {
+    name: String,
+    log: PathBuf,
+    child: Child,
+}
+
+impl ChildGuard {
+    /// Starts `command` with stdout and stderr appended to `log`.
+    pub fn spawn(name: impl Into<String>, mut command: Command, log: PathBuf) -> Result<Self, ClusterError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io_error(format!("cannot open {}", log.display())))?;
+        let stderr = file.try_clone().map_err(io_error("cannot duplicate a log handle"))?;
+        command.stdin(Stdio::null()).stdout(file).stderr(stderr);
+        let program = PathBuf::from(command.get_program());
+        let child = command.spawn().map_err(|source| ClusterError::Spawn { program, source })?;
+        Ok(ChildGuard { name: name.into(), log, child })
+    }
+
+    /// Fails with the end of the log if the process has exited.
+    pub fn check_running(&mut self) -> Result<(), ClusterError> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(ClusterError::Exited {
+                name: self.name.clone(),
+                status: status.to_string(),
+                log: self.log.display().to_string(),
+                tail: log_tail(&self.log),
+            }),
+            Err(source) => Err(ClusterError::Io { what: format!("cannot poll {}", self.name), source }),
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        // The data is thrown away after a run, so there is nothing to shut down gracefully.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// The last lines of a log file, or a note saying it could not be read.
+fn log_tail(path: &Path) -> String {
+    let read = || -> std::io::Result<String> {
+        let mut file = std::fs::File::open(path)?;
+        let length = file.metadata()?.len();
+        file.seek(SeekFrom::Start(length.saturating_sub(LOG_TAIL_BYTES)))?;
+        let mut bytes = Vec::new();
+        file.take(LOG_TAIL_BYTES).read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    read().unwrap_or_else(|error| format!("(cannot read the log: {error})"))
+}
+
+/// Removes `dir` if present and creates it empty.
+fn fresh_dir(dir: &Path) -> Result<(), ClusterError> {
+    match std::fs::remove_dir_all(dir) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io_error(format!("cannot remove {}", dir.display()))(error));
+        }
+        _ => {}
+    }
+    std::fs::create_dir_all(dir).map_err(io_error(format!("cannot create {}", dir.display())))
+}
+
+fn port(base: u16, offset: usize) -> Result<u16, ClusterError> {
+    u16::try_from(usize::from(base) + offset).map_err(|_| ClusterError::NotReady {
+        what: "port plan".into(),
+        waited: Duration::ZERO,
+        detail: format!("port {base} + {offset} is above 65535; lower --base-port"),
+    })
+}
+
+/// How to start the etcd cluster.
+#[derive(Clone, Debug)]
+pub struct EtcdConfig {
+    /// The etcd binary.
+    pub bin: PathBuf,
+    /// Parent of the members' data dirs (emptied first).
+    pub dir: PathBuf,
+    /// Client ports are `base_port..base_port+3`, peer ports `base_port+10..base_port+13`.
+    pub base_port: u16,
+}
+
+/// A running 3-member etcd cluster.
+pub struct EtcdCluster {
+    /// Client URLs, member 1 first.
+    pub client_urls: Vec<String>,
+    /// Client URL of the leader.
+    pub leader_url: String,
+    /// The server version etcd reports.
+    pub version: String,
+    /// The processes; dropping the cluster stops them.
+    _members: Vec<ChildGuard>,
+}
+
+impl EtcdCluster {
+    /// Starts the members with etcd's defaults (fsync on), waits for a leader and a write.
+    pub async fn start(config: &EtcdConfig) -> Result<EtcdCluster, ClusterError> {
+        fresh_dir(&config.dir)?;
+        let mut client_urls = Vec::new();
+        let mut peer_urls = Vec::new();
+        for index in 0..MEMBERS {
+            client_urls.push(format!("http://127.0.0.1:{}", port(config.base_port, index)?));
+            peer_urls.push(format!("http://127.0.0.1:{}", port(config.base_port, 10 + index)?));
+        }
+        let initial_cluster: Vec<String> =
+            peer_urls.iter().enumerate().map(|(index, url)| format!("e{}={url}", index + 1)).collect();
+        let mut members = Vec::new();
+        for index in 0..MEMBERS {
+            let name = format!("e{}", index + 1);
+            let data_dir = config.dir.join(&name);
+            std::fs::create_dir_all(&data_dir).map_err(io_error(format!("cannot create {}", data_dir.display())))?;
+            let mut command = Command::new(&config.bin);
+            command
+                .arg("--name")
+                .arg(&name)
+                .arg("--data-dir")
+                .arg(&data_dir)
+                .arg("--listen-client-urls")
+                .arg(&client_urls[index])
+                .arg("--advertise-client-urls")
+                .arg(&client_urls[index])
+                .arg("--listen-peer-urls")
+                .arg(&peer_urls[index])
+                .arg("--initial-advertise-peer-urls")
+                .arg(&peer_urls[index])
+                .arg("--initial-cluster")
+                .arg(initial_cluster.join(","))
+                .arg("--initial-cluster-token")
+                .arg("aspen-bench")
+                .arg("--initial-cluster-state")
+                .arg("new")
+                .arg("--logger")
+                .arg("zap")
+                .arg("--log-outputs")
+                .arg("stderr");
+            // etcd reads ETCD_* settings from the environment; the user's must not leak in.
+            for (variable, _) in std::env::vars_os() {
+                if variable.to_string_lossy().starts_with("ETCD") {
+                    command.env_remove(variable);
+                }
+            }
+            members.push(ChildGuard::spawn(format!("etcd member {name}"), command, data_dir.join(LOG_FILE))?);
+        }
+        let (leader_url, version) = wait_for_etcd_leader(&mut members, &client_urls).await?;
+        Ok(EtcdCluster { client_urls, leader_url, version, _members: members })
+    }
+}
+
+/// Waits until every member answers and names the same leader, and a put through the
+/// leader succeeds. Returns the leader's client URL and the server version.
+async fn wait_for_etcd_leader(
+    members: &mut [ChildGuard],
+    client_urls: &[String],
+) -> Result<(String, String), ClusterError> {
+    let deadline = Instant::now() + READY_WAIT;
+    loop {
+        for member in members.iter_mut() {
+            member.check_running()?;
+        }
+        let detail = match etcd_leader(client_urls).await {
+            Ok((leader_url, version)) => return Ok((leader_url, version)),
+            Err(error) => error,
+        };
+        if Instant::now() >= deadline {
+            return Err(ClusterError::NotReady { what: "etcd cluster".into(), waited: READY_WAIT, detail });
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+async fn etcd_leader(client_urls: &[String]) -> Result<(String, String), String> {
+    let mut leaders = Vec::new();
+    let mut by_member = Vec::new();
+    let mut version = String::new();
+    for url in client_urls {
+        let client = EtcdClient::connect(url).await.map_err(|error| error.to_string())?;
+        let status = client.status().await.map_err(|error| error.to_string())?;
+        let member = status.header.as_ref().map_or(0, |header| header.member_id);
+        leaders.push(status.leader);
+        by_member.push((member, url.clone(), client));
+        version = status.version;
+    }
+    let leader = leaders[0];
+    if leader == 0 || leaders.iter().any(|&other| other != leader) {
+        return Err(format!("members disagree on the leader: {leaders:?}"));
+    }
+    let (_, url, client) = by_member
+        .into_iter()
+        .find(|(member, _, _)| *member == leader)
+        .ok_or_else(|| format!("leader {leader:x} is not one of the members"))?;
+    let probe = PutRequest { key: b"aspen-bench/probe".to_vec(), value: b"ready".to_vec(), lease: 0, prev_kv: false };
+    client.put(probe).await.map_err(|error| error.to_string())?;
+    Ok((url, version))
+}
+
+/// How to start the Aspen cluster.
+#[derive(Clone, Debug)]
+pub struct AspenConfig {
+    /// The aspen-node binary.
+    pub bin: PathBuf,
+    /// Parent of the nodes' data dirs (emptied first).
+    pub dir: PathBuf,
+    /// Node ports are `base_port..base_port+3`.
+    pub base_port: u16,
+    /// The client token.
+    pub token: String,
+    /// The cluster secret.
+    pub secret: String,
+}
+
+/// A running 3-node Aspen cluster.
+pub struct AspenCluster {
+    /// Node addresses, node 1 first.
+    pub peers: Vec<PeerAddr>,
+    /// Address of the leader.
+    pub leader: PeerAddr,
+    /// The processes; dropping the cluster stops them.
+    _nodes: Vec<ChildGuard>,
+}
+
+impl AspenCluster {
+    /// Starts the nodes as `aspen-cli dev` does, initializes the cluster and waits until the
+    /// leader serves a linearizable read.
+    pub async fn start(config: &AspenConfig) -> Result<AspenCluster, ClusterError> {
+        fresh_dir(&config.dir)?;
+        let mut nodes = Vec::new();
+        for index in 0..MEMBERS {
+            let id = index + 1;
+            let data_dir = config.dir.join(format!("node-{id}"));
+            std::fs::create_dir_all(&data_dir).map_err(io_error(format!("cannot create {}", data_dir.display())))?;
+            let mut command = Command::new(&config.bin);
+            command
+                .arg("--node-id")
+                .arg(id.to_string())
+                .arg("--data-dir")
+                .arg(&data_dir)
+                .arg("--bind")
+                .arg(format!("127.0.0.1:{}", port(config.base_port, index)?))
+                .arg("--cluster-secret")
+                .arg(&config.secret)
+                .arg("--client-token")
+                .arg(&config.token);
+            // aspen-node reads ASPEN_* settings (ASPEN_BENCH_SECS among them) from the
+            // environment; none may change the nodes.
+            for (variable, _) in std::env::vars_os() {
+                if variable.to_string_lossy().starts_with("ASPEN_") {
+                    command.env_remove(variable);
+                }
+            }
+            nodes.push(ChildGuard::spawn(format!("aspen-node {id}"), command, data_dir.join(LOG_FILE))?);
+        }
+        let peers = wait_for_addrs(&mut nodes, &config.dir).await?;
+        let client = AspenClient::connect(peers.clone(), config.token.clone()).await?;
+        let members: Vec<ClusterNode> =
+            (1..).zip(&peers).map(|(id, peer)| ClusterNode { id, addr: peer.to_string() }).collect();
+        let ready = async {
+            client.init(members).await?;
+            wait_for_aspen_leader(&client, &mut nodes, &peers).await
+        }
+        .await;
+        client.close().await;
+        let leader = ready?;
+        Ok(AspenCluster { peers, leader, _nodes: nodes })
+    }
+}
+
+/// Waits until every node has written its address to `node.addr` (one line, complete once
+/// it ends in a newline), failing fast when one exits.
+async fn wait_for_addrs(nodes: &mut [ChildGuard], dir: &Path) -> Result<Vec<PeerAddr>, ClusterError> {
+    let deadline = Instant::now() + READY_WAIT;
+    loop {
+        let mut peers = Vec::new();
+        for (index, node) in nodes.iter_mut().enumerate() {
+            node.check_running()?;
+            let path = dir.join(format!("node-{}", index + 1)).join("node.addr");
+            if let Some(peer) = read_addr_file(&path)? {
+                peers.push(peer);
+            }
+        }
+        if peers.len() == nodes.len() {
+            return Ok(peers);
+        }
+        if Instant::now() >= deadline {
+            let detail = format!("{} of {} nodes wrote node.addr", peers.len(), nodes.len());
+            return Err(ClusterError::NotReady { what: "aspen nodes".into(), waited: READY_WAIT, detail });
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+fn read_addr_file(path: &Path) -> Result<Option<PeerAddr>, ClusterError> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(io_error(format!("cannot read {}", path.display()))(error)),
+    };
+    let mut text = String::new();
+    file.take(ADDR_FILE_BYTES_MAX)
+        .read_to_string(&mut text)
+        .map_err(io_error(format!("cannot read {}", path.display())))?;
+    if !text.ends_with('\n') {
+        return Ok(None);
+    }
+    text.trim().parse().map(Some).map_err(|error| ClusterError::NotReady {
+        what: path.display().to_string(),
+        waited: Duration::ZERO,
+        detail: format!("invalid address: {error}"),
+    })
+}
+
+async fn wait_for_aspen_leader(
+    client: &AspenClient,
+    nodes: &mut [ChildGuard],
+    peers: &[PeerAddr],
+) -> Result<PeerAddr, ClusterError> {
+    let deadline = Instant::now() + READY_WAIT;
+    loop {
+        for node in nodes.iter_mut() {
+            node.check_running()?;
+        }
+        let detail = match client.node_status(&peers[0]).await {
+            Ok(status) => match status
+                .leader
+                .and_then(|id| usize::try_from(id).ok())
+                .and_then(|id| peers.get(id.checked_sub(1)?))
+            {
+                Some(leader) => {
+                    // A linearizable read through the leader proves it serves.
+                    let probe =
+                        GetRequest { key: b"aspen-bench/probe".to_vec(), consistency: ReadConsistency::Linearizable };
+                    match client.call_node(leader, ClientRequest::Get(probe)).await {
+                        Ok(ClientResponse::Get(Ok(_))) => return Ok(leader.clone()),
+                        Ok(other) => format!("the leader answered the probe read with {other:?}"),
+                        Err(error) => error.to_string(),
+                    }
+                }
+                None => format!("node 1 reports leader {:?}", status.leader),
+            },
+            Err(error) => error.to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(ClusterError::NotReady { what: "aspen cluster".into(), waited: READY_WAIT, detail });
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guard_kills_its_process_when_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut command = Command::new("sleep");
+        command.arg("600");
+        let mut guard = ChildGuard::spawn("sleep", command, dir.path().join("log")).expect("spawn sleep");
+        guard.check_running().expect("running");
+        let pid = guard.child.id();
+        drop(guard);
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "process {pid} still exists");
+    }
+
+    #[test]
+    fn an_exited_process_reports_its_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo cannot bind port >&2; exit 3"]);
+        let mut guard = ChildGuard::spawn("failing", command, dir.path().join("log")).expect("spawn sh");
+        let _ = guard.child.wait();
+        let error = guard.check_running().expect_err("exited").to_string();
+        assert!(error.contains("cannot bind port") && error.contains("exit status: 3"), "{error}");
+    }
+}

@@ -1,0 +1,323 @@
+//! `aspen-bench`: starts a 3-node etcd cluster and a 3-node Aspen cluster on this machine,
+//! drives both with the same closed-loop load, and reports the comparison (markdown on
+//! stdout, JSON and a PNG chart in the output directory). `cargo xtask bench etcd` installs
+//! etcd, builds the release binaries and runs this.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use aspen_bench::chart;
+use aspen_bench::cluster::{AspenCluster, AspenConfig, EtcdCluster, EtcdConfig};
+use aspen_bench::etcd::EtcdClient;
+use aspen_bench::fsync::{self, FsyncProbe};
+use aspen_bench::report::{Comparison, Environment, Report, Settings, Skipped, baseline_fsyncs_per_sec};
+use aspen_bench::target::{KvTarget, System};
+use aspen_bench::workload::{
+    self, HOT_KEYS, KEY_SPACE, MAX_CLIENTS, Measurement, RowRun, SCAN_KEYS, Step, VALUE_SIZE, Workload,
+};
+use aspen_client::AspenClient;
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Longest measured duration of one row.
+const SECS_MAX: f64 = 600.0;
+/// Most A/B rounds.
+const ROUNDS_MAX: usize = 20;
+/// Most client connections per system.
+const CONNECTIONS_MAX: usize = 64;
+
+/// Aspen vs etcd, 3 nodes each, on this machine, with the same closed-loop load generator.
+///
+/// Starts both clusters as real processes on loopback (data dirs under --data-dir, fsync on,
+/// default settings), preloads the same keys into both, then runs every workload row on
+/// Aspen and on etcd in turn (A/B interleaved; rounds alternate who goes first). Prints
+/// markdown tables to stdout (or JSON with --json), writes etcd-vs-aspen.json and
+/// etcd-vs-aspen.png to --out-dir. Every process it starts is killed when it exits.
+#[derive(Debug, Parser)]
+#[command(name = "aspen-bench", version)]
+struct Args {
+    /// Measured seconds per row and system.
+    #[arg(long, env = "ASPEN_BENCH_SECS", default_value_t = 5.0)]
+    secs: f64,
+    /// Smoke run: every workload once at 16 clients, 1 s rows (overrides --secs).
+    #[arg(long)]
+    quick: bool,
+    /// A/B rounds; each row's rounds are merged (totals, percentiles over all samples).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Only these workloads (comma-separated): put, get, stale-get, mixed, scan, cas.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
+    /// Client connections per system; clients are spread over them round-robin.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Seconds of the fsync probe (run before and after the load).
+    #[arg(long, default_value_t = 2.0)]
+    fsync_secs: f64,
+    /// Directory for the clusters' data and the fsync probe (emptied first).
+    #[arg(long, default_value = "target/bench/etcd-vs-aspen")]
+    data_dir: PathBuf,
+    /// Directory for etcd-vs-aspen.json and etcd-vs-aspen.png.
+    #[arg(long, default_value = "target/bench")]
+    out_dir: PathBuf,
+    /// The etcd binary.
+    #[arg(long, default_value = "etcd")]
+    etcd_bin: PathBuf,
+    /// The aspen-node binary (default: next to this binary, else on PATH).
+    #[arg(long)]
+    node_bin: Option<PathBuf>,
+    /// First of the loopback ports: etcd uses base..base+3 and base+10..base+13, Aspen
+    /// base+20..base+23.
+    #[arg(long, default_value_t = 23790)]
+    base_port: u16,
+    /// Print the report as JSON instead of markdown.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Args {
+    fn plan(&self) -> anyhow::Result<Vec<Step>> {
+        let plan = if self.quick { workload::quick_plan() } else { workload::full_plan() };
+        if self.workloads.is_empty() {
+            return Ok(plan);
+        }
+        let mut chosen = Vec::new();
+        for name in &self.workloads {
+            let names: Vec<&str> = Workload::ALL.iter().map(|workload| workload.name()).collect();
+            let workload = Workload::from_name(name.trim())
+                .with_context(|| format!("unknown workload {name:?}; choose from {}", names.join(", ")))?;
+            chosen.push(workload);
+        }
+        Ok(plan.into_iter().filter(|step| chosen.contains(&step.workload)).collect())
+    }
+
+    fn secs_per_row(&self) -> f64 {
+        if self.quick { 1.0 } else { self.secs }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if !(self.secs_per_row() > 0.0 && self.secs_per_row() <= SECS_MAX) {
+            bail!("--secs must be in (0, {SECS_MAX}]");
+        }
+        if !(self.fsync_secs > 0.0 && self.fsync_secs <= SECS_MAX) {
+            bail!("--fsync-secs must be in (0, {SECS_MAX}]");
+        }
+        if self.rounds == 0 || self.rounds > ROUNDS_MAX {
+            bail!("--rounds must be in 1..={ROUNDS_MAX}");
+        }
+        if self.connections == 0 || self.connections > CONNECTIONS_MAX {
+            bail!("--connections must be in 1..={CONNECTIONS_MAX}");
+        }
+        Ok(())
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    args.validate()?;
+    let plan = args.plan()?;
+    if plan.is_empty() {
+        bail!("no workload selected");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    runtime.block_on(async {
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+        let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        // Dropping `run` on a signal drops the clusters, which kills their processes.
+        tokio::select! {
+            result = run(&args, &plan) => result,
+            _ = interrupt.recv() => bail!("interrupted; the clusters were stopped"),
+            _ = terminate.recv() => bail!("terminated; the clusters were stopped"),
+        }
+    })
+}
+
+/// Seconds of unmeasured load before each row: long enough for connections, batches and
+/// caches to settle, short next to the row.
+fn warmup(secs_per_row: f64) -> Duration {
+    Duration::from_secs_f64((secs_per_row / 5.0).clamp(0.2, 1.0))
+}
+
+async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
+    let node_bin = args.node_bin.clone().unwrap_or_else(default_node_bin);
+    let fsync_duration = Duration::from_secs_f64(args.fsync_secs);
+    eprintln!("fsync probe in {} ({} s)", args.data_dir.display(), args.fsync_secs);
+    let fsync_before = probe_fsync(&args.data_dir, fsync_duration).await?;
+    eprintln!("  {:.0} fsyncs/s, p50 {} us", fsync_before.fsyncs_per_sec, fsync_before.latency.p50_us);
+
+    eprintln!("starting 3 etcd members ({})", args.etcd_bin.display());
+    let etcd_config =
+        EtcdConfig { bin: args.etcd_bin.clone(), dir: args.data_dir.join("etcd"), base_port: args.base_port };
+    let etcd = EtcdCluster::start(&etcd_config).await.context("starting the etcd cluster")?;
+    eprintln!("  etcd {} serving, leader {}", etcd.version, etcd.leader_url);
+    eprintln!("starting 3 aspen-node processes ({})", node_bin.display());
+    let aspen_config = AspenConfig {
+        bin: node_bin,
+        dir: args.data_dir.join("aspen"),
+        base_port: args.base_port.checked_add(20).context("--base-port too high")?,
+        token: "aspen-bench-token".into(),
+        secret: "aspen-bench-cluster-secret".into(),
+    };
+    let aspen = AspenCluster::start(&aspen_config).await.context("starting the Aspen cluster")?;
+    eprintln!("  Aspen serving, leader {}", aspen.leader);
+
+    // Every connection goes to the leader on both systems: no forwarding hop for either.
+    let mut aspen_connections = Vec::new();
+    let mut etcd_connections = Vec::new();
+    for _ in 0..args.connections {
+        let client = AspenClient::connect(vec![aspen.leader.clone()], aspen_config.token.clone()).await?;
+        aspen_connections.push(Arc::new(client));
+        etcd_connections.push(Arc::new(EtcdClient::connect(&etcd.leader_url).await?));
+    }
+    eprintln!("preloading {KEY_SPACE} keys of {VALUE_SIZE} B and {HOT_KEYS} hot keys into both");
+    workload::preload(&aspen_connections).await.context("preloading Aspen")?;
+    workload::preload(&etcd_connections).await.context("preloading etcd")?;
+
+    let secs_per_row = args.secs_per_row();
+    let duration = Duration::from_secs_f64(secs_per_row);
+    let warmup = warmup(secs_per_row);
+    let total = plan.len() * 2 * args.rounds;
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} rows, eta {eta}: {msg}")
+            .context("progress bar template")?,
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let mut runs: HashMap<(usize, System), Vec<RowRun>> = HashMap::new();
+    for round in 0..args.rounds {
+        let order = if round % 2 == 0 { [System::Aspen, System::Etcd] } else { [System::Etcd, System::Aspen] };
+        for (index, step) in plan.iter().enumerate() {
+            for system in order {
+                bar.set_message(format!(
+                    "{} x{} on {} (round {}/{})",
+                    step.workload.name(),
+                    step.clients,
+                    system.label(),
+                    round + 1,
+                    args.rounds
+                ));
+                let run = match system {
+                    System::Aspen => measure(&aspen_connections, *step, warmup, duration).await?,
+                    System::Etcd => measure(&etcd_connections, *step, warmup, duration).await?,
+                };
+                let line = format!(
+                    "{:>9} x{:<3} {:<5} {:>8.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}",
+                    step.workload.name(),
+                    step.clients,
+                    system.label(),
+                    run.measurement.ops_per_sec,
+                    run.measurement.latency.p50_us as f64 / 1000.0,
+                    run.measurement.latency.p99_us as f64 / 1000.0,
+                    run.measurement.errors
+                );
+                // A hidden bar (no terminal) drops its println; the rows still get logged.
+                if bar.is_hidden() {
+                    eprintln!("{line}")
+                } else {
+                    bar.println(line)
+                }
+                runs.entry((index, system)).or_default().push(run);
+                bar.inc(1);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    for connection in &aspen_connections {
+        connection.close().await;
+    }
+    let etcd_version = etcd.version.clone();
+    drop((aspen, etcd));
+
+    let fsync_after = probe_fsync(&args.data_dir, fsync_duration).await?;
+    let fsyncs_per_sec = baseline_fsyncs_per_sec(&fsync_before, Some(&fsync_after));
+    let mut rows = Vec::new();
+    for (index, step) in plan.iter().enumerate() {
+        let aspen = Measurement::merge(runs.remove(&(index, System::Aspen)).unwrap_or_default());
+        let etcd = Measurement::merge(runs.remove(&(index, System::Etcd)).unwrap_or_default());
+        rows.push(Comparison::new(step.workload, step.clients, aspen, etcd, fsyncs_per_sec));
+    }
+    let report = Report {
+        settings: Settings {
+            secs_per_row,
+            warmup_secs: warmup.as_secs_f64(),
+            rounds: args.rounds,
+            value_bytes: VALUE_SIZE,
+            key_space: KEY_SPACE,
+            scan_keys: SCAN_KEYS,
+            hot_keys: HOT_KEYS,
+            connections: args.connections,
+        },
+        environment: Environment {
+            cpus: std::thread::available_parallelism().map_or(0, usize::from),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
+            etcd_version,
+            data_dir: std::fs::canonicalize(&args.data_dir)
+                .unwrap_or_else(|_| args.data_dir.clone())
+                .display()
+                .to_string(),
+        },
+        fsync_before,
+        fsync_after: Some(fsync_after),
+        fsyncs_per_sec,
+        rows,
+        skipped: vec![Skipped {
+            workload: "Watch".into(),
+            reason: "Aspen has no watch API yet, so there is nothing to compare etcd's watch with; not run.".into(),
+        }],
+    };
+    write_outputs(args, &report)
+}
+
+/// Runs one step; a failure of the harness itself (not of an operation) aborts the run.
+async fn measure<T: KvTarget>(
+    connections: &[Arc<T>],
+    step: Step,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<RowRun> {
+    if step.clients > MAX_CLIENTS {
+        bail!("{} clients is above the limit of {MAX_CLIENTS}", step.clients);
+    }
+    Ok(workload::run_step(connections, step, warmup, duration).await?)
+}
+
+async fn probe_fsync(dir: &Path, duration: Duration) -> anyhow::Result<FsyncProbe> {
+    let dir = dir.to_path_buf();
+    let shown = dir.display().to_string();
+    tokio::task::spawn_blocking(move || fsync::probe(&dir, duration))
+        .await
+        .context("fsync probe task")?
+        .with_context(|| format!("fsync probe in {shown}"))
+}
+
+/// aspen-node next to this executable (how cargo lays out a workspace), else on PATH.
+fn default_node_bin() -> PathBuf {
+    match std::env::current_exe() {
+        Ok(exe) if exe.with_file_name("aspen-node").is_file() => exe.with_file_name("aspen-node"),
+        _ => PathBuf::from("aspen-node"),
+    }
+}
+
+fn write_outputs(args: &Args, report: &Report) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.out_dir).with_context(|| format!("cannot create {}", args.out_dir.display()))?;
+    let json = serde_json::to_string_pretty(report).context("encoding the report")?;
+    let json_path = args.out_dir.join("etcd-vs-aspen.json");
+    std::fs::write(&json_path, &json).with_context(|| format!("cannot write {}", json_path.display()))?;
+    let png_path = args.out_dir.join("etcd-vs-aspen.png");
+    let with_text = chart::load_font();
+    if !with_text {
+        eprintln!("no font found in {:?}: the chart has bars but no text", chart::FONT_PATHS);
+    }
+    chart::draw(report, &png_path, with_text)?;
+    eprintln!("wrote {} and {}", json_path.display(), png_path.display());
+    if args.json {
+        println!("{json}");
+    } else {
+        println!("{}", report.markdown());
+    }
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! The report: what was run where, the fsync baseline, and one Aspen/etcd comparison per
+//! workload and concurrency, as markdown tables and as JSON.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::fsync::{FsyncProbe, perfect_batcher_ops_per_sec};
+use crate::workload::{Measurement, Workload};
+
+/// How the run was configured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    /// Measured seconds per row and system.
+    pub secs_per_row: f64,
+    /// Unmeasured warmup before each row, seconds.
+    pub warmup_secs: f64,
+    /// A/B rounds; rows of all rounds are merged.
+    pub rounds: usize,
+    /// Bytes per value.
+    pub value_bytes: usize,
+    /// Keys preloaded and read.
+    pub key_space: u64,
+    /// Keys returned per scan.
+    pub scan_keys: u32,
+    /// Keys contended by the CAS workload.
+    pub hot_keys: usize,
+    /// Client connections per system (clients are spread over them).
+    pub connections: usize,
+}
+
+/// Where it ran.
+#[derive(Clone, Debug, Serialize)]
+pub struct Environment {
+    /// Logical CPUs.
+    pub cpus: usize,
+    /// Kernel release.
+    pub kernel: String,
+    /// etcd's reported server version.
+    pub etcd_version: String,
+    /// Directory holding both clusters' data and the fsync probe.
+    pub data_dir: String,
+}
+
+/// One workload at one concurrency on both systems.
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    /// What the clients did.
+    pub workload: Workload,
+    /// How many closed-loop clients.
+    pub clients: usize,
+    /// Aspen's result.
+    pub aspen: Measurement,
+    /// etcd's result.
+    pub etcd: Measurement,
+    /// Aspen ops/s divided by etcd ops/s (`None` when etcd completed nothing).
+    pub ops_ratio: Option<f64>,
+    /// Write-only workloads: the perfect batcher's ops/s at this concurrency.
+    pub batcher_bound_ops_per_sec: Option<f64>,
+}
+
+impl Comparison {
+    /// Pairs two measurements of one step, with the bound for write-only workloads.
+    pub fn new(workload: Workload, clients: usize, aspen: Measurement, etcd: Measurement, fsyncs_per_sec: f64) -> Self {
+        let ops_ratio = (etcd.ops_per_sec > 0.0).then(|| aspen.ops_per_sec / etcd.ops_per_sec);
+        let batcher_bound_ops_per_sec =
+            workload.writes_only().then(|| perfect_batcher_ops_per_sec(clients, fsyncs_per_sec));
+        Comparison { workload, clients, aspen, etcd, ops_ratio, batcher_bound_ops_per_sec }
+    }
+}
+
+/// A workload left out, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct Skipped {
+    /// The workload.
+    pub workload: String,
+    /// Why it was not run.
+    pub reason: String,
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// How it was configured.
+    pub settings: Settings,
+    /// Where it ran.
+    pub environment: Environment,
+    /// The disk's fsync rate before the clusters started.
+    pub fsync_before: FsyncProbe,
+    /// The disk's fsync rate after the load, clusters idle.
+    pub fsync_after: Option<FsyncProbe>,
+    /// fsyncs/s the bounds use: the mean of the probes.
+    pub fsyncs_per_sec: f64,
+    /// The comparisons, in plan order.
+    pub rows: Vec<Comparison>,
+    /// Workloads not run.
+    pub skipped: Vec<Skipped>,
+}
+
+/// The fsync rate the bounds use: the mean of the probes taken.
+pub fn baseline_fsyncs_per_sec(before: &FsyncProbe, after: Option<&FsyncProbe>) -> f64 {
+    match after {
+        Some(after) => (before.fsyncs_per_sec + after.fsyncs_per_sec) / 2.0,
+        None => before.fsyncs_per_sec,
+    }
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+fn latencies(measurement: &Measurement) -> String {
+    let latency = &measurement.latency;
+    format!("{} / {} / {}", ms(latency.p50_us), ms(latency.p99_us), ms(latency.p999_us))
+}
+
+fn percent(part: f64, whole: f64) -> String {
+    if whole > 0.0 { format!("{:.0}%", 100.0 * part / whole) } else { "-".into() }
+}
+
+fn cas_won(measurement: &Measurement) -> String {
+    match measurement.cas_succeeded {
+        Some(won) => percent(won as f64, measurement.ops as f64),
+        None => "-".into(),
+    }
+}
+
+/// The markdown table of one workload's rows.
+pub fn workload_table(workload: Workload, rows: &[&Comparison]) -> String {
+    let mut header = vec![
+        "clients",
+        "Aspen ops/s",
+        "etcd ops/s",
+        "Aspen/etcd",
+        "Aspen p50 / p99 / p99.9 ms",
+        "etcd p50 / p99 / p99.9 ms",
+        "errors Aspen / etcd",
+    ];
+    if workload.writes_only() {
+        header.extend(["perfect batcher ops/s", "Aspen of bound", "etcd of bound"]);
+    }
+    if workload == Workload::Cas {
+        header.push("CAS won Aspen / etcd");
+    }
+    let mut out = format!("| {} |\n|{}\n", header.join(" | "), " --- |".repeat(header.len()));
+    for row in rows {
+        let mut cells = vec![
+            row.clients.to_string(),
+            format!("{:.0}", row.aspen.ops_per_sec),
+            format!("{:.0}", row.etcd.ops_per_sec),
+            row.ops_ratio.map_or("-".into(), |ratio| format!("{ratio:.2}")),
+            latencies(&row.aspen),
+            latencies(&row.etcd),
+            format!("{} / {}", row.aspen.errors, row.etcd.errors),
+        ];
+        if let Some(bound) = row.batcher_bound_ops_per_sec {
+            cells.extend([
+                format!("{bound:.0}"),
+                percent(row.aspen.ops_per_sec, bound),
+                percent(row.etcd.ops_per_sec, bound),
+            ]);
+        }
+        if workload == Workload::Cas {
+            cells.push(format!("{} / {}", cas_won(&row.aspen), cas_won(&row.etcd)));
+        }
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
+    }
+    out
+}
+
+impl Report {
+    /// The whole report as markdown: settings, the fsync baseline and its model, one table
+    /// per workload, the skipped workloads, and the first error of any row that had errors.
+    pub fn markdown(&self) -> String {
+        let settings = &self.settings;
+        let environment = &self.environment;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "3-node Aspen vs 3-node etcd {}, same machine ({} CPUs, Linux {}), loopback, fsync on, data on one disk \
+             ({}). Closed-loop clients over {} connections to the leader per system, {} B values over {} keys, \
+             {:.0} s measured per row after {:.1} s warmup, {} A/B round(s).\n",
+            environment.etcd_version,
+            environment.cpus,
+            environment.kernel,
+            environment.data_dir,
+            settings.connections,
+            settings.value_bytes,
+            settings.key_space,
+            settings.secs_per_row,
+            settings.warmup_secs,
+            settings.rounds,
+        );
+        let after = self.fsync_after.as_ref().map_or(String::new(), |after| {
+            format!(", {:.0} fsyncs/s after (p50 {} ms)", after.fsyncs_per_sec, ms(after.latency.p50_us))
+        });
+        let _ = writeln!(
+            out,
+            "Physical limit: this disk did {:.0} fsyncs/s before the run (write + fdatasync of one {} B block, p50 {} ms){after}; \
+             the bounds use {:.0}/s. A perfect batcher commits every outstanding write in the next fsync, so N \
+             closed-loop writers get at most min(N, {}) x fsyncs/s; Raft needs a leader and a follower fsync per \
+             commit (on the same disk here), so real systems sit below it.\n",
+            self.fsync_before.fsyncs_per_sec,
+            crate::fsync::PROBE_BLOCK_BYTES,
+            ms(self.fsync_before.latency.p50_us),
+            self.fsyncs_per_sec,
+            aspen_api::limits::MAX_BATCH_SIZE,
+        );
+        for workload in Workload::ALL {
+            let rows: Vec<&Comparison> = self.rows.iter().filter(|row| row.workload == workload).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let _ = writeln!(out, "### {}\n\n{}", workload.title(), workload_table(workload, &rows));
+        }
+        for skipped in &self.skipped {
+            let _ = writeln!(out, "### {}\n\nSkipped: {}\n", skipped.workload, skipped.reason);
+        }
+        let errors: Vec<String> = self
+            .rows
+            .iter()
+            .flat_map(|row| {
+                [("Aspen", &row.aspen), ("etcd", &row.etcd)].into_iter().filter_map(move |(system, measurement)| {
+                    measurement.first_error.as_ref().map(|error| {
+                        format!(
+                            "- {system}, {} x{}: {} errors, first: {error}",
+                            row.workload.name(),
+                            row.clients,
+                            measurement.errors
+                        )
+                    })
+                })
+            })
+            .collect();
+        if !errors.is_empty() {
+            let _ = writeln!(out, "Errors:\n{}\n", errors.join("\n"));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::latency::LatencySummary;
+
+    fn measured(ops_per_sec: f64, p50_us: u64, errors: u64, cas: Option<u64>) -> Measurement {
+        let latency =
+            LatencySummary { count: 100, p50_us, p99_us: p50_us * 2, p999_us: p50_us * 3, ..Default::default() };
+        Measurement { ops: 100, seconds: 1.0, ops_per_sec, latency, errors, first_error: None, cas_succeeded: cas }
+    }
+
+    #[test]
+    fn put_table_has_ratio_and_bound_columns() {
+        let row =
+            Comparison::new(Workload::Put, 16, measured(4000.0, 2500, 0, None), measured(2000.0, 5000, 1, None), 500.0);
+        assert_eq!(row.ops_ratio, Some(2.0));
+        assert_eq!(row.batcher_bound_ops_per_sec, Some(8000.0));
+        let expected = "\
+| clients | Aspen ops/s | etcd ops/s | Aspen/etcd | Aspen p50 / p99 / p99.9 ms | etcd p50 / p99 / p99.9 ms | errors Aspen / etcd | perfect batcher ops/s | Aspen of bound | etcd of bound |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| 16 | 4000 | 2000 | 2.00 | 2.50 / 5.00 / 7.50 | 5.00 / 10.00 / 15.00 | 0 / 1 | 8000 | 50% | 25% |
+";
+        assert_eq!(workload_table(Workload::Put, &[&row]), expected);
+    }
+
+    #[test]
+    fn read_and_cas_tables_show_only_their_columns() {
+        let get = Comparison::new(
+            Workload::GetLinearizable,
+            1,
+            measured(900.0, 1000, 0, None),
+            measured(0.0, 0, 5, None),
+            500.0,
+        );
+        assert_eq!(get.ops_ratio, None);
+        assert_eq!(get.batcher_bound_ops_per_sec, None);
+        let table = workload_table(Workload::GetLinearizable, &[&get]);
+        assert!(table.ends_with("| 1 | 900 | 0 | - | 1.00 / 2.00 / 3.00 | 0.00 / 0.00 / 0.00 | 0 / 5 |\n"), "{table}");
+
+        let cas = Comparison::new(
+            Workload::Cas,
+            64,
+            measured(100.0, 1000, 0, Some(25)),
+            measured(100.0, 1000, 0, Some(50)),
+            10.0,
+        );
+        let table = workload_table(Workload::Cas, &[&cas]);
+        assert!(table.starts_with("| clients |") && table.contains("| CAS won Aspen / etcd |"), "{table}");
+        assert!(table.ends_with("| 640 | 16% | 16% | 25% / 50% |\n"), "{table}");
+    }
+
+    #[test]
+    fn baseline_is_the_mean_of_the_probes() {
+        let probe = |rate| FsyncProbe { fsyncs_per_sec: rate, latency: LatencySummary::default() };
+        assert_eq!(baseline_fsyncs_per_sec(&probe(400.0), Some(&probe(600.0))), 500.0);
+        assert_eq!(baseline_fsyncs_per_sec(&probe(400.0), None), 400.0);
+    }
+}
