@@ -11,6 +11,7 @@ pub mod error;
 pub mod kv;
 pub mod limits;
 pub mod protocol;
+pub mod retry;
 pub mod sql;
 pub mod store;
 pub mod txn;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use aspen_api::retry::{self, AttemptFailure, RETRY_PAUSE, RetryAction};
 use aspen_api::{
     ClientEnvelope, ClientRequest, ClientResponse, ClusterError, ClusterNode, ClusterStatus, GetRequest, GetResponse,
     KeyRange, KvError, NodeId, ReadConsistency, ScanRequest, ScanResponse, SqlRequest, SqlResponse, TxnRequest,
@@ -21,12 +22,9 @@ use aspen_api::{
 };
 use aspen_transport::{CLIENT_ALPN, PeerAddr, RpcClient, SecretKey, TransportError, bind_endpoint};
 
-/// How long a call keeps retrying through leader elections and unreachable nodes.
-pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(15);
+pub use aspen_api::retry::DEFAULT_RETRY_DEADLINE;
 /// Longest `close` waits for connections to finish closing.
 const CLOSE_GRACE: Duration = Duration::from_millis(250);
-/// Pause between retries.
-const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Most nodes a client is configured with.
 pub const MAX_CLIENT_PEERS: usize = aspen_api::limits::MAX_PEERS;
 
@@ -144,28 +142,29 @@ impl AspenClient {
         loop {
             let peer = target.take().unwrap_or_else(|| self.peers[index % self.peers.len()].clone());
             let outcome = self.call_node(&peer, request.clone()).await.and_then(&decode);
-            let retry_elsewhere = match &outcome {
+            let failure = match &outcome {
                 Ok(_) => {
                     if let Some(position) = self.peers.iter().position(|known| *known == peer) {
                         self.preferred.store(position, Ordering::Relaxed);
                     }
                     return outcome;
                 }
-                Err(ClientError::Unreachable(error)) => idempotent || error.is_before_send(),
-                // Not applied anywhere: safe to retry for any request.
-                Err(ClientError::Kv(KvError::NotLeader { leader_addr, .. }))
-                | Err(ClientError::Cluster(ClusterError::NotLeader { leader_addr, .. })) => {
-                    target = leader_addr.as_deref().and_then(|addr| addr.parse().ok());
-                    true
+                Err(ClientError::Unreachable(error)) => {
+                    AttemptFailure::Unreachable { before_send: error.is_before_send() }
                 }
-                Err(ClientError::Kv(KvError::Unavailable(_))) => true,
-                Err(ClientError::Kv(KvError::Timeout { .. })) => idempotent,
-                Err(_) => false,
+                Err(ClientError::Kv(error)) => AttemptFailure::Kv(error),
+                Err(ClientError::Cluster(error)) => AttemptFailure::Cluster(error),
+                Err(_) => AttemptFailure::Other,
             };
-            if !retry_elsewhere || started.elapsed() >= self.retry_deadline {
+            let action = retry::after_failure(failure, idempotent);
+            if action == RetryAction::Stop || started.elapsed() >= self.retry_deadline {
                 return outcome;
             }
             tracing::debug!(peer = %peer.short(), error = ?outcome.as_ref().err(), "retrying");
+            target = match action {
+                RetryAction::Redirect(addr) => addr.parse().ok(),
+                RetryAction::NextNode | RetryAction::Stop => None,
+            };
             if target.is_none() {
                 index += 1;
                 tokio::time::sleep(RETRY_PAUSE).await;

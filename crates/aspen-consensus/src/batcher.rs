@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use aspen_api::limits::{MAX_BATCH_SIZE, MAX_VALUE_SIZE};
 use aspen_api::{ApplyError, KvError, WriteCommand, WriteResponse};
+use aspen_raft_storage::rt;
 use aspen_raft_storage::{EntryResponse, SqliteStateMachine, TypeConfig};
 use openraft::Raft;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -65,7 +66,7 @@ pub async fn run(raft: AspenRaft, mut queue: mpsc::Receiver<PendingWrite>, max_i
         }
         let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { return };
         let raft = raft.clone();
-        tokio::spawn(async move {
+        rt::spawn(async move {
             propose(&raft, group).await;
             drop(permit);
         });

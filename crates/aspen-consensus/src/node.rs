@@ -11,6 +11,7 @@ use aspen_api::{
     NodeId, NodeRole, ReadConsistency, ScanRequest, ScanResponse, SqlRequest, SqlResponse, WriteCommand, WriteResponse,
     validate_key,
 };
+use aspen_raft_storage::rt;
 use aspen_raft_storage::state_machine::Snapshot;
 use aspen_raft_storage::{RedbLogStore, SnapshotMeta, SnapshotReceiver, SqliteStateMachine, StateMachineReader, Vote};
 use openraft::async_runtime::WatchReceiver;
@@ -86,7 +87,7 @@ impl<C: RaftRpcClient> RaftNode<C> {
         .await
         .map_err(|error| StartError::Raft(error.to_string()))?;
         let (writes, queue) = mpsc::channel(config.max_pending_writes);
-        tokio::spawn(batcher::run(raft.clone(), queue, config.max_batches_in_flight));
+        rt::spawn(batcher::run(raft.clone(), queue, config.max_batches_in_flight));
         let inner =
             Inner { config, raft, state_machine, reader, rpc, health, writes, snapshot_inbox: Mutex::new(None) };
         Ok(RaftNode { inner: Arc::new(inner) })
@@ -144,11 +145,11 @@ impl<C: RaftRpcClient> RaftNode<C> {
         let timeout = self.inner.config.write_timeout;
         let after_ms = timeout.as_millis() as u64;
         let (reply, result) = oneshot::channel();
-        tokio::time::timeout(timeout, self.inner.writes.send(PendingWrite { command, reply }))
+        rt::timeout(timeout, self.inner.writes.send(PendingWrite { command, reply }))
             .await
             .map_err(|_| KvError::Timeout { after_ms })?
             .map_err(|_| KvError::Unavailable("node is shutting down".into()))?;
-        tokio::time::timeout(timeout, result)
+        rt::timeout(timeout, result)
             .await
             .map_err(|_| KvError::Timeout { after_ms })?
             .map_err(|_| KvError::Unavailable("node is shutting down".into()))?
@@ -158,6 +159,12 @@ impl<C: RaftRpcClient> RaftNode<C> {
     /// call (ReadIndex): on the leader directly, on a follower via the leader's read index.
     pub async fn read_barrier(&self, consistency: ReadConsistency) -> Result<(), KvError> {
         if consistency == ReadConsistency::Stale {
+            return Ok(());
+        }
+        // Deliberate bug for the simulator's self-test (`cargo xtask sim --bug stale-read`):
+        // a follower serves "linearizable" reads from its local state. Never in real builds.
+        #[cfg(feature = "sim-bug-stale-read")]
+        if self.leader().is_some_and(|(leader, _)| leader != self.id()) {
             return Ok(());
         }
         let timeout = self.inner.config.read_timeout;
@@ -273,7 +280,7 @@ impl<C: RaftRpcClient> RaftNode<C> {
     {
         let reader = self.inner.reader.clone();
         async move {
-            tokio::task::spawn_blocking(move || read(&reader))
+            rt::blocking(move || read(&reader))
                 .await
                 .map_err(|error| KvError::Storage(format!("read task failed: {error}")))?
         }
@@ -372,7 +379,7 @@ impl<C: RaftRpcClient> ClusterController for RaftNode<C> {
         // Blocking: returns once the learner has caught up, so promoting it right after is
         // safe. Bounded: a learner that cannot be reached (or refuses us) is a timeout.
         let timeout = self.inner.config.write_timeout;
-        tokio::time::timeout(timeout, self.inner.raft.add_learner(node.id, node, true))
+        rt::timeout(timeout, self.inner.raft.add_learner(node.id, node, true))
             .await
             .map_err(|_| ClusterError::Timeout { after_ms: timeout.as_millis() as u64 })?
             .map(|_| ())
@@ -390,7 +397,7 @@ impl<C: RaftRpcClient> ClusterController for RaftNode<C> {
             return Err(ClusterError::UnknownNode(*unknown));
         }
         let timeout = self.inner.config.write_timeout;
-        tokio::time::timeout(timeout, self.inner.raft.change_membership(voters, false))
+        rt::timeout(timeout, self.inner.raft.change_membership(voters, false))
             .await
             .map_err(|_| ClusterError::Timeout { after_ms: timeout.as_millis() as u64 })?
             .map(|_| ())

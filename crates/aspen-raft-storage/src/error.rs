@@ -120,9 +120,14 @@ pub enum StateMachineError {
     /// SQLite failed.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// The read pool failed to hand out a connection.
-    #[error("read pool: {0}")]
-    Pool(#[from] r2d2::Error),
+    /// Every read connection stayed busy for the whole wait.
+    #[error("all {size} read connections busy for {waited:?}")]
+    PoolExhausted {
+        /// Connections in the pool.
+        size: usize,
+        /// How long the read waited.
+        waited: std::time::Duration,
+    },
     /// Stored metadata cannot be decoded.
     #[error("state machine metadata {name:?} is malformed: {reason}")]
     MalformedMeta {

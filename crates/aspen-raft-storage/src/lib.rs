@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod log;
+pub mod rt;
 pub mod state_machine;
 pub mod type_config;
 

@@ -9,7 +9,7 @@ openraft::declare_raft_types!(
         R = EntryResponse,
         NodeId = NodeId,
         Node = ClusterNode,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = crate::rt::RaftRuntime,
 );
 
 /// A log id under [`TypeConfig`].

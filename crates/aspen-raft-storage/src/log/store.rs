@@ -449,7 +449,7 @@ where
     F: FnOnce(&Shared) -> Result<T, LogStoreError> + Send + 'static,
 {
     let shared = Arc::clone(shared);
-    tokio::task::spawn_blocking(move || work(&shared)).await.map_err(|error| LogStoreError::Task(error.to_string()))?
+    crate::rt::blocking(move || work(&shared)).await.map_err(LogStoreError::Task)?
 }
 
 impl RaftLogReader<TypeConfig> for RedbLogStore {

@@ -1,7 +1,7 @@
 //! The state machine in SQLite.
 //!
 //! One writer connection applies each batch of committed entries in one transaction,
-//! together with last_applied and membership. Reads go through an r2d2 pool of read-only
+//! together with last_applied and membership. Reads go through a bounded pool of read-only
 //! connections and run concurrently with applies (WAL mode). Snapshots are files built
 //! by `VACUUM INTO` (see [`snapshot`]).
 
@@ -25,15 +25,14 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use rusqlite::{Connection, TransactionBehavior};
 
 use self::meta::AppliedState;
-use self::pool::ReadOnlyConnections;
+use self::pool::ReadPool;
+pub use self::pool::{READ_POOL_SIZE, READ_POOL_WAIT};
 use self::snapshot::{SnapshotFile, SnapshotStore};
 use crate::error::{SnapshotError, SqlError, StateMachineError};
 use crate::type_config::{Entry, EntryResponse, LogId, SnapshotMeta, StoredMembership, TypeConfig};
 
 /// File name of the live database inside the state machine's directory.
 pub const DB_FILE: &str = "state.db";
-/// Read connections in the pool.
-pub const READ_POOL_SIZE: u32 = 8;
 
 /// A snapshot under [`TypeConfig`] with file-backed data.
 pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>;
@@ -59,7 +58,7 @@ struct Writer {
 /// Serves reads from the pool of read-only connections. Cheap to clone.
 #[derive(Clone)]
 pub struct StateMachineReader {
-    pool: r2d2::Pool<ReadOnlyConnections>,
+    pool: Arc<ReadPool>,
 }
 
 impl SqliteStateMachine {
@@ -74,10 +73,7 @@ impl SqliteStateMachine {
         schema::configure_writer(&conn)?;
         let applied = meta::read_applied(&conn)?;
         let snapshots = SnapshotStore::open(dir.join("snapshots"))?;
-        let pool = r2d2::Pool::builder()
-            .max_size(READ_POOL_SIZE)
-            .min_idle(Some(1))
-            .build(ReadOnlyConnections::new(db_path.clone()))?;
+        let pool = Arc::new(ReadPool::open(db_path.clone())?);
         let shared = Shared {
             db_path,
             writer: Mutex::new(Writer { conn, applied }),
@@ -138,9 +134,7 @@ impl SqliteStateMachine {
         F: FnOnce(&Shared) -> Result<T, StateMachineError> + Send + 'static,
     {
         let shared = Arc::clone(&self.shared);
-        tokio::task::spawn_blocking(move || work(&shared))
-            .await
-            .map_err(|error| StateMachineError::Task(error.to_string()))?
+        crate::rt::blocking(move || work(&shared)).await.map_err(StateMachineError::Task)?
     }
 }
 
@@ -232,8 +226,44 @@ impl StateMachineReader {
 
     /// Runs a read-only SQL query over the `kv` view.
     pub fn sql(&self, request: &SqlRequest) -> Result<SqlResponse, SqlError> {
-        let mut conn = self.pool.get().map_err(|error| SqlError::Storage(Box::new(error.into())))?;
+        let mut conn = self.pool.get().map_err(|error| SqlError::Storage(Box::new(error)))?;
         sql::run_query(&mut conn, request)
+    }
+
+    /// A blake3 digest of every key (with its value, revisions and lease) and every lease,
+    /// with the revision it reflects, read in one transaction. Replicas at the same revision
+    /// must have equal digests; the simulator checks it.
+    pub fn digest(&self) -> Result<(u64, [u8; 32]), StateMachineError> {
+        let mut conn = self.pool.get()?;
+        let txn = conn.transaction()?;
+        let revision = meta::read_revision(&txn)?;
+        let mut hasher = blake3::Hasher::new();
+        {
+            let mut rows = txn.prepare_cached(
+                "SELECT key, value, create_revision, mod_revision, version, lease FROM kv_store ORDER BY key",
+            )?;
+            let mut rows = rows.query([])?;
+            while let Some(row) = rows.next()? {
+                for column in 0..2 {
+                    let bytes: Vec<u8> = row.get(column)?;
+                    hasher.update(&(bytes.len() as u64).to_le_bytes());
+                    hasher.update(&bytes);
+                }
+                for column in 2..5 {
+                    hasher.update(&row.get::<_, i64>(column)?.to_le_bytes());
+                }
+                hasher.update(&row.get::<_, Option<i64>>(5)?.unwrap_or(-1).to_le_bytes());
+            }
+            let mut leases = txn.prepare_cached("SELECT id, ttl_secs, granted_revision FROM leases ORDER BY id")?;
+            let mut leases = leases.query([])?;
+            while let Some(row) = leases.next()? {
+                for column in 0..3 {
+                    hasher.update(&row.get::<_, i64>(column)?.to_le_bytes());
+                }
+            }
+        }
+        txn.commit()?;
+        Ok((revision, *hasher.finalize().as_bytes()))
     }
 
     /// The applied index as seen by readers.

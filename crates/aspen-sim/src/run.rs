@@ -1,0 +1,492 @@
+//! One seed, start to finish: build the cluster, run clients and the nemesis, heal,
+//! converge, check invariants, check the history.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use aspen_api::{ClusterController, NodeId};
+use aspen_checker::{Operation, Verdict};
+use aspen_consensus::ConsensusConfig;
+use madsim::net::NetSim;
+use madsim::runtime::{Handle, NodeHandle, Runtime};
+
+use crate::cluster::{self, NodeSpec, Registry, member, now_ms};
+use crate::config::{Fault, SimConfig};
+use crate::history::{History, Trace};
+use crate::invariants::Monitor;
+use crate::net::{NetFaults, client_ip};
+use crate::workload::SimClient;
+
+/// Voters the cluster starts with.
+pub const VOTERS: u64 = 3;
+/// How often the monitor looks at every node (simulated).
+pub const MONITOR_INTERVAL: Duration = Duration::from_millis(25);
+/// Longest the healed cluster may take to serve a write and converge (simulated).
+pub const CONVERGE_DEADLINE: Duration = Duration::from_secs(60);
+/// Simulated time allowed beyond the workload before the run counts as hung.
+pub const TIME_LIMIT_SLACK: Duration = Duration::from_secs(900);
+
+/// Why a seed failed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// An invariant was violated during the run or after convergence.
+    Invariant,
+    /// The client history is not linearizable.
+    NotLinearizable,
+    /// The healed cluster did not serve a write or did not converge.
+    NoProgress,
+    /// Something panicked (a node, the simulator, or the run exceeded its time limit).
+    Panic,
+}
+
+/// The result of one seed.
+pub struct SeedReport {
+    /// What ran.
+    pub config: SimConfig,
+    /// `None` if the seed passed.
+    pub failure: Option<(FailureKind, String)>,
+    /// The checker's verdict, if it ran.
+    pub verdict: Option<Verdict>,
+    /// Simulated time the run covered.
+    pub sim_elapsed: Duration,
+    /// Wall-clock time it took.
+    pub wall: Duration,
+    /// The trace of the run.
+    pub trace: Trace,
+    /// The recorded operations.
+    pub history: Vec<Operation>,
+}
+
+/// What the simulated part hands back.
+struct SimOutcome {
+    sim_elapsed: Duration,
+    progress_error: Option<String>,
+}
+
+fn madsim_config(config: &SimConfig) -> madsim::Config {
+    let mut sim = madsim::Config::default();
+    if config.faults.contains(&Fault::Drop) {
+        sim.net.packet_loss_rate = 0.02;
+    }
+    sim.net.send_latency = if config.faults.contains(&Fault::Reorder) {
+        Duration::from_micros(200)..Duration::from_millis(60)
+    } else {
+        Duration::from_micros(500)..Duration::from_millis(2)
+    };
+    sim
+}
+
+/// Runs one seed with its node files under `data_root`. Never panics: a panic inside the
+/// simulation is the seed's failure.
+pub fn run_seed(config: &SimConfig, data_root: &Path) -> SeedReport {
+    let trace = Trace::default();
+    let history = History::default();
+    let dir = data_root.join(format!("seed-{}", config.seed));
+    let _ = std::fs::remove_dir_all(&dir);
+    let wall_start = Instant::now();
+    let outcome = {
+        let (trace, history, config, dir) = (trace.clone(), history.clone(), config.clone(), dir.clone());
+        std::panic::catch_unwind(AssertUnwindSafe(move || {
+            let mut runtime = Runtime::with_seed_and_config(config.seed, madsim_config(&config));
+            runtime.set_time_limit(Duration::from_secs(config.sim_secs) + TIME_LIMIT_SLACK);
+            runtime.block_on(simulate(config, dir, trace, history))
+        }))
+    };
+    let wall = wall_start.elapsed();
+    let _ = std::fs::remove_dir_all(&dir);
+    let history = history.operations();
+    let mut report = SeedReport {
+        config: config.clone(),
+        failure: None,
+        verdict: None,
+        sim_elapsed: Duration::ZERO,
+        wall,
+        trace,
+        history,
+    };
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|text| text.to_string()))
+                .unwrap_or_else(|| "panic".into());
+            report.failure = Some((FailureKind::Panic, message));
+            return report;
+        }
+    };
+    report.sim_elapsed = outcome.sim_elapsed;
+    let violations = report.trace.violations();
+    if !violations.is_empty() {
+        report.failure = Some((FailureKind::Invariant, violations.join("\n")));
+        return report;
+    }
+    let verdict = aspen_checker::check(&report.history);
+    match &verdict {
+        Verdict::Linearizable => {}
+        Verdict::NotLinearizable { key, explanation } => {
+            let key = String::from_utf8_lossy(key);
+            report.failure = Some((FailureKind::NotLinearizable, format!("key {key:?}: {explanation}")));
+        }
+        Verdict::Unknown { .. } => {
+            // The checker gave up within its bounds: not a failure, but said in the report.
+        }
+    }
+    report.verdict = Some(verdict);
+    if report.failure.is_none()
+        && let Some(error) = outcome.progress_error
+    {
+        report.failure = Some((FailureKind::NoProgress, error));
+    }
+    report
+}
+
+fn consensus_config(id: NodeId, faults: &BTreeSet<Fault>) -> ConsensusConfig {
+    let mut config = ConsensusConfig::new(id);
+    config.cluster_name = "sim".into();
+    if faults.contains(&Fault::Snapshot) {
+        config.snapshot_after_entries = 40;
+        config.log_entries_kept_after_snapshot = 5;
+    }
+    config
+}
+
+fn random_range(low: u64, high: u64) -> u64 {
+    low + madsim::rand::random::<u64>() % (high - low).max(1)
+}
+
+fn pick<T: Copy>(items: &[T]) -> Option<T> {
+    if items.is_empty() { None } else { Some(items[madsim::rand::random::<usize>() % items.len()]) }
+}
+
+/// The hosts of the run and what the nemesis did to them.
+struct Cluster {
+    handle: Handle,
+    hosts: BTreeMap<NodeId, NodeHandle>,
+    registry: Registry,
+    trace: Trace,
+    faults: Arc<NetFaults>,
+    root: PathBuf,
+    lose_wal: bool,
+}
+
+impl Cluster {
+    fn leader(&self) -> Option<NodeId> {
+        self.registry.live().into_iter().find_map(|(id, node)| {
+            let metrics = node.raft.metrics();
+            (metrics.state == openraft::ServerState::Leader).then_some(id)
+        })
+    }
+
+    fn members(&self) -> BTreeSet<NodeId> {
+        let Some(leader) = self.leader().and_then(|id| self.registry.get(id)) else { return BTreeSet::new() };
+        let metrics = leader.raft.metrics();
+        metrics.membership_config.membership().nodes().map(|(id, _)| *id).collect()
+    }
+
+    fn voters(&self) -> BTreeSet<NodeId> {
+        let Some(leader) = self.leader().and_then(|id| self.registry.get(id)) else { return BTreeSet::new() };
+        let metrics = leader.raft.metrics();
+        metrics.membership_config.membership().voter_ids().collect()
+    }
+
+    async fn crash(&self, id: NodeId) {
+        let Some(host) = self.hosts.get(&id) else { return };
+        self.registry.remove(id);
+        self.handle.kill(host.id());
+        self.trace.event(now_ms(), format!("nemesis: crash node {id}"));
+        let down = random_range(200, 3000);
+        madsim::time::sleep(Duration::from_millis(down)).await;
+        if self.lose_wal {
+            for _ in 0..100 {
+                if self.registry.is_closed(id) {
+                    break;
+                }
+                madsim::time::sleep(Duration::from_millis(10)).await;
+            }
+            let wal = cluster::node_dir(&self.root, id).join("sm").join("state.db-wal");
+            if let Ok(metadata) = std::fs::metadata(&wal)
+                && metadata.len() > 0
+            {
+                let keep = madsim::rand::random::<u64>() % (metadata.len() + 1);
+                let truncated = std::fs::OpenOptions::new().write(true).open(&wal).and_then(|file| file.set_len(keep));
+                self.trace.event(
+                    now_ms(),
+                    format!(
+                        "nemesis: node {id} loses its unsynced WAL tail ({keep} of {} bytes kept): {truncated:?}",
+                        metadata.len()
+                    ),
+                );
+            }
+        }
+        self.handle.restart(host.id());
+        self.trace.event(now_ms(), format!("nemesis: restart node {id} after {down} ms"));
+    }
+
+    async fn membership_swap(&self) {
+        let Some(leader) = self.leader() else { return };
+        let voters = self.voters();
+        let spare: Vec<NodeId> = self.hosts.keys().copied().filter(|id| !voters.contains(id)).collect();
+        let (Some(remove), Some(add)) = (pick(&voters.iter().copied().collect::<Vec<_>>()), pick(&spare)) else {
+            return;
+        };
+        let Some(node) = self.registry.get(leader) else { return };
+        let Some(host) = self.hosts.get(&leader) else { return };
+        let mut new_voters = voters.clone();
+        new_voters.remove(&remove);
+        new_voters.insert(add);
+        self.trace.event(now_ms(), format!("nemesis: membership {voters:?} -> {new_voters:?} via leader {leader}"));
+        let raft = node.raft.clone();
+        let result = host
+            .spawn(async move {
+                raft.add_learner(member(add)).await?;
+                raft.change_membership(new_voters).await
+            })
+            .await;
+        self.trace.event(now_ms(), format!("nemesis: membership change finished: {result:?}"));
+    }
+
+    async fn nemesis_step(&self, enabled: &[Fault]) {
+        let Some(fault) = pick(enabled) else { return };
+        let ids: Vec<NodeId> = self.hosts.keys().copied().collect();
+        let net = NetSim::current();
+        match fault {
+            Fault::Partition => {
+                let mut left = Vec::new();
+                let mut right = Vec::new();
+                for id in &ids {
+                    if madsim::rand::random::<bool>() { left.push(*id) } else { right.push(*id) }
+                }
+                if left.is_empty() || right.is_empty() {
+                    return;
+                }
+                self.trace.event(now_ms(), format!("nemesis: partition {left:?} | {right:?}"));
+                for a in &left {
+                    for b in &right {
+                        net.clog_link(self.hosts[a].id(), self.hosts[b].id());
+                        net.clog_link(self.hosts[b].id(), self.hosts[a].id());
+                    }
+                }
+                madsim::time::sleep(Duration::from_millis(random_range(500, 5000))).await;
+                for a in &left {
+                    for b in &right {
+                        net.unclog_link(self.hosts[a].id(), self.hosts[b].id());
+                        net.unclog_link(self.hosts[b].id(), self.hosts[a].id());
+                    }
+                }
+                self.trace.event(now_ms(), "nemesis: partition healed");
+            }
+            Fault::OneWay => {
+                let (Some(from), Some(to)) = (pick(&ids), pick(&ids)) else { return };
+                if from == to {
+                    return;
+                }
+                self.trace.event(now_ms(), format!("nemesis: one-way link {from} -> {to} cut"));
+                net.clog_link(self.hosts[&from].id(), self.hosts[&to].id());
+                madsim::time::sleep(Duration::from_millis(random_range(500, 5000))).await;
+                net.unclog_link(self.hosts[&from].id(), self.hosts[&to].id());
+                self.trace.event(now_ms(), "nemesis: one-way link healed");
+            }
+            Fault::Crash => {
+                if let Some(id) = pick(&ids) {
+                    self.crash(id).await;
+                }
+            }
+            Fault::Pause => {
+                let Some(id) = pick(&ids) else { return };
+                let pause = random_range(200, 3000);
+                self.trace.event(now_ms(), format!("nemesis: pause node {id} for {pause} ms"));
+                self.handle.pause(self.hosts[&id].id());
+                madsim::time::sleep(Duration::from_millis(pause)).await;
+                self.handle.resume(self.hosts[&id].id());
+            }
+            Fault::ClockSkew => {
+                let Some(id) = pick(&ids) else { return };
+                let rate = [0.5, 0.8, 1.3, 2.0][madsim::rand::random::<usize>() % 4];
+                self.trace.event(now_ms(), format!("nemesis: node {id} timers at {rate}x"));
+                aspen_raft_storage::rt::set_timer_rate(self.hosts[&id].id(), rate);
+                madsim::time::sleep(Duration::from_millis(random_range(1000, 6000))).await;
+                aspen_raft_storage::rt::set_timer_rate(self.hosts[&id].id(), 1.0);
+                self.trace.event(now_ms(), format!("nemesis: node {id} timers back to 1x"));
+            }
+            Fault::Membership => self.membership_swap().await,
+            Fault::Snapshot => {
+                let Some(id) = pick(&ids) else { return };
+                let (Some(node), Some(host)) = (self.registry.get(id), self.hosts.get(&id)) else { return };
+                let raft = node.raft.clone();
+                let result = host.spawn(async move { raft.trigger_snapshot().await }).await;
+                self.trace.event(now_ms(), format!("nemesis: snapshot on node {id}: {result:?}"));
+            }
+            // Message faults are on for the whole workload.
+            Fault::Drop | Fault::Delay | Fault::Duplicate | Fault::Reorder => {}
+        }
+    }
+
+    /// Ends every fault: links, pauses, skews, dead nodes, message faults.
+    fn heal(&self) {
+        let net = NetSim::current();
+        net.update_config(|config| config.packet_loss_rate = 0.0);
+        self.faults.duplicate_ppm.store(0, Ordering::Relaxed);
+        self.faults.delay_ppm.store(0, Ordering::Relaxed);
+        for host in self.hosts.values() {
+            for other in self.hosts.values() {
+                net.unclog_link(host.id(), other.id());
+            }
+            self.handle.resume(host.id());
+            aspen_raft_storage::rt::set_timer_rate(host.id(), 1.0);
+        }
+        for (id, host) in &self.hosts {
+            if self.registry.get(*id).is_none() {
+                self.handle.restart(host.id());
+                self.trace.event(now_ms(), format!("heal: restart node {id}"));
+            }
+        }
+        self.trace.event(now_ms(), "heal: all faults off");
+    }
+}
+
+async fn wait_until(deadline: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = madsim::time::Instant::now();
+    while start.elapsed() < deadline {
+        if done() {
+            return true;
+        }
+        madsim::time::sleep(Duration::from_millis(20)).await;
+    }
+    done()
+}
+
+async fn simulate(config: SimConfig, root: PathBuf, trace: Trace, history: History) -> SimOutcome {
+    let handle = Handle::current();
+    let faults = Arc::new(NetFaults::default());
+    if config.faults.contains(&Fault::Duplicate) {
+        faults.duplicate_ppm.store(20_000, Ordering::Relaxed);
+    }
+    if config.faults.contains(&Fault::Delay) {
+        faults.delay_ppm.store(20_000, Ordering::Relaxed);
+        faults.max_delay_ms.store(1000, Ordering::Relaxed);
+    }
+    let registry = Registry::default();
+    let node_count = if config.faults.contains(&Fault::Membership) { VOTERS + 1 } else { VOTERS };
+    let mut hosts = BTreeMap::new();
+    for id in 1..=node_count {
+        let spec = NodeSpec {
+            id,
+            dir: cluster::node_dir(&root, id),
+            config: consensus_config(id, &config.faults),
+            faults: Arc::clone(&faults),
+            registry: registry.clone(),
+            trace: trace.clone(),
+        };
+        hosts.insert(id, cluster::create_node(&handle, spec));
+    }
+    let cluster = Cluster {
+        handle: handle.clone(),
+        hosts,
+        registry: registry.clone(),
+        trace: trace.clone(),
+        faults: Arc::clone(&faults),
+        root,
+        lose_wal: config.faults.contains(&Fault::Crash),
+    };
+    let started = madsim::time::Instant::now();
+    if !wait_until(Duration::from_secs(10), || registry.live().len() == node_count as usize).await {
+        return SimOutcome { sim_elapsed: started.elapsed(), progress_error: Some("nodes did not start".into()) };
+    }
+    // Only a clone of node 1's Raft handle: holding its LiveNode here would keep its files
+    // open across a crash.
+    let (Some(raft), Some(first_host)) = (registry.get(1).map(|node| node.raft.clone()), cluster.hosts.get(&1)) else {
+        return SimOutcome { sim_elapsed: started.elapsed(), progress_error: Some("node 1 missing".into()) };
+    };
+    let init = first_host.spawn(async move { raft.init((1..=VOTERS).map(member).collect()).await }).await;
+    trace.event(now_ms(), format!("init voters 1..={VOTERS}: {init:?}"));
+
+    // The monitor checks invariants every few simulated milliseconds until the end.
+    let stop = Arc::new(AtomicBool::new(false));
+    let monitor = {
+        let (registry, trace, stop) = (registry.clone(), trace.clone(), Arc::clone(&stop));
+        madsim::task::spawn(async move {
+            let mut monitor = Monitor::default();
+            while !stop.load(Ordering::Relaxed) {
+                monitor.observe(&registry, &trace);
+                madsim::time::sleep(MONITOR_INTERVAL).await;
+            }
+            monitor
+        })
+    };
+
+    let workload_end = started.elapsed() + Duration::from_secs(config.sim_secs);
+    let node_ids: Vec<NodeId> = cluster.hosts.keys().copied().collect();
+    let mut clients = Vec::new();
+    for index in 0..config.clients {
+        let host = handle.create_node().name(format!("client-{index}")).ip(client_ip(index)).build();
+        let client =
+            SimClient::new(index, node_ids.clone(), Arc::clone(&faults), history.clone(), trace.clone(), config.keys);
+        clients.push(host.spawn(client.run(workload_end)));
+    }
+
+    let episodes: Vec<Fault> = config
+        .faults
+        .iter()
+        .copied()
+        .filter(|fault| !matches!(fault, Fault::Drop | Fault::Delay | Fault::Duplicate | Fault::Reorder))
+        .collect();
+    while started.elapsed() < workload_end {
+        madsim::time::sleep(Duration::from_millis(random_range(300, 2000))).await;
+        if started.elapsed() < workload_end {
+            cluster.nemesis_step(&episodes).await;
+        }
+    }
+    cluster.heal();
+    for client in clients {
+        let _ = client.await;
+    }
+    trace.event(now_ms(), format!("workload done: {} operations recorded", history.operations().len()));
+
+    // The healed cluster must serve a write, then every member must catch up to it.
+    let progress_error = converge(&cluster, &history, &trace, &faults, &node_ids).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut monitor = match monitor.await {
+        Ok(monitor) => monitor,
+        Err(error) => {
+            return SimOutcome { sim_elapsed: started.elapsed(), progress_error: Some(format!("monitor: {error}")) };
+        }
+    };
+    let members = cluster.members();
+    monitor.final_check(&registry, &members, &trace);
+    SimOutcome { sim_elapsed: started.elapsed(), progress_error }
+}
+
+async fn converge(
+    cluster: &Cluster,
+    history: &History,
+    trace: &Trace,
+    faults: &Arc<NetFaults>,
+    node_ids: &[NodeId],
+) -> Option<String> {
+    let host = cluster.handle.create_node().name("prober").ip(client_ip(200)).build();
+    let probe = SimClient::new(10_000, node_ids.to_vec(), Arc::clone(faults), history.clone(), trace.clone(), 1);
+    let wrote = host.spawn(probe.probe_write(CONVERGE_DEADLINE)).await.unwrap_or(false);
+    if !wrote {
+        return Some(format!("the healed cluster did not accept a write within {CONVERGE_DEADLINE:?}"));
+    }
+    let registry = cluster.registry.clone();
+    let converged = wait_until(CONVERGE_DEADLINE, || {
+        let members = cluster.members();
+        let live = registry.live();
+        let applied: BTreeSet<Option<u64>> = members
+            .iter()
+            .map(|id| live.get(id).and_then(|node| node.raft.metrics().last_applied.map(|log_id| log_id.index)))
+            .collect();
+        !members.is_empty() && applied.len() == 1 && !applied.contains(&None)
+    })
+    .await;
+    trace.event(now_ms(), format!("converged: {converged}"));
+    if converged { None } else { Some(format!("members did not converge within {CONVERGE_DEADLINE:?}")) }
+}

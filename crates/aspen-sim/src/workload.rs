@@ -1,0 +1,286 @@
+//! Simulated clients: put, linearizable get, delete, compare-and-set and scan over a few
+//! shared keys, through aspen-client's retry policy (`aspen_api::retry`), every operation
+//! recorded with its simulated call and return times for the linearizability checker.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aspen_api::retry::{self, AttemptFailure, RETRY_PAUSE, RetryAction};
+use aspen_api::{
+    ClientRequest, ClientResponse, Compare, CompareOp, CompareTarget, GetRequest, KeyRange, KvError, NodeId,
+    ReadConsistency, ScanRequest, TxnOp, TxnRequest, WriteCommand, WriteResponse,
+};
+use aspen_checker::{Input, Operation, Output};
+
+use crate::history::{History, Trace};
+use crate::net::{self, CLIENT_TAG, NetFaults};
+
+/// Deadline of one attempt; past it the outcome is unknown.
+pub const CLIENT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long one operation keeps retrying (simulated time).
+pub const CLIENT_RETRY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How an operation ended.
+enum CallResult {
+    /// A reply.
+    Done(ClientResponse),
+    /// Certainly not applied.
+    Failed(String),
+    /// May or may not have been applied.
+    Unknown(String),
+}
+
+/// One simulated client.
+pub struct SimClient {
+    /// Client number (also the checker's client id).
+    pub index: usize,
+    /// Node ids the client knows.
+    pub nodes: Vec<NodeId>,
+    /// Network faults of the run.
+    pub faults: Arc<NetFaults>,
+    /// Where operations are recorded.
+    pub history: History,
+    /// The run's trace.
+    pub trace: Trace,
+    /// Keys to use.
+    pub keys: usize,
+    preferred: usize,
+    seq: u64,
+}
+
+fn now_ns() -> u64 {
+    madsim::time::TimeHandle::current().elapsed().as_nanos() as u64
+}
+
+fn key_name(index: usize) -> Vec<u8> {
+    format!("k{index}").into_bytes()
+}
+
+impl SimClient {
+    /// A client over `nodes`.
+    pub fn new(
+        index: usize,
+        nodes: Vec<NodeId>,
+        faults: Arc<NetFaults>,
+        history: History,
+        trace: Trace,
+        keys: usize,
+    ) -> Self {
+        SimClient { index, nodes, faults, history, trace, keys, preferred: 0, seq: 0 }
+    }
+
+    /// Runs random operations until `until` (simulated time since start).
+    pub async fn run(mut self, until: Duration) {
+        while madsim::time::TimeHandle::current().elapsed() < until {
+            self.one_operation().await;
+            let pause = madsim::rand::random::<u64>() % 20;
+            madsim::time::sleep(Duration::from_millis(pause)).await;
+        }
+    }
+
+    /// After healing: one put that must be acknowledged before `deadline`. Recorded like any
+    /// other write.
+    pub async fn probe_write(mut self, deadline: Duration) -> bool {
+        let start = madsim::time::Instant::now();
+        while start.elapsed() < deadline {
+            self.seq += 1;
+            let key = key_name(0);
+            let value = format!("probe-{}", self.seq).into_bytes();
+            let call = now_ns();
+            let command = WriteCommand::Put { key: key.clone(), value: value.clone(), lease: None };
+            match self.call(ClientRequest::Write(command), false).await {
+                CallResult::Done(ClientResponse::Write(Ok(_))) => {
+                    self.record(key, call, Input::Put(value), Some(Output::Ok));
+                    return true;
+                }
+                CallResult::Unknown(_) => self.record(key, call, Input::Put(value), None),
+                _ => {}
+            }
+        }
+        false
+    }
+
+    async fn one_operation(&mut self) {
+        let key = key_name(madsim::rand::random::<usize>() % self.keys);
+        self.seq += 1;
+        let value = format!("c{}-{}", self.index, self.seq).into_bytes();
+        // Sometimes start at a random node, as a client that just connected would: reads
+        // then land on followers too.
+        if madsim::rand::random::<u64>() % 4 == 0 {
+            self.preferred = madsim::rand::random::<usize>() % self.nodes.len();
+        }
+        match madsim::rand::random::<u64>() % 10 {
+            0..=2 => {
+                let write = WriteCommand::Put { key: key.clone(), value: value.clone(), lease: None };
+                self.write(key, Input::Put(value), write).await;
+            }
+            3 => {
+                let write = WriteCommand::Delete { key: key.clone() };
+                self.write(key, Input::Delete, write).await;
+            }
+            4 | 5 => self.compare_and_set(key, value).await,
+            6..=8 => self.get(key).await,
+            _ => self.scan().await,
+        }
+    }
+
+    fn note(&self, message: &str) {
+        let at_ms = madsim::time::TimeHandle::current().elapsed().as_millis() as u64;
+        self.trace.event(at_ms, format!("client {}: {message}", self.index));
+    }
+
+    fn record(&self, key: Vec<u8>, call: u64, input: Input, output: Option<Output>) {
+        let ret = output.as_ref().map(|_| now_ns());
+        self.history.record(Operation { client: self.index as u64, key, call, ret, input, output });
+    }
+
+    async fn write(&mut self, key: Vec<u8>, input: Input, command: WriteCommand) {
+        let call = now_ns();
+        match self.call(ClientRequest::Write(command), false).await {
+            CallResult::Done(ClientResponse::Write(Ok(_))) => self.record(key, call, input, Some(Output::Ok)),
+            CallResult::Unknown(reason) => {
+                self.note(&format!("write outcome unknown: {reason}"));
+                self.record(key, call, input, None)
+            }
+            CallResult::Failed(reason) => self.note(&format!("write not applied: {reason}")),
+            CallResult::Done(response) => self.note(&format!("write refused: {response:?}")),
+        }
+    }
+
+    async fn compare_and_set(&mut self, key: Vec<u8>, new: Vec<u8>) {
+        // Expect what a read says now, so the CAS often succeeds.
+        let expected = match self.call(ClientRequest::Get(get(&key)), true).await {
+            CallResult::Done(ClientResponse::Get(Ok(response))) => response.kv.map(|kv| kv.value),
+            _ => return,
+        };
+        let compare = match &expected {
+            Some(value) => {
+                Compare { key: key.clone(), op: CompareOp::Equal, target: CompareTarget::Value(value.clone()) }
+            }
+            None => Compare { key: key.clone(), op: CompareOp::Equal, target: CompareTarget::Version(0) },
+        };
+        let txn = TxnRequest {
+            compare: vec![compare],
+            success: vec![TxnOp::Put { key: key.clone(), value: new.clone(), lease: None }],
+            failure: vec![],
+        };
+        let input = Input::Cas { expected, new: Some(new) };
+        let call = now_ns();
+        match self.call(ClientRequest::Write(WriteCommand::Txn(txn)), false).await {
+            CallResult::Done(ClientResponse::Write(Ok(WriteResponse::Txn(response)))) => {
+                self.record(key, call, input, Some(Output::CasResult(response.succeeded)))
+            }
+            CallResult::Unknown(reason) => {
+                self.note(&format!("cas outcome unknown: {reason}"));
+                self.record(key, call, input, None)
+            }
+            CallResult::Failed(reason) => self.note(&format!("cas not applied: {reason}")),
+            CallResult::Done(response) => self.note(&format!("cas refused: {response:?}")),
+        }
+    }
+
+    async fn get(&mut self, key: Vec<u8>) {
+        let call = now_ns();
+        if let CallResult::Done(ClientResponse::Get(Ok(response))) =
+            self.call(ClientRequest::Get(get(&key)), true).await
+        {
+            self.record(key, call, Input::Get, Some(Output::Value(response.kv.map(|kv| kv.value))));
+        }
+    }
+
+    /// A linearizable scan of every key: recorded as one read per key at the same interval
+    /// (each key's value must be linearizable on its own).
+    async fn scan(&mut self) {
+        let request = ScanRequest {
+            range: KeyRange { start: b"k".to_vec(), end: Some(b"l".to_vec()) },
+            limit: 0,
+            keys_only: false,
+            count_only: false,
+            after: None,
+            consistency: ReadConsistency::Linearizable,
+        };
+        let call = now_ns();
+        if let CallResult::Done(ClientResponse::Scan(Ok(response))) =
+            self.call(ClientRequest::Scan(request), true).await
+        {
+            for index in 0..self.keys {
+                let key = key_name(index);
+                let value = response.kvs.iter().find(|kv| kv.key == key).map(|kv| kv.value.clone());
+                self.record(key, call, Input::Get, Some(Output::Value(value)));
+            }
+        }
+    }
+
+    /// Sends `request`, retrying by aspen-client's policy until the retry deadline.
+    async fn call(&mut self, request: ClientRequest, idempotent: bool) -> CallResult {
+        let started = madsim::time::Instant::now();
+        let bytes = match postcard::to_stdvec(&request) {
+            Ok(bytes) => bytes,
+            Err(error) => return CallResult::Failed(format!("encode: {error}")),
+        };
+        let mut redirect: Option<SocketAddr> = None;
+        let mut maybe_applied = false;
+        loop {
+            let target =
+                redirect.take().unwrap_or_else(|| net::node_addr(self.nodes[self.preferred % self.nodes.len()]));
+            let reply = net::request(&self.faults, target, CLIENT_TAG, bytes.clone(), CLIENT_ATTEMPT_TIMEOUT).await;
+            let response = match reply {
+                Ok(reply) => match postcard::from_bytes::<ClientResponse>(&reply) {
+                    Ok(response) => Ok(response),
+                    Err(error) => return CallResult::Unknown(format!("undecodable reply: {error}")),
+                },
+                Err(error) => Err(error),
+            };
+            let failure_kv: Option<KvError> = match &response {
+                Ok(ClientResponse::Get(Err(error)))
+                | Ok(ClientResponse::Scan(Err(error)))
+                | Ok(ClientResponse::Write(Err(error))) => Some(error.clone()),
+                Ok(_) => None,
+                Err(_) => None,
+            };
+            let failure = match (&response, &failure_kv) {
+                (Ok(response), None) => return self.done(response.clone(), target),
+                (Ok(_), Some(error)) => AttemptFailure::Kv(error),
+                (Err(error), _) => AttemptFailure::Unreachable { before_send: error.is_before_send() },
+            };
+            if matches!(failure, AttemptFailure::Unreachable { before_send: false })
+                || matches!(failure, AttemptFailure::Kv(KvError::Timeout { .. }))
+            {
+                maybe_applied = true;
+            }
+            let action = retry::after_failure(failure, idempotent);
+            let describe = match (&response, &failure_kv) {
+                (_, Some(error)) => error.to_string(),
+                (Err(error), _) => error.to_string(),
+                _ => String::new(),
+            };
+            if action == RetryAction::Stop || started.elapsed() >= CLIENT_RETRY_DEADLINE {
+                return match (response, maybe_applied) {
+                    (Ok(response), false) => CallResult::Done(response),
+                    (_, true) => CallResult::Unknown(describe),
+                    (Err(_), false) => CallResult::Failed(describe),
+                };
+            }
+            match action {
+                RetryAction::Redirect(addr) => redirect = addr.parse().ok(),
+                RetryAction::NextNode | RetryAction::Stop => {}
+            }
+            if redirect.is_none() {
+                self.preferred += 1;
+                madsim::time::sleep(RETRY_PAUSE).await;
+            }
+        }
+    }
+
+    fn done(&mut self, response: ClientResponse, target: SocketAddr) -> CallResult {
+        if let Some(position) = self.nodes.iter().position(|id| net::node_addr(*id) == target) {
+            self.preferred = position;
+        }
+        CallResult::Done(response)
+    }
+}
+
+fn get(key: &[u8]) -> GetRequest {
+    GetRequest { key: key.to_vec(), consistency: ReadConsistency::Linearizable }
+}
