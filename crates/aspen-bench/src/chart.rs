@@ -202,6 +202,7 @@ mod tests {
                 kernel: "test".into(),
                 etcd_version: "3.4".into(),
                 data_dir: "/d".into(),
+                load_average_before: "0.00 0.00 0.00".into(),
             },
             fsync_before: probe,
             fsync_after: None,

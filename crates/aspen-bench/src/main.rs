@@ -144,6 +144,7 @@ fn warmup(secs_per_row: f64) -> Duration {
 
 async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
     let node_bin = args.node_bin.clone().unwrap_or_else(default_node_bin);
+    let load_average_before = read_trimmed("/proc/loadavg");
     let fsync_duration = Duration::from_secs_f64(args.fsync_secs);
     eprintln!("fsync probe in {} ({} s)", args.data_dir.display(), args.fsync_secs);
     let fsync_before = probe_fsync(&args.data_dir, fsync_duration).await?;
@@ -232,6 +233,12 @@ async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
     let etcd_version = etcd.version.clone();
     drop((aspen, etcd));
 
+    // The stopped clusters leave dirty pages behind; flush them so the probe measures the
+    // disk, not their writeback.
+    let synced = tokio::task::spawn_blocking(|| std::process::Command::new("sync").status()).await;
+    if !matches!(synced, Ok(Ok(status)) if status.success()) {
+        eprintln!("warning: `sync` failed; the second fsync probe may include writeback");
+    }
     let fsync_after = probe_fsync(&args.data_dir, fsync_duration).await?;
     let fsyncs_per_sec = baseline_fsyncs_per_sec(&fsync_before, Some(&fsync_after));
     let mut rows = Vec::new();
@@ -253,12 +260,13 @@ async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
         },
         environment: Environment {
             cpus: std::thread::available_parallelism().map_or(0, usize::from),
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
+            kernel: read_trimmed("/proc/sys/kernel/osrelease"),
             etcd_version,
             data_dir: std::fs::canonicalize(&args.data_dir)
                 .unwrap_or_else(|_| args.data_dir.clone())
                 .display()
                 .to_string(),
+            load_average_before,
         },
         fsync_before,
         fsync_after: Some(fsync_after),
@@ -292,6 +300,11 @@ async fn probe_fsync(dir: &Path, duration: Duration) -> anyhow::Result<FsyncProb
         .await
         .context("fsync probe task")?
         .with_context(|| format!("fsync probe in {shown}"))
+}
+
+/// A small /proc file's contents, or empty when unreadable (the report then says nothing).
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path).map(|text| text.trim().to_string()).unwrap_or_default()
 }
 
 /// aspen-node next to this executable (how cargo lays out a workspace), else on PATH.
