@@ -192,11 +192,14 @@ fn check_key(key: &[u8], operations: &[&Operation]) -> Verdict {
                 let left: Vec<String> = (0..count)
                     .filter(|index| !best.contains(index))
                     .take(5)
-                    .map(|index| format!("{:?}", operations[index]))
+                    .map(|index| operations[index].to_string())
                     .collect();
                 let order: Vec<String> = best
                     .iter()
-                    .map(|index| format!("{:?}->{:?}", operations[*index].input, operations[*index].output))
+                    .map(|index| {
+                        let op = &operations[*index];
+                        format!("{} = {}", op.input, op.output.as_ref().map_or("?".into(), Output::to_string))
+                    })
                     .collect();
                 return Verdict::NotLinearizable {
                     key: key.to_vec(),
@@ -209,6 +212,54 @@ fn check_key(key: &[u8], operations: &[&Operation]) -> Verdict {
                 };
             }
         }
+    }
+}
+
+/// Bytes as text, for explanations (values in tests and the simulator are text).
+fn show(bytes: &[u8]) -> String {
+    format!("{:?}", String::from_utf8_lossy(bytes))
+}
+
+fn show_value(value: &Option<Vec<u8>>) -> String {
+    value.as_deref().map_or_else(|| "absent".into(), show)
+}
+
+impl std::fmt::Display for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Put(value) => write!(f, "put({})", show(value)),
+            Input::Delete => write!(f, "delete"),
+            Input::Get => write!(f, "get"),
+            Input::Cas { expected, new } => write!(f, "cas({} -> {})", show_value(expected), show_value(new)),
+        }
+    }
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Output::Ok => write!(f, "ok"),
+            Output::Value(value) => write!(f, "{}", show_value(value)),
+            Output::CasResult(applied) => write!(f, "{applied}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |ns: u64| format!("{}.{:06}ms", ns / 1_000_000, ns % 1_000_000);
+        let ret = self.ret.map_or_else(|| "?".into(), ms);
+        let output = self.output.as_ref().map_or_else(|| "? (unknown outcome)".into(), Output::to_string);
+        write!(
+            f,
+            "client {} [{} .. {}] {} {} = {}",
+            self.client,
+            ms(self.call),
+            ret,
+            show(&self.key),
+            self.input,
+            output
+        )
     }
 }
 

@@ -140,9 +140,28 @@ fn violations_name_the_key() {
         Verdict::NotLinearizable { key, explanation } => {
             assert_eq!(key, b"other".to_vec());
             assert!(explanation.contains("could not place"), "{explanation}");
+            // Readable: values as text, the placed order and the operation left over.
+            assert!(explanation.contains(r#"put("z") = ok"#), "{explanation}");
+            assert!(
+                explanation.contains(r#"client 2 [0.000002ms .. 0.000003ms] "other" get = "nope""#),
+                "{explanation}"
+            );
         }
         other => panic!("expected a violation, got {other:?}"),
     }
+}
+
+#[test]
+fn unknown_outcomes_display_as_such() {
+    let op = Operation {
+        client: 7,
+        key: b"k".to_vec(),
+        call: 1_500_000,
+        ret: None,
+        input: Input::Cas { expected: None, new: Some(b"v".to_vec()) },
+        output: None,
+    };
+    assert_eq!(op.to_string(), r#"client 7 [1.500000ms .. ?] "k" cas(absent -> "v") = ? (unknown outcome)"#);
 }
 
 /// A random sequential run of the model, with each operation's call/return interval

@@ -14,19 +14,25 @@ fn main() -> anyhow::Result<()> {
 
 #[cfg(madsim)]
 mod sim_main {
+    use std::collections::BTreeMap;
     use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::{Arc, Mutex};
-    use std::time::{Duration, Instant};
+    use std::sync::{Mutex, MutexGuard};
+    use std::time::Instant;
 
     use anyhow::{Context, Result, bail};
     use aspen_sim::config::{SimConfig, faults_to_string, parse_faults};
     use aspen_sim::history::history_json;
     use aspen_sim::run::{SeedReport, run_seed};
     use clap::Parser;
+    use serde::{Deserialize, Serialize};
     use serde_json::json;
 
     /// Runs seeds of Aspen's deterministic simulation and checks every history.
+    ///
+    /// Every seed runs in its own process, so a seed's execution never depends on which
+    /// seeds ran before it: the printed replay command reproduces it exactly.
     #[derive(Parser, Debug)]
     #[command(name = "aspen-sim", version)]
     struct Args {
@@ -61,7 +67,7 @@ mod sim_main {
         /// Succeed only if some seed fails (proves the simulator catches --bug); stops at the first.
         #[arg(long)]
         expect_failure: bool,
-        /// Run every seed twice and fail if the two traces differ.
+        /// Run every seed twice, in two processes, and fail if the two traces differ.
         #[arg(long)]
         check_determinism: bool,
         /// Where failing seeds write their artifacts.
@@ -70,6 +76,26 @@ mod sim_main {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// Internal: run the one seed given by --seed in this process and print its result.
+        #[arg(long, hide = true)]
+        worker: bool,
+    }
+
+    /// What one seed's process reports.
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    struct SeedResult {
+        seed: u64,
+        failure: Option<String>,
+        explanation: Option<String>,
+        artifact: Option<PathBuf>,
+        operations: u64,
+        unknown_outcomes: u64,
+        simulated_secs: f64,
+        trace_digest: String,
+    }
+
+    fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+        mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn data_root() -> PathBuf {
@@ -105,16 +131,65 @@ mod sim_main {
         Ok(dir)
     }
 
-    fn run_in_thread(config: SimConfig, root: PathBuf) -> Result<SeedReport> {
-        // A fresh thread per seed: thread-local state (hash seeds, RNGs) starts the same
-        // for every run of a seed, whichever seeds ran before it.
-        std::thread::Builder::new()
-            .name(format!("seed-{}", config.seed))
-            .stack_size(64 * 1024 * 1024)
-            .spawn(move || run_seed(&config, &root))
-            .context("spawning a seed thread")?
-            .join()
-            .map_err(|_| anyhow::anyhow!("seed thread panicked outside the simulation"))
+    /// Worker mode: one seed in this process.
+    fn worker(config: SimConfig, bug: Option<&str>, artifacts: &Path) -> Result<()> {
+        let root = data_root();
+        let _ = std::fs::remove_dir_all(artifacts.join(format!("seed-{}", config.seed)));
+        let report = run_seed(&config, &root);
+        let _ = std::fs::remove_dir_all(&root);
+        let mut result = SeedResult {
+            seed: config.seed,
+            failure: None,
+            explanation: None,
+            artifact: None,
+            operations: report.history.len() as u64,
+            unknown_outcomes: report.history.iter().filter(|op| op.ret.is_none()).count() as u64,
+            simulated_secs: report.sim_elapsed.as_secs_f64(),
+            trace_digest: report.trace.digest(),
+        };
+        if let Some((kind, message)) = &report.failure {
+            let kind = serde_json::to_value(kind)?.as_str().unwrap_or("failure").to_string();
+            result.artifact = Some(write_artifact(artifacts, &report, bug, &kind, message)?);
+            result.failure = Some(kind);
+            result.explanation = Some(message.clone());
+        }
+        println!("{}", serde_json::to_string(&result)?);
+        Ok(())
+    }
+
+    /// Runs `config`'s seed in a child process of this binary.
+    fn spawn_seed(config: &SimConfig, args: &Args) -> Result<SeedResult> {
+        let exe = std::env::current_exe().context("locating aspen-sim")?;
+        let mut command = Command::new(exe);
+        command
+            .arg("--worker")
+            .args(["--seed", &config.seed.to_string()])
+            .args(["--faults", &faults_to_string(&config.faults)])
+            .args(["--secs", &config.sim_secs.to_string()])
+            .args(["--clients", &config.clients.to_string()])
+            .args(["--keys", &config.keys.to_string()])
+            .arg("--artifacts")
+            .arg(&args.artifacts)
+            .stdout(Stdio::piped());
+        if let Some(bug) = &args.bug {
+            command.args(["--bug", bug]);
+        }
+        let output = command.output().context("running a seed process")?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let line = stdout.lines().last().unwrap_or("");
+        match serde_json::from_str::<SeedResult>(line) {
+            Ok(result) => Ok(result),
+            Err(_) => Ok(SeedResult {
+                seed: config.seed,
+                failure: Some("crashed".into()),
+                explanation: Some(format!("the seed's process exited with {} and no result", output.status)),
+                artifact: None,
+                operations: 0,
+                unknown_outcomes: 0,
+                simulated_secs: 0.0,
+                trace_digest: String::new(),
+            }),
+        }
     }
 
     pub fn main() -> Result<()> {
@@ -130,8 +205,10 @@ mod sim_main {
         };
         let template = SimConfig { seed: first, faults, sim_secs: args.secs, clients: args.clients, keys: args.keys };
         template.validate()?;
+        if args.worker {
+            return worker(template, args.bug.as_deref(), &args.artifacts);
+        }
         let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
-        let root = data_root();
         eprintln!(
             "aspen-sim: {count} seed(s) from {first}, faults {}, {} s simulated each, {} clients, {} keys, {jobs} job(s){}",
             faults_to_string(&template.faults),
@@ -141,100 +218,69 @@ mod sim_main {
             built_bug.map(|bug| format!(", deliberate bug {bug}")).unwrap_or_default()
         );
 
-        let next = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicU64::new(0));
-        let results: Arc<Mutex<Vec<(u64, String, String, Option<PathBuf>)>>> = Arc::default();
-        let totals = Arc::new(Mutex::new((Duration::ZERO, 0u64, 0u64)));
+        let next = AtomicU64::new(0);
+        let stop = AtomicBool::new(false);
+        let results: Mutex<BTreeMap<u64, SeedResult>> = Mutex::default();
         let wall = Instant::now();
-        let mut workers = Vec::new();
-        for _ in 0..jobs {
-            let (next, stop, done, results, totals) =
-                (next.clone(), stop.clone(), done.clone(), results.clone(), totals.clone());
-            let (template, root, artifacts, bug) =
-                (template.clone(), root.clone(), args.artifacts.clone(), args.bug.clone());
-            let (expect_failure, check_determinism) = (args.expect_failure, args.check_determinism);
-            workers.push(std::thread::spawn(move || -> Result<()> {
-                loop {
-                    let offset = next.fetch_add(1, Ordering::Relaxed);
-                    if offset >= count || stop.load(Ordering::Relaxed) {
-                        return Ok(());
-                    }
-                    let config = SimConfig { seed: first + offset, ..template.clone() };
-                    // An artifact from an earlier run of this seed would be mistaken for this one's.
-                    let _ = std::fs::remove_dir_all(artifacts.join(format!("seed-{}", config.seed)));
-                    let report = run_in_thread(config.clone(), root.clone())?;
-                    let mut failure = report.failure.clone().map(|(kind, message)| {
-                        (
-                            serde_json::to_value(&kind)
-                                .ok()
-                                .and_then(|v| v.as_str().map(String::from))
-                                .unwrap_or_default(),
-                            message,
-                        )
-                    });
-                    if check_determinism && failure.is_none() {
-                        let again = run_in_thread(config.clone(), root.clone())?;
-                        if again.trace.digest() != report.trace.digest() || again.history != report.history {
-                            failure = Some((
-                                "nondeterministic".into(),
-                                format!(
-                                    "two runs of seed {} differ: trace {} vs {}, {} vs {} operations",
-                                    config.seed,
-                                    report.trace.digest(),
-                                    again.trace.digest(),
-                                    report.history.len(),
-                                    again.history.len()
-                                ),
-                            ));
+        std::thread::scope(|scope| -> Result<()> {
+            let mut workers = Vec::new();
+            for _ in 0..jobs {
+                workers.push(scope.spawn(|| -> Result<()> {
+                    loop {
+                        let offset = next.fetch_add(1, Ordering::Relaxed);
+                        if offset >= count || stop.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        let config = SimConfig { seed: first + offset, ..template.clone() };
+                        let mut result = spawn_seed(&config, &args)?;
+                        if args.check_determinism && result.failure.is_none() {
+                            let again = spawn_seed(&config, &args)?;
+                            if again.trace_digest != result.trace_digest {
+                                result.failure = Some("nondeterministic".into());
+                                result.explanation = Some(format!(
+                                    "two runs of seed {} differ: trace digests {} and {}",
+                                    config.seed, result.trace_digest, again.trace_digest
+                                ));
+                            }
+                        }
+                        if let (Some(kind), Some(message)) = (&result.failure, &result.explanation) {
+                            eprintln!("seed {} FAILED ({kind}): {}", config.seed, message.lines().next().unwrap_or(""));
+                            if let Some(artifact) = &result.artifact {
+                                eprintln!("  artifact: {}", artifact.display());
+                            }
+                            eprintln!("  replay:   {}", config.replay_command(args.bug.as_deref()));
+                            if args.expect_failure {
+                                stop.store(true, Ordering::Relaxed);
+                            }
+                        }
+                        let mut results = lock(&results);
+                        results.insert(config.seed, result);
+                        let finished = results.len() as u64;
+                        if finished.is_multiple_of(10) || finished == count {
+                            let failed = results.values().filter(|result| result.failure.is_some()).count();
+                            eprintln!(
+                                "[{finished}/{count}] seeds done, {failed} failed, {:.0} s wall",
+                                wall.elapsed().as_secs_f64()
+                            );
                         }
                     }
-                    {
-                        let mut totals = totals.lock().unwrap_or_else(|p| p.into_inner());
-                        totals.0 += report.sim_elapsed;
-                        totals.1 += report.history.len() as u64;
-                        totals.2 += report.history.iter().filter(|op| op.ret.is_none()).count() as u64;
-                    }
-                    if let Some((kind, message)) = failure {
-                        let artifact = write_artifact(&artifacts, &report, bug.as_deref(), &kind, &message)?;
-                        eprintln!("seed {} FAILED ({kind}): {}", config.seed, message.lines().next().unwrap_or(""));
-                        eprintln!("  artifact: {}", artifact.display());
-                        eprintln!("  replay:   {}", config.replay_command(bug.as_deref()));
-                        results.lock().unwrap_or_else(|p| p.into_inner()).push((
-                            config.seed,
-                            kind,
-                            message,
-                            Some(artifact),
-                        ));
-                        if expect_failure {
-                            stop.store(true, Ordering::Relaxed);
-                        }
-                    }
-                    let finished = done.fetch_add(1, Ordering::Relaxed) + 1;
-                    if finished % 10 == 0 || finished == count {
-                        let failed = results.lock().unwrap_or_else(|p| p.into_inner()).len();
-                        eprintln!(
-                            "[{finished}/{count}] seeds done, {failed} failed, {:.0} s wall",
-                            wall.elapsed().as_secs_f64()
-                        );
-                    }
-                }
-            }));
-        }
-        for worker in workers {
-            worker.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
-        }
-        let _ = std::fs::remove_dir_all(&root);
+                }));
+            }
+            for worker in workers {
+                worker.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))??;
+            }
+            Ok(())
+        })?;
+
         let wall = wall.elapsed();
-        let (simulated, operations, unknown) = *totals.lock().unwrap_or_else(|p| p.into_inner());
-        let failures = results.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let seeds_run = done.load(Ordering::Relaxed);
-        let sim_hours_per_minute = simulated.as_secs_f64() / 3600.0 / (wall.as_secs_f64() / 60.0).max(1e-9);
+        let results = results.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let failures: Vec<&SeedResult> = results.values().filter(|result| result.failure.is_some()).collect();
+        let seeds_run = results.len();
+        let operations: u64 = results.values().map(|result| result.operations).sum();
+        let unknown: u64 = results.values().map(|result| result.unknown_outcomes).sum();
+        let simulated: f64 = results.values().map(|result| result.simulated_secs).sum();
+        let sim_hours_per_minute = simulated / 3600.0 / (wall.as_secs_f64() / 60.0).max(1e-9);
         if args.json {
-            let failures: Vec<_> = failures
-                .iter()
-                .map(|(seed, kind, message, artifact)| json!({"seed": seed, "kind": kind, "explanation": message, "artifact": artifact}))
-                .collect();
             println!(
                 "{}",
                 serde_json::to_string_pretty(&json!({
@@ -244,16 +290,17 @@ mod sim_main {
                     "failures": failures,
                     "operations": operations,
                     "unknown_outcomes": unknown,
-                    "simulated_secs": simulated.as_secs_f64(),
+                    "simulated_secs": simulated,
                     "wall_secs": wall.as_secs_f64(),
                     "simulated_hours_per_wall_minute": sim_hours_per_minute,
+                    "trace_digests": results.values().map(|result| (result.seed, result.trace_digest.clone())).collect::<BTreeMap<_, _>>(),
                 }))?
             );
         } else {
             println!(
                 "{seeds_run} seed(s), {} failed; {operations} operations checked ({unknown} with unknown outcome); {:.2} simulated hours in {:.1} s wall ({sim_hours_per_minute:.2} simulated hours per wall minute)",
                 failures.len(),
-                simulated.as_secs_f64() / 3600.0,
+                simulated / 3600.0,
                 wall.as_secs_f64()
             );
         }

@@ -80,6 +80,20 @@ impl NetError {
     }
 }
 
+/// Whether the network may deliver a request twice.
+///
+/// QUIC delivers a stream's bytes exactly once, and Aspen's RPC client resends only what was
+/// never sent, so in production no request reaches the application twice. What Raft must
+/// tolerate are its own resends (heartbeats, appends, votes, snapshot chunks after a timeout),
+/// so those may be duplicated here; client requests and forwarded writes may not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// May arrive twice (idempotent by protocol).
+    AtLeastOnce,
+    /// Arrives at most once.
+    AtMostOnce,
+}
+
 /// Sends `bytes` to `dst` under `tag` from a fresh endpoint of the current host and
 /// waits up to `deadline` for the reply.
 pub async fn request(
@@ -88,6 +102,7 @@ pub async fn request(
     tag: u64,
     bytes: Vec<u8>,
     deadline: Duration,
+    delivery: Delivery,
 ) -> Result<Vec<u8>, NetError> {
     let endpoint = Endpoint::bind("0.0.0.0:0").await.map_err(|error| NetError::Send(error.to_string()))?;
     // Reply tags are above the request tags; random so that stale replies never match.
@@ -96,7 +111,7 @@ pub async fn request(
         let max = faults.max_delay_ms.load(Ordering::Relaxed).max(1);
         madsim::time::sleep(Duration::from_millis(madsim::rand::random::<u64>() % max)).await;
     }
-    let copies = if chance(&faults.duplicate_ppm) { 2 } else { 1 };
+    let copies = if delivery == Delivery::AtLeastOnce && chance(&faults.duplicate_ppm) { 2 } else { 1 };
     for _ in 0..copies {
         let frame = Frame { reply_tag, bytes: bytes.clone() };
         endpoint.send_to_raw(dst, tag, Box::new(frame)).await.map_err(|error| NetError::Send(error.to_string()))?;
@@ -153,16 +168,20 @@ impl RaftRpcClient for SimRaftClient {
         if bytes.len() > MAX_MESSAGE_SIZE {
             return Err(RpcFailure::Network { node: target, reason: format!("request of {} bytes", bytes.len()) });
         }
-        let reply = request_raft(&self.faults, addr, bytes).await.map_err(|error| match error {
-            NetError::Timeout(after) => RpcFailure::Timeout { node: target, after_ms: after.as_millis() as u64 },
-            NetError::Send(reason) => RpcFailure::Unreachable { node: target, reason },
-            NetError::Malformed => RpcFailure::Network { node: target, reason: "malformed reply".into() },
-        })?;
+        // A forwarded client write must not apply twice; everything else is Raft's to dedupe.
+        let delivery =
+            if matches!(request, RaftRpc::Forward(_)) { Delivery::AtMostOnce } else { Delivery::AtLeastOnce };
+        let reply =
+            self::request(&self.faults, addr, RAFT_TAG, bytes, RAFT_RPC_TIMEOUT, delivery).await.map_err(|error| {
+                match error {
+                    NetError::Timeout(after) => {
+                        RpcFailure::Timeout { node: target, after_ms: after.as_millis() as u64 }
+                    }
+                    NetError::Send(reason) => RpcFailure::Unreachable { node: target, reason },
+                    NetError::Malformed => RpcFailure::Network { node: target, reason: "malformed reply".into() },
+                }
+            })?;
         postcard::from_bytes(&reply)
             .map_err(|error| RpcFailure::Network { node: target, reason: format!("decode: {error}") })
     }
-}
-
-async fn request_raft(faults: &NetFaults, addr: SocketAddr, bytes: Vec<u8>) -> Result<Vec<u8>, NetError> {
-    request(faults, addr, RAFT_TAG, bytes, RAFT_RPC_TIMEOUT).await
 }

@@ -14,7 +14,7 @@ use aspen_api::{
 use aspen_checker::{Input, Operation, Output};
 
 use crate::history::{History, Trace};
-use crate::net::{self, CLIENT_TAG, NetFaults};
+use crate::net::{self, CLIENT_TAG, Delivery, NetFaults};
 
 /// Deadline of one attempt; past it the outcome is unknown.
 pub const CLIENT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(4);
@@ -107,7 +107,7 @@ impl SimClient {
         let value = format!("c{}-{}", self.index, self.seq).into_bytes();
         // Sometimes start at a random node, as a client that just connected would: reads
         // then land on followers too.
-        if madsim::rand::random::<u64>() % 4 == 0 {
+        if madsim::rand::random::<u64>().is_multiple_of(4) {
             self.preferred = madsim::rand::random::<usize>() % self.nodes.len();
         }
         match madsim::rand::random::<u64>() % 10 {
@@ -132,7 +132,9 @@ impl SimClient {
 
     fn record(&self, key: Vec<u8>, call: u64, input: Input, output: Option<Output>) {
         let ret = output.as_ref().map(|_| now_ns());
-        self.history.record(Operation { client: self.index as u64, key, call, ret, input, output });
+        let op = Operation { client: self.index as u64, key, call, ret, input, output };
+        self.note(&op.to_string());
+        self.history.record(op);
     }
 
     async fn write(&mut self, key: Vec<u8>, input: Input, command: WriteCommand) {
@@ -149,11 +151,13 @@ impl SimClient {
     }
 
     async fn compare_and_set(&mut self, key: Vec<u8>, new: Vec<u8>) {
-        // Expect what a read says now, so the CAS often succeeds.
+        // Expect what a read says now, so the CAS often succeeds. The read is history too.
+        let call = now_ns();
         let expected = match self.call(ClientRequest::Get(get(&key)), true).await {
             CallResult::Done(ClientResponse::Get(Ok(response))) => response.kv.map(|kv| kv.value),
             _ => return,
         };
+        self.record(key.clone(), call, Input::Get, Some(Output::Value(expected.clone())));
         let compare = match &expected {
             Some(value) => {
                 Compare { key: key.clone(), op: CompareOp::Equal, target: CompareTarget::Value(value.clone()) }
@@ -224,7 +228,15 @@ impl SimClient {
         loop {
             let target =
                 redirect.take().unwrap_or_else(|| net::node_addr(self.nodes[self.preferred % self.nodes.len()]));
-            let reply = net::request(&self.faults, target, CLIENT_TAG, bytes.clone(), CLIENT_ATTEMPT_TIMEOUT).await;
+            let reply = net::request(
+                &self.faults,
+                target,
+                CLIENT_TAG,
+                bytes.clone(),
+                CLIENT_ATTEMPT_TIMEOUT,
+                Delivery::AtMostOnce,
+            )
+            .await;
             let response = match reply {
                 Ok(reply) => match postcard::from_bytes::<ClientResponse>(&reply) {
                     Ok(response) => Ok(response),
