@@ -102,10 +102,12 @@ fn sim(args: &[String]) -> Result<()> {
     let binary = root.join("target/sim/debug/aspen-sim");
     let artifacts = root.join("target/sim-artifacts");
     eprintln!("==> aspen-sim {}", args.join(" "));
-    let status = Command::new(&binary)
-        .args(args)
-        .arg("--artifacts")
-        .arg(&artifacts)
+    let mut command = Command::new(&binary);
+    command.args(args);
+    if !args.iter().any(|arg| arg == "--artifacts") {
+        command.arg("--artifacts").arg(&artifacts);
+    }
+    let status = command
         .status()
         .with_context(|| format!("running {}", binary.display()))?;
     if !status.success() {
