@@ -14,7 +14,6 @@ use aspen_raft_storage::log::chain;
 use aspen_raft_storage::{Entry, RedbLogStore, SqliteStateMachine};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use openraft::EntryPayload;
-use openraft::impls::leader_id_adv::LeaderId;
 
 const VALUE_SIZE: usize = 256;
 const BATCH_SIZES: [u64; 4] = [1, 10, 100, 1000];
@@ -27,10 +26,7 @@ fn bench_dir() -> tempfile::TempDir {
 fn put_entry(index: u64) -> Entry {
     let key = format!("bench/key/{:08}", index % READ_KEYS).into_bytes();
     let command = WriteCommand::Put { key, value: vec![b'x'; VALUE_SIZE], lease: None };
-    Entry {
-        log_id: openraft::LogId::new(LeaderId { term: 1, node_id: 1 }, index),
-        payload: EntryPayload::Normal(command),
-    }
+    Entry { log_id: openraft::LogId::new(1u64.into(), index), payload: EntryPayload::Normal(command) }
 }
 
 fn log_append(c: &mut Criterion) {

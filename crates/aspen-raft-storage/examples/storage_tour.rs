@@ -7,16 +7,12 @@ use std::time::Instant;
 use aspen_api::{KeyRange, ScanRequest, SqlRequest, WriteCommand};
 use aspen_raft_storage::{Entry, RedbLogStore, SqliteStateMachine};
 use openraft::EntryPayload;
-use openraft::impls::leader_id_adv::LeaderId;
 
 const ENTRIES: u64 = 10_000;
 const BATCH: u64 = 500;
 
 fn entry(index: u64, command: WriteCommand) -> Entry {
-    Entry {
-        log_id: openraft::LogId::new(LeaderId { term: 1, node_id: 1 }, index),
-        payload: EntryPayload::Normal(command),
-    }
+    Entry { log_id: openraft::LogId::new(1u64.into(), index), payload: EntryPayload::Normal(command) }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -4,11 +4,17 @@ use aspen_api::{ApplyError, ClusterNode, NodeId, WriteCommand, WriteResponse};
 
 openraft::declare_raft_types!(
     /// Aspen's Raft types: entries carry [`WriteCommand`]s, nodes are [`ClusterNode`]s.
+    ///
+    /// Leader ids are standard Raft's (one leader per term), not openraft's default
+    /// "advanced" ids, which let several candidates lead the same term with different node
+    /// ids. The simulator found two leaders in one term under the default (seeds 574 and
+    /// 593); etcd users expect a term to name one leader.
     pub TypeConfig:
         D = WriteCommand,
         R = EntryResponse,
         NodeId = NodeId,
         Node = ClusterNode,
+        LeaderId = openraft::impls::leader_id_std::LeaderId<u64, NodeId>,
         AsyncRuntime = crate::rt::RaftRuntime,
 );
 

@@ -55,7 +55,7 @@ impl Monitor {
             // A leader is a node in the Leader state whose committed vote names itself; a
             // deposed leader that has not noticed yet holds a vote for someone else.
             let vote = &metrics.vote;
-            if metrics.state == ServerState::Leader && vote.is_committed() && vote.leader_id().node_id == id {
+            if metrics.state == ServerState::Leader && vote.is_committed() && vote.leader_id().voted_for == id {
                 let term = vote.leader_id().term;
                 match self.leaders.get(&term) {
                     Some(other) if *other != id => trace.violation(

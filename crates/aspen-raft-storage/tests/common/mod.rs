@@ -7,11 +7,10 @@ pub mod model;
 use aspen_api::{Compare, CompareOp, CompareTarget, KeyRange, TxnOp, TxnRequest, WriteCommand};
 use aspen_raft_storage::{Entry, LogId};
 use openraft::EntryPayload;
-use openraft::impls::leader_id_adv::LeaderId;
 
 /// A log id of `term` led by node 1.
 pub fn log_id(term: u64, index: u64) -> LogId {
-    LogId::new(LeaderId { term, node_id: 1 }, index)
+    LogId::new(term.into(), index)
 }
 
 /// A normal entry carrying `command`.
