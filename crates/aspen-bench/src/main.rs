@@ -29,6 +29,8 @@ const SECS_MAX: f64 = 600.0;
 const ROUNDS_MAX: usize = 20;
 /// Most client connections per system.
 const CONNECTIONS_MAX: usize = 64;
+/// The fsync probe before each write row: short, since it runs 2 x rounds x write rows.
+const ROW_PROBE: Duration = Duration::from_millis(500);
 
 /// Aspen vs etcd, 3 nodes each, on this machine, with the same closed-loop load generator.
 ///
@@ -189,9 +191,17 @@ async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     let mut runs: HashMap<(usize, System), Vec<RowRun>> = HashMap::new();
+    // This disk's fsync rate drifts by 10x and more within a run: each write row gets a
+    // probe taken just before it.
+    let mut row_fsyncs: HashMap<usize, Vec<f64>> = HashMap::new();
     for round in 0..args.rounds {
         let order = if round % 2 == 0 { [System::Aspen, System::Etcd] } else { [System::Etcd, System::Aspen] };
         for (index, step) in plan.iter().enumerate() {
+            if step.workload.writes_only() {
+                bar.set_message(format!("fsync probe before {} x{}", step.workload.name(), step.clients));
+                let probe = probe_fsync(&args.data_dir, ROW_PROBE).await?;
+                row_fsyncs.entry(index).or_default().push(probe.fsyncs_per_sec);
+            }
             for system in order {
                 bar.set_message(format!(
                     "{} x{} on {} (round {}/{})",
@@ -245,7 +255,8 @@ async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
     for (index, step) in plan.iter().enumerate() {
         let aspen = Measurement::merge(runs.remove(&(index, System::Aspen)).unwrap_or_default());
         let etcd = Measurement::merge(runs.remove(&(index, System::Etcd)).unwrap_or_default());
-        rows.push(Comparison::new(step.workload, step.clients, aspen, etcd, fsyncs_per_sec));
+        let row_rate = row_fsyncs.remove(&index).and_then(|rates| rates.into_iter().reduce(f64::max));
+        rows.push(Comparison::new(step.workload, step.clients, aspen, etcd, row_rate));
     }
     let report = Report {
         settings: Settings {

@@ -57,17 +57,26 @@ pub struct Comparison {
     pub etcd: Measurement,
     /// Aspen ops/s divided by etcd ops/s (`None` when etcd completed nothing).
     pub ops_ratio: Option<f64>,
-    /// Write-only workloads: the perfect batcher's ops/s at this concurrency.
+    /// Write-only workloads: the disk's fsync rate probed just before this row.
+    pub fsyncs_per_sec: Option<f64>,
+    /// Write-only workloads: the perfect batcher's ops/s at this concurrency and fsync rate.
     pub batcher_bound_ops_per_sec: Option<f64>,
 }
 
 impl Comparison {
-    /// Pairs two measurements of one step, with the bound for write-only workloads.
-    pub fn new(workload: Workload, clients: usize, aspen: Measurement, etcd: Measurement, fsyncs_per_sec: f64) -> Self {
+    /// Pairs two measurements of one step; `fsyncs_per_sec` (the disk's rate at the time)
+    /// gives write-only workloads their bound.
+    pub fn new(
+        workload: Workload,
+        clients: usize,
+        aspen: Measurement,
+        etcd: Measurement,
+        fsyncs_per_sec: Option<f64>,
+    ) -> Self {
         let ops_ratio = (etcd.ops_per_sec > 0.0).then(|| aspen.ops_per_sec / etcd.ops_per_sec);
-        let batcher_bound_ops_per_sec =
-            workload.writes_only().then(|| perfect_batcher_ops_per_sec(clients, fsyncs_per_sec));
-        Comparison { workload, clients, aspen, etcd, ops_ratio, batcher_bound_ops_per_sec }
+        let fsyncs_per_sec = fsyncs_per_sec.filter(|_| workload.writes_only());
+        let batcher_bound_ops_per_sec = fsyncs_per_sec.map(|rate| perfect_batcher_ops_per_sec(clients, rate));
+        Comparison { workload, clients, aspen, etcd, ops_ratio, fsyncs_per_sec, batcher_bound_ops_per_sec }
     }
 }
 
@@ -91,7 +100,8 @@ pub struct Report {
     pub fsync_before: FsyncProbe,
     /// The disk's fsync rate after the load, clusters idle.
     pub fsync_after: Option<FsyncProbe>,
-    /// fsyncs/s the bounds use: the faster probe, so they stay upper bounds.
+    /// The faster of the before and after probes, fsyncs/s (each write row's bound uses
+    /// its own probe).
     pub fsyncs_per_sec: f64,
     /// The comparisons, in plan order.
     pub rows: Vec<Comparison>,
@@ -99,8 +109,7 @@ pub struct Report {
     pub skipped: Vec<Skipped>,
 }
 
-/// The fsync rate the bounds use: the faster of the probes taken, so that a disk that
-/// drifted during the run still gives an upper bound.
+/// The faster of the probes taken: an upper bound on the disk's rate during the run.
 pub fn baseline_fsyncs_per_sec(before: &FsyncProbe, after: Option<&FsyncProbe>) -> f64 {
     after.map_or(before.fsyncs_per_sec, |after| before.fsyncs_per_sec.max(after.fsyncs_per_sec))
 }
@@ -137,7 +146,7 @@ pub fn workload_table(workload: Workload, rows: &[&Comparison]) -> String {
         "errors Aspen / etcd",
     ];
     if workload.writes_only() {
-        header.extend(["perfect batcher ops/s", "Aspen of bound", "etcd of bound"]);
+        header.extend(["disk fsyncs/s", "perfect batcher ops/s", "Aspen of bound", "etcd of bound"]);
     }
     if workload == Workload::Cas {
         header.push("CAS won Aspen / etcd");
@@ -153,8 +162,10 @@ pub fn workload_table(workload: Workload, rows: &[&Comparison]) -> String {
             latencies(&row.etcd),
             format!("{} / {}", row.aspen.errors, row.etcd.errors),
         ];
-        if let Some(bound) = row.batcher_bound_ops_per_sec {
+        if workload.writes_only() {
+            let bound = row.batcher_bound_ops_per_sec.unwrap_or(0.0);
             cells.extend([
+                row.fsyncs_per_sec.map_or("-".into(), |rate| format!("{rate:.0}")),
                 format!("{bound:.0}"),
                 percent(row.aspen.ops_per_sec, bound),
                 percent(row.etcd.ops_per_sec, bound),
@@ -207,12 +218,12 @@ impl Report {
         let _ = writeln!(
             out,
             "Physical limit: write + fdatasync of one {} B block in a loop, in the data dir: {} before the run{after}; \
-             the bounds use the faster, {:.0}/s. A perfect batcher commits every outstanding write in the next \
-             fsync, so N closed-loop writers get at most min(N, {}) x fsyncs/s. Raft needs a leader and a follower \
-             fsync per commit (on the same disk here) plus CPU and network, so real systems sit below it.\n",
+             this disk's rate drifts within a run, so each write row is bounded by the faster of the short probes \
+             taken just before it (column \"disk fsyncs/s\"). A perfect batcher commits every outstanding write in \
+             the next fsync, so N closed-loop writers get at most min(N, {}) x fsyncs/s. Raft needs a leader and a \
+             follower fsync per commit (on the same disk here) plus CPU and network, so real systems sit below it.\n",
             crate::fsync::PROBE_BLOCK_BYTES,
             probe(&self.fsync_before),
-            self.fsyncs_per_sec,
             aspen_api::limits::MAX_BATCH_SIZE,
         );
         for workload in Workload::ALL {
@@ -261,14 +272,19 @@ mod tests {
 
     #[test]
     fn put_table_has_ratio_and_bound_columns() {
-        let row =
-            Comparison::new(Workload::Put, 16, measured(4000.0, 2500, 0, None), measured(2000.0, 5000, 1, None), 500.0);
+        let row = Comparison::new(
+            Workload::Put,
+            16,
+            measured(4000.0, 2500, 0, None),
+            measured(2000.0, 5000, 1, None),
+            Some(500.0),
+        );
         assert_eq!(row.ops_ratio, Some(2.0));
         assert_eq!(row.batcher_bound_ops_per_sec, Some(8000.0));
         let expected = "\
-| clients | Aspen ops/s | etcd ops/s | Aspen/etcd | Aspen p50 / p99 / p99.9 ms | etcd p50 / p99 / p99.9 ms | errors Aspen / etcd | perfect batcher ops/s | Aspen of bound | etcd of bound |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
-| 16 | 4000 | 2000 | 2.00 | 2.50 / 5.00 / 7.50 | 5.00 / 10.00 / 15.00 | 0 / 1 | 8000 | 50% | 25% |
+| clients | Aspen ops/s | etcd ops/s | Aspen/etcd | Aspen p50 / p99 / p99.9 ms | etcd p50 / p99 / p99.9 ms | errors Aspen / etcd | disk fsyncs/s | perfect batcher ops/s | Aspen of bound | etcd of bound |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| 16 | 4000 | 2000 | 2.00 | 2.50 / 5.00 / 7.50 | 5.00 / 10.00 / 15.00 | 0 / 1 | 500 | 8000 | 50% | 25% |
 ";
         assert_eq!(workload_table(Workload::Put, &[&row]), expected);
     }
@@ -280,10 +296,10 @@ mod tests {
             1,
             measured(900.0, 1000, 0, None),
             measured(0.0, 0, 5, None),
-            500.0,
+            Some(500.0),
         );
         assert_eq!(get.ops_ratio, None);
-        assert_eq!(get.batcher_bound_ops_per_sec, None);
+        assert_eq!((get.fsyncs_per_sec, get.batcher_bound_ops_per_sec), (None, None), "no bound for reads");
         let table = workload_table(Workload::GetLinearizable, &[&get]);
         assert!(table.ends_with("| 1 | 900 | 0 | - | 1.00 / 2.00 / 3.00 | 0.00 / 0.00 / 0.00 | 0 / 5 |\n"), "{table}");
 
@@ -292,11 +308,13 @@ mod tests {
             64,
             measured(100.0, 1000, 0, Some(25)),
             measured(100.0, 1000, 0, Some(50)),
-            10.0,
+            Some(10.0),
         );
         let table = workload_table(Workload::Cas, &[&cas]);
         assert!(table.starts_with("| clients |") && table.contains("| CAS won Aspen / etcd |"), "{table}");
-        assert!(table.ends_with("| 640 | 16% | 16% | 25% / 50% |\n"), "{table}");
+        assert!(table.ends_with("| 10 | 640 | 16% | 16% | 25% / 50% |\n"), "{table}");
+        let unprobed = Comparison::new(Workload::Put, 1, measured(1.0, 1, 0, None), measured(1.0, 1, 0, None), None);
+        assert!(workload_table(Workload::Put, &[&unprobed]).ends_with("| - | 0 | - | - |\n"));
     }
 
     #[test]
