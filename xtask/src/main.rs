@@ -107,9 +107,7 @@ fn sim(args: &[String]) -> Result<()> {
     if !args.iter().any(|arg| arg == "--artifacts") {
         command.arg("--artifacts").arg(&artifacts);
     }
-    let status = command
-        .status()
-        .with_context(|| format!("running {}", binary.display()))?;
+    let status = command.status().with_context(|| format!("running {}", binary.display()))?;
     if !status.success() {
         bail!("aspen-sim {} failed with {status}", args.join(" "));
     }
