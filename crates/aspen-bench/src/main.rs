@@ -14,10 +14,8 @@ use aspen_bench::cluster::{AspenCluster, AspenConfig, EtcdCluster, EtcdConfig};
 use aspen_bench::etcd::EtcdClient;
 use aspen_bench::fsync::{self, FsyncProbe};
 use aspen_bench::report::{Comparison, Environment, Report, Settings, Skipped, baseline_fsyncs_per_sec};
-use aspen_bench::target::{KvTarget, System};
-use aspen_bench::workload::{
-    self, HOT_KEYS, KEY_SPACE, MAX_CLIENTS, Measurement, RowRun, SCAN_KEYS, Step, VALUE_SIZE, Workload,
-};
+use aspen_bench::target::System;
+use aspen_bench::workload::{self, HOT_KEYS, KEY_SPACE, Measurement, RowRun, SCAN_KEYS, Step, VALUE_SIZE, Workload};
 use aspen_client::AspenClient;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -212,8 +210,8 @@ async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
                     args.rounds
                 ));
                 let run = match system {
-                    System::Aspen => measure(&aspen_connections, *step, warmup, duration).await?,
-                    System::Etcd => measure(&etcd_connections, *step, warmup, duration).await?,
+                    System::Aspen => workload::run_step(&aspen_connections, *step, warmup, duration).await?,
+                    System::Etcd => workload::run_step(&etcd_connections, *step, warmup, duration).await?,
                 };
                 let line = format!(
                     "{:>9} x{:<3} {:<5} {:>8.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}",
@@ -289,19 +287,6 @@ async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
         }],
     };
     write_outputs(args, &report)
-}
-
-/// Runs one step; a failure of the harness itself (not of an operation) aborts the run.
-async fn measure<T: KvTarget>(
-    connections: &[Arc<T>],
-    step: Step,
-    warmup: Duration,
-    duration: Duration,
-) -> anyhow::Result<RowRun> {
-    if step.clients > MAX_CLIENTS {
-        bail!("{} clients is above the limit of {MAX_CLIENTS}", step.clients);
-    }
-    Ok(workload::run_step(connections, step, warmup, duration).await?)
 }
 
 async fn probe_fsync(dir: &Path, duration: Duration) -> anyhow::Result<FsyncProbe> {
