@@ -65,7 +65,7 @@ fn ci() -> Result<()> {
     sim_cargo(&["clippy", "-p", "aspen-sim", "--all-targets", "--locked", "--", "-D", "warnings"])?;
     // A bounded number of seeds with every fault, one seed replayed for determinism, and the
     // deliberate bug, which must be caught.
-    sim(&["--seeds", "64", "--faults", "all"].map(String::from))?;
+    sim(&["--seeds", "200", "--faults", "all"].map(String::from))?;
     sim(&["--seeds", "2", "--first-seed", "1000", "--check-determinism"].map(String::from))?;
     sim(&["--bug", "stale-read", "--seeds", "50", "--expect-failure"].map(String::from))?;
     Ok(())
