@@ -64,6 +64,18 @@ impl Registry {
     pub fn is_closed(&self, id: NodeId) -> bool {
         self.lock().closed.get(&id).is_none_or(LogStoreWatch::is_closed)
     }
+
+    /// Waits (10 ms steps, at most `steps` of them) until node `id`'s previous incarnation
+    /// has closed its log; killed tasks are dropped lazily. Returns whether it closed.
+    pub async fn wait_closed(&self, id: NodeId, steps: u32) -> bool {
+        for _ in 0..steps {
+            if self.is_closed(id) {
+                return true;
+            }
+            madsim::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.is_closed(id)
+    }
 }
 
 /// Everything a node's init task needs; cloned into madsim's restartable init closure.
@@ -96,14 +108,8 @@ pub fn now_ms() -> u64 {
 /// The body of a node: open the files, start Raft, serve until killed.
 pub async fn run_node(spec: NodeSpec) {
     let id = spec.id;
-    // A killed incarnation's tasks are dropped lazily; its files must close before reopening.
-    for _ in 0..1000 {
-        if spec.registry.is_closed(id) {
-            break;
-        }
-        madsim::time::sleep(Duration::from_millis(10)).await;
-    }
-    if !spec.registry.is_closed(id) {
+    // A killed incarnation's files must close before reopening.
+    if !spec.registry.wait_closed(id, 1000).await {
         spec.trace.violation(now_ms(), format!("node {id}: previous incarnation never closed its log"));
         return;
     }

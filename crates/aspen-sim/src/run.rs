@@ -204,12 +204,7 @@ impl Cluster {
         let down = random_range(200, 3000);
         madsim::time::sleep(Duration::from_millis(down)).await;
         if self.lose_wal {
-            for _ in 0..100 {
-                if self.registry.is_closed(id) {
-                    break;
-                }
-                madsim::time::sleep(Duration::from_millis(10)).await;
-            }
+            self.registry.wait_closed(id, 100).await;
             let wal = cluster::node_dir(&self.root, id).join("sm").join("state.db-wal");
             if let Ok(metadata) = std::fs::metadata(&wal)
                 && metadata.len() > 0

@@ -126,8 +126,7 @@ impl SimClient {
     }
 
     fn note(&self, message: &str) {
-        let at_ms = madsim::time::TimeHandle::current().elapsed().as_millis() as u64;
-        self.trace.event(at_ms, format!("client {}: {message}", self.index));
+        self.trace.event(crate::cluster::now_ms(), format!("client {}: {message}", self.index));
     }
 
     fn record(&self, key: Vec<u8>, call: u64, input: Input, output: Option<Output>) {
