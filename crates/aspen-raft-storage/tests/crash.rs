@@ -4,6 +4,11 @@
 //! ending at or after the last append the child reported durable, and a state machine
 //! equal to the model at its last_applied, at or after the last apply it reported.
 //!
+//! Odd rounds append with `append_entries` (one fsync per append). Even rounds append the
+//! way openraft does, through `RaftLogStorage::append`: appends return before they are
+//! durable, a group flusher fsyncs many at once, and an append counts as durable only when
+//! its callback fires; the child keeps appending while earlier appends wait for their fsync.
+//!
 //! This binary is both sides: with `ASPEN_CRASH_CHILD_DIR` set it is the child.
 
 mod common;
@@ -13,11 +18,19 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use aspen_api::{Compare, CompareOp, CompareTarget, KeyRange, ScanRequest, TxnOp, TxnRequest, WriteCommand};
-use aspen_raft_storage::{Entry, RedbLogStore, SqliteStateMachine};
+use aspen_raft_storage::{Entry, RedbLogStore, SqliteStateMachine, TypeConfig};
 use common::model::Model;
 use common::normal;
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::type_config::TypeConfigExt;
+use openraft::type_config::alias::OneshotReceiverOf;
+use tokio::sync::mpsc;
 
 const CHILD_DIR_ENV: &str = "ASPEN_CRASH_CHILD_DIR";
+/// Set (to anything) in the child when it appends through the group-commit path.
+const GROUP_ENV: &str = "ASPEN_CRASH_GROUP_COMMIT";
+/// Appends the group-commit child lets wait for their fsync at once.
+const GROUP_IN_FLIGHT: usize = 16;
 const ROUNDS: u64 = 6;
 
 fn splitmix(mut x: u64) -> u64 {
@@ -55,25 +68,76 @@ fn child(dir: &Path) -> ! {
     if !pending.is_empty() {
         state_machine.apply_entries(&pending).expect("child re-applies");
     }
-    let mut next = log.log_state().last_log_id.map_or(1, |log_id| log_id.index + 1);
-    let mut unapplied: Vec<Entry> = Vec::new();
-    let mut stdout = std::io::stdout().lock();
+    let next = log.log_state().last_log_id.map_or(1, |log_id| log_id.index + 1);
+    if std::env::var_os(GROUP_ENV).is_some() {
+        group_commit_child(log, state_machine, term, next)
+    }
+    let mut next = next;
+    let mut reporter = Reporter::default();
     loop {
-        let batch = 1 + splitmix(next ^ 0xABCD) % 40;
-        let entries: Vec<Entry> = (next..next + batch).map(|index| normal(term, index, command_for(index))).collect();
+        let entries = next_batch(term, &mut next);
         log.append_entries(&entries).expect("child appends");
-        next += batch;
-        writeln!(stdout, "appended {}", next - 1).expect("report");
+        reporter.durable(&state_machine, entries);
+    }
+}
+
+/// The entries of the next append, from `next` on.
+fn next_batch(term: u64, next: &mut u64) -> Vec<Entry> {
+    let batch = 1 + splitmix(*next ^ 0xABCD) % 40;
+    let entries = (*next..*next + batch).map(|index| normal(term, index, command_for(index))).collect();
+    *next += batch;
+    entries
+}
+
+/// Reports durable appends and applies them, lagging, as a node applies committed entries.
+#[derive(Default)]
+struct Reporter {
+    unapplied: Vec<Entry>,
+}
+
+impl Reporter {
+    fn durable(&mut self, state_machine: &SqliteStateMachine, entries: Vec<Entry>) {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "appended {}", entries.last().map_or(0, |entry| entry.log_id.index)).expect("report");
         stdout.flush().expect("flush");
-        unapplied.extend(entries);
+        self.unapplied.extend(entries);
         // Apply lags the log, as in a node where commit follows replication.
-        if unapplied.len() > 60 {
-            state_machine.apply_entries(&unapplied).expect("child applies");
-            writeln!(stdout, "applied {}", unapplied.last().map_or(0, |entry| entry.log_id.index)).expect("report");
+        if self.unapplied.len() > 60 {
+            state_machine.apply_entries(&self.unapplied).expect("child applies");
+            writeln!(stdout, "applied {}", self.unapplied.last().map_or(0, |entry| entry.log_id.index))
+                .expect("report");
             stdout.flush().expect("flush");
-            unapplied.clear();
+            self.unapplied.clear();
         }
     }
+}
+
+/// Appends through `RaftLogStorage::append` without waiting for durability, up to
+/// `GROUP_IN_FLIGHT` appends ahead; reports (and applies) each append once its callback says
+/// it is durable, in order.
+fn group_commit_child(mut log: RedbLogStore, state_machine: SqliteStateMachine, term: u64, mut next: u64) -> ! {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("child runtime");
+    runtime.block_on(async move {
+        let (flushed, mut waiting) =
+            mpsc::channel::<(Vec<Entry>, OneshotReceiverOf<TypeConfig, std::io::Result<()>>)>(GROUP_IN_FLIGHT);
+        let reporter = tokio::spawn(async move {
+            let mut reporter = Reporter::default();
+            while let Some((entries, done)) = waiting.recv().await {
+                done.await.expect("flush callback fired").expect("flush succeeded");
+                reporter.durable(&state_machine, entries);
+            }
+        });
+        loop {
+            let entries = next_batch(term, &mut next);
+            let (callback, done) = TypeConfig::oneshot();
+            log.append(entries.clone(), IOFlushed::signal(callback)).await.expect("child appends");
+            if flushed.send((entries, done)).await.is_err() {
+                break;
+            }
+        }
+        reporter.await.expect("reporter");
+    });
+    panic!("the group-commit child stopped appending")
 }
 
 fn run_parent() {
@@ -83,12 +147,12 @@ fn run_parent() {
     let mut last_reported_apply = 0u64;
     for round in 1..=ROUNDS {
         let kill_after = 200 + splitmix(round) % 800;
-        let mut child = Command::new(&exe)
-            .env(CHILD_DIR_ENV, dir.path())
-            .env("ASPEN_CRASH_TERM", round.to_string())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn child");
+        let mut command = Command::new(&exe);
+        command.env(CHILD_DIR_ENV, dir.path()).env("ASPEN_CRASH_TERM", round.to_string()).stdout(Stdio::piped());
+        if round % 2 == 0 {
+            command.env(GROUP_ENV, "1");
+        }
+        let mut child = command.spawn().expect("spawn child");
         let stdout = child.stdout.take().expect("child stdout");
         for line in BufReader::new(stdout).lines() {
             let line = line.expect("read child line");

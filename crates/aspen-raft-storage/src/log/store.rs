@@ -2,13 +2,14 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use aspen_api::limits::{MAX_BATCH_SIZE, MAX_ENTRY_SIZE};
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::mpsc;
 
 use super::chain::{self, ChainHash, GENESIS};
 use crate::error::{LogStoreError, redb_error};
@@ -21,6 +22,11 @@ const META_VOTE: &[u8] = b"vote";
 const META_COMMITTED: &[u8] = b"committed";
 const META_PURGED: &[u8] = b"purged";
 
+/// Most appends waiting for the group fsync. Each holds only openraft's completion callback
+/// (the entries are already in redb); a full queue makes the next append wait, which pushes
+/// back on openraft.
+pub const MAX_PENDING_FLUSHES: usize = 1024;
+
 /// The hash-chained redb Raft log. Cheap to clone: clones share one database.
 #[derive(Clone)]
 pub struct RedbLogStore {
@@ -32,6 +38,8 @@ struct Shared {
     /// What the chain needs to extend and verify itself, cached from disk. Updated only
     /// after the transaction that changes it has committed.
     state: Mutex<ChainState>,
+    /// The group-commit queue of appends waiting for their fsync, started on first use.
+    flusher: OnceLock<mpsc::Sender<IOFlushed<TypeConfig>>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -105,7 +113,7 @@ impl RedbLogStore {
         txn.open_table(ENTRIES).map_err(redb_error)?;
         txn.open_table(META).map_err(redb_error)?;
         txn.commit().map_err(redb_error)?;
-        let shared = Shared { db, state: Mutex::new(ChainState::default()) };
+        let shared = Shared { db, state: Mutex::new(ChainState::default()), flusher: OnceLock::new() };
         let state = shared.load_and_verify()?.0;
         *shared.lock() = state;
         Ok(RedbLogStore { shared: Arc::new(shared) })
@@ -134,7 +142,12 @@ impl RedbLogStore {
 
     /// Appends entries durably (one redb transaction, one fsync) and extends the chain.
     pub fn append_entries(&self, entries: &[Entry]) -> Result<(), LogStoreError> {
-        self.shared.append(entries)
+        self.shared.append(entries, Durability::Immediate)
+    }
+
+    /// Makes every earlier append durable (one fsync, however many appends it covers).
+    pub fn sync(&self) -> Result<(), LogStoreError> {
+        self.shared.sync()
     }
 
     /// Entries in `range`, verified against the chain.
@@ -207,13 +220,16 @@ impl Shared {
         Ok((ChainState { last, purged, anchor, vote, committed }, summary))
     }
 
-    fn append(&self, entries: &[Entry]) -> Result<(), LogStoreError> {
+    /// Appends `entries` in one transaction. With `Durability::None` the entries are
+    /// readable at once but durable only after the next [`Shared::sync`] (or any durable commit).
+    fn append(&self, entries: &[Entry], durability: Durability) -> Result<(), LogStoreError> {
         let Some(first) = entries.first() else { return Ok(()) };
         if entries.len() > MAX_BATCH_SIZE {
             return Err(LogStoreError::BatchTooLarge { count: entries.len(), max: MAX_BATCH_SIZE });
         }
         let mut state = self.lock().clone();
-        let txn = self.db.begin_write().map_err(redb_error)?;
+        let mut txn = self.db.begin_write().map_err(redb_error)?;
+        txn.set_durability(durability).map_err(redb_error)?;
         {
             let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
             // openraft truncates conflicting entries before appending; an append over
@@ -250,10 +266,27 @@ impl Shared {
             let last_entry = &entries[entries.len() - 1];
             state.last = Some((last_entry.log_id, prev_hash));
         }
-        // The durability point of the whole system: redb's default durability fsyncs here.
+        // With Durability::Immediate this fsyncs; otherwise the group flusher's sync does.
         txn.commit().map_err(redb_error)?;
         *self.lock() = state;
         Ok(())
+    }
+
+    /// The durability point of the whole system: an empty durable commit, which makes every
+    /// earlier non-durable commit durable with one fsync.
+    fn sync(&self) -> Result<(), LogStoreError> {
+        let txn = self.db.begin_write().map_err(redb_error)?;
+        txn.commit().map_err(redb_error)
+    }
+
+    /// The group-commit queue, starting its flusher task on first use. The task holds only
+    /// a weak handle, so it never keeps the database open; it ends when the store is dropped.
+    fn flusher(self: &Arc<Self>) -> &mpsc::Sender<IOFlushed<TypeConfig>> {
+        self.flusher.get_or_init(|| {
+            let (sender, queue) = mpsc::channel(MAX_PENDING_FLUSHES);
+            crate::rt::spawn(flush_loop(Arc::downgrade(self), queue));
+            sender
+        })
     }
 
     fn read(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry>, LogStoreError> {
@@ -442,6 +475,27 @@ fn write_meta<T: Serialize>(
     Ok(())
 }
 
+/// Group commit: takes every append waiting for durability, makes them durable with one
+/// fsync, then completes their callbacks in append order. Appends go on (and replication
+/// reads them) while the fsync runs; openraft counts an entry only once its callback fires.
+async fn flush_loop(shared: Weak<Shared>, mut queue: mpsc::Receiver<IOFlushed<TypeConfig>>) {
+    let mut waiting = Vec::new();
+    while let Some(first) = queue.recv().await {
+        waiting.push(first);
+        while waiting.len() < MAX_PENDING_FLUSHES {
+            let Ok(next) = queue.try_recv() else { break };
+            waiting.push(next);
+        }
+        let result = match shared.upgrade() {
+            Some(shared) => blocking(&shared, Shared::sync).await.map_err(|error| error.to_string()),
+            None => Err("the log was closed before its appends were made durable".to_string()),
+        };
+        for callback in waiting.drain(..) {
+            callback.io_completed(result.clone().map_err(io::Error::other));
+        }
+    }
+}
+
 /// Runs blocking redb work off the async executor.
 async fn blocking<T, F>(shared: &Arc<Shared>, work: F) -> Result<T, LogStoreError>
 where
@@ -496,10 +550,15 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let result = blocking(&self.shared, move |shared| shared.append(&entries)).await;
+        let result = blocking(&self.shared, move |shared| shared.append(&entries, Durability::None)).await;
         match result {
             Ok(()) => {
-                callback.io_completed(Ok(()));
+                // Durable once the flusher's next fsync completes; the callback says so.
+                if let Err(mpsc::error::SendError(callback)) = self.shared.flusher().send(callback).await {
+                    let error = io::Error::other("the log's flusher has stopped");
+                    callback.io_completed(Err(io::Error::other(error.to_string())));
+                    return Err(error);
+                }
                 Ok(())
             }
             Err(error) => {
