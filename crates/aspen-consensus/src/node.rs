@@ -77,6 +77,7 @@ impl<C: RaftRpcClient> RaftNode<C> {
     ) -> Result<Self, StartError> {
         let raft_config = Arc::new(config.raft_config()?);
         let reader = state_machine.reader();
+        let log_handle = log.clone();
         let raft = AspenRaft::new(
             config.node_id,
             raft_config,
@@ -86,6 +87,7 @@ impl<C: RaftRpcClient> RaftNode<C> {
         )
         .await
         .map_err(|error| StartError::Raft(error.to_string()))?;
+        rt::spawn(track_role(raft.metrics(), log_handle));
         let (writes, queue) = mpsc::channel(config.max_pending_writes);
         rt::spawn(batcher::run(raft.clone(), queue, config.max_batches_in_flight));
         let inner =
@@ -287,10 +289,31 @@ impl<C: RaftRpcClient> RaftNode<C> {
     }
 }
 
+/// Keeps the log store told whether this node leads (it picks the append path by role),
+/// until Raft shuts down.
+async fn track_role(
+    mut metrics: openraft::type_config::alias::WatchReceiverOf<
+        aspen_raft_storage::TypeConfig,
+        RaftMetrics<aspen_raft_storage::TypeConfig>,
+    >,
+    log: RedbLogStore,
+) {
+    loop {
+        let leading = metrics.borrow_watched().state == ServerState::Leader;
+        log.set_leading(leading);
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 impl<C: RaftRpcClient> KeyValueStore for RaftNode<C> {
     async fn get(&self, request: GetRequest) -> Result<GetResponse, KvError> {
         validate_key(&request.key)?;
         self.read_barrier(request.consistency).await?;
+        if let Some(result) = self.inner.reader.try_get_now(&request.key) {
+            return result.map_err(|error| KvError::Storage(error.to_string()));
+        }
         self.blocking_read(move |reader| reader.get(&request.key).map_err(|error| KvError::Storage(error.to_string())))
             .await
     }
@@ -298,6 +321,9 @@ impl<C: RaftRpcClient> KeyValueStore for RaftNode<C> {
     async fn scan(&self, request: ScanRequest) -> Result<ScanResponse, KvError> {
         request.validate()?;
         self.read_barrier(request.consistency).await?;
+        if let Some(result) = self.inner.reader.try_scan_now(&request) {
+            return result.map_err(|error| KvError::Storage(error.to_string()));
+        }
         self.blocking_read(move |reader| reader.scan(&request).map_err(|error| KvError::Storage(error.to_string())))
             .await
     }

@@ -2,6 +2,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use aspen_api::limits::{MAX_BATCH_SIZE, MAX_ENTRY_SIZE};
@@ -38,8 +39,14 @@ struct Shared {
     /// What the chain needs to extend and verify itself, cached from disk. Updated only
     /// after the transaction that changes it has committed.
     state: Mutex<ChainState>,
+    /// Serializes writes (see [`Shared::writing`]).
+    write_lock: Mutex<()>,
     /// The group-commit queue of appends waiting for their fsync, started on first use.
     flusher: OnceLock<mpsc::Sender<IOFlushed<TypeConfig>>>,
+    /// Callbacks handed to the flusher and not yet completed.
+    flushes_pending: AtomicUsize,
+    /// Whether this node leads (see [`RedbLogStore::set_leading`]).
+    leading: AtomicBool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -51,7 +58,11 @@ struct ChainState {
     /// The hash the first stored entry chains from: GENESIS, or the purge point's hash.
     anchor: ChainHash,
     vote: Option<Vote>,
+    /// The latest committed log id openraft reported.
     committed: Option<LogId>,
+    /// The committed log id as last written to redb: `committed` rides along with the next
+    /// append or sync rather than paying for a transaction of its own.
+    committed_stored: Option<LogId>,
 }
 
 /// What [`RedbLogStore::verify`] found: the log's bounds after a full chain check.
@@ -113,7 +124,14 @@ impl RedbLogStore {
         txn.open_table(ENTRIES).map_err(redb_error)?;
         txn.open_table(META).map_err(redb_error)?;
         txn.commit().map_err(redb_error)?;
-        let shared = Shared { db, state: Mutex::new(ChainState::default()), flusher: OnceLock::new() };
+        let shared = Shared {
+            db,
+            state: Mutex::new(ChainState::default()),
+            write_lock: Mutex::new(()),
+            flusher: OnceLock::new(),
+            flushes_pending: AtomicUsize::new(0),
+            leading: AtomicBool::new(true),
+        };
         let state = shared.load_and_verify()?.0;
         *shared.lock() = state;
         Ok(RedbLogStore { shared: Arc::new(shared) })
@@ -143,6 +161,17 @@ impl RedbLogStore {
     /// Appends entries durably (one redb transaction, one fsync) and extends the chain.
     pub fn append_entries(&self, entries: &[Entry]) -> Result<(), LogStoreError> {
         self.shared.append(entries, Durability::Immediate)
+    }
+
+    /// Tells the store whether this node leads, which picks how `RaftLogStorage::append`
+    /// makes entries durable. A leader's append returns before its fsync (the flusher does
+    /// it, for many appends at once) so replication starts at once. A follower's appends
+    /// arrive one AppendEntries at a time and are acknowledged only once durable, so one
+    /// durable commit per append is faster there than a commit plus a flusher round. A
+    /// stale value costs speed, never safety: both ways complete the callback only after
+    /// the fsync. New stores behave as leaders.
+    pub fn set_leading(&self, leading: bool) {
+        self.shared.leading.store(leading, Ordering::Relaxed);
     }
 
     /// Makes every earlier append durable (one fsync, however many appends it covers).
@@ -179,6 +208,21 @@ impl RedbLogStore {
 }
 
 impl Shared {
+    /// Held from reading the cached state to publishing it, by every write: the flusher's
+    /// sync runs concurrently with openraft's log calls.
+    fn writing(&self) -> MutexGuard<'_, ()> {
+        self.write_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Publishes the state a write committed, keeping the committed log id openraft may
+    /// have reported meanwhile (it is recorded without the write lock).
+    fn publish(&self, state: ChainState) {
+        let mut current = self.lock();
+        let committed = current.committed;
+        *current = state;
+        current.committed = committed;
+    }
+
     fn lock(&self) -> MutexGuard<'_, ChainState> {
         // A poisoned lock means a panic mid-update of the cache; the cache is only written
         // after a successful commit, so the data it caches is still consistent.
@@ -217,7 +261,7 @@ impl Shared {
         }
         let summary =
             LogSummary { purged, last: last.as_ref().map(|(log_id, _)| *log_id), entries: count, last_hash: prev_hash };
-        Ok((ChainState { last, purged, anchor, vote, committed }, summary))
+        Ok((ChainState { last, purged, anchor, vote, committed, committed_stored: committed }, summary))
     }
 
     /// Appends `entries` in one transaction. With `Durability::None` the entries are
@@ -227,6 +271,7 @@ impl Shared {
         if entries.len() > MAX_BATCH_SIZE {
             return Err(LogStoreError::BatchTooLarge { count: entries.len(), max: MAX_BATCH_SIZE });
         }
+        let _writing = self.writing();
         let mut state = self.lock().clone();
         let mut txn = self.db.begin_write().map_err(redb_error)?;
         txn.set_durability(durability).map_err(redb_error)?;
@@ -265,18 +310,24 @@ impl Shared {
             }
             let last_entry = &entries[entries.len() - 1];
             state.last = Some((last_entry.log_id, prev_hash));
+            store_committed(&txn, &mut state)?;
         }
         // With Durability::Immediate this fsyncs; otherwise the group flusher's sync does.
         txn.commit().map_err(redb_error)?;
-        *self.lock() = state;
+        self.publish(state);
         Ok(())
     }
 
     /// The durability point of the whole system: an empty durable commit, which makes every
     /// earlier non-durable commit durable with one fsync.
     fn sync(&self) -> Result<(), LogStoreError> {
+        let _writing = self.writing();
+        let mut state = self.lock().clone();
         let txn = self.db.begin_write().map_err(redb_error)?;
-        txn.commit().map_err(redb_error)
+        store_committed(&txn, &mut state)?;
+        txn.commit().map_err(redb_error)?;
+        self.publish(state);
+        Ok(())
     }
 
     /// The group-commit queue, starting its flusher task on first use. The task holds only
@@ -327,6 +378,7 @@ impl Shared {
 
     fn truncate_after(&self, last_kept: Option<LogId>) -> Result<(), LogStoreError> {
         let first_removed = last_kept.map_or(0, |log_id| log_id.index + 1);
+        let _writing = self.writing();
         let mut state = self.lock().clone();
         let txn = self.db.begin_write().map_err(redb_error)?;
         {
@@ -335,11 +387,12 @@ impl Shared {
             state.last = previous_entry(&table, first_removed)?;
         }
         txn.commit().map_err(redb_error)?;
-        *self.lock() = state;
+        self.publish(state);
         Ok(())
     }
 
     fn purge(&self, upto: LogId) -> Result<(), LogStoreError> {
+        let _writing = self.writing();
         let mut state = self.lock().clone();
         if state.purged.is_some_and(|purged| purged.index >= upto.index) {
             return Ok(());
@@ -366,11 +419,12 @@ impl Shared {
             write_meta(&mut meta, META_PURGED, &(upto, state.anchor))?;
         }
         txn.commit().map_err(redb_error)?;
-        *self.lock() = state;
+        self.publish(state);
         Ok(())
     }
 
     fn save_vote(&self, vote: &Vote) -> Result<(), LogStoreError> {
+        let _writing = self.writing();
         let txn = self.db.begin_write().map_err(redb_error)?;
         write_meta(&mut txn.open_table(META).map_err(redb_error)?, META_VOTE, vote)?;
         txn.commit().map_err(redb_error)?;
@@ -378,16 +432,21 @@ impl Shared {
         Ok(())
     }
 
-    fn save_committed(&self, committed: Option<LogId>) -> Result<(), LogStoreError> {
-        let mut txn = self.db.begin_write().map_err(redb_error)?;
-        // Losing the committed index in a crash is safe (it is re-learned from the leader),
-        // so it rides along with the next durable commit instead of paying its own fsync.
-        txn.set_durability(Durability::None).map_err(redb_error)?;
-        write_meta(&mut txn.open_table(META).map_err(redb_error)?, META_COMMITTED, &committed)?;
-        txn.commit().map_err(redb_error)?;
+    /// Records the committed log id in memory; the next append or sync stores it. Losing it
+    /// in a crash is safe: it is re-learned from the leader, and a stored value is never
+    /// ahead of the entries stored before it (redb commits are ordered).
+    fn save_committed(&self, committed: Option<LogId>) {
         self.lock().committed = committed;
-        Ok(())
     }
+}
+
+/// Writes the committed log id into `txn` if it changed since last stored.
+fn store_committed(txn: &redb::WriteTransaction, state: &mut ChainState) -> Result<(), LogStoreError> {
+    if state.committed != state.committed_stored {
+        write_meta(&mut txn.open_table(META).map_err(redb_error)?, META_COMMITTED, &state.committed)?;
+        state.committed_stored = state.committed;
+    }
+    Ok(())
 }
 
 fn remove_range(
@@ -486,13 +545,18 @@ async fn flush_loop(shared: Weak<Shared>, mut queue: mpsc::Receiver<IOFlushed<Ty
             let Ok(next) = queue.try_recv() else { break };
             waiting.push(next);
         }
-        let result = match shared.upgrade() {
-            Some(shared) => blocking(&shared, Shared::sync).await.map_err(|error| error.to_string()),
-            None => Err("the log was closed before its appends were made durable".to_string()),
+        let Some(shared) = shared.upgrade() else {
+            for callback in waiting.drain(..) {
+                callback.io_completed(Err(io::Error::other("the log was closed before its appends were made durable")));
+            }
+            return;
         };
+        let result = blocking(&shared, Shared::sync).await.map_err(|error| error.to_string());
+        let completed = waiting.len();
         for callback in waiting.drain(..) {
             callback.io_completed(result.clone().map_err(io::Error::other));
         }
+        shared.flushes_pending.fetch_sub(completed, Ordering::AcqRel);
     }
 }
 
@@ -537,7 +601,8 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        Ok(blocking(&self.shared, move |shared| shared.save_committed(committed)).await?)
+        self.shared.save_committed(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
@@ -550,23 +615,30 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let result = blocking(&self.shared, move |shared| shared.append(&entries, Durability::None)).await;
-        match result {
-            Ok(()) => {
-                // Durable once the flusher's next fsync completes; the callback says so.
-                if let Err(mpsc::error::SendError(callback)) = self.shared.flusher().send(callback).await {
-                    let error = io::Error::other("the log's flusher has stopped");
-                    callback.io_completed(Err(io::Error::other(error.to_string())));
-                    return Err(error);
-                }
-                Ok(())
-            }
-            Err(error) => {
-                let message = error.to_string();
-                callback.io_completed(Err(io::Error::other(message)));
-                Err(error.into())
-            }
+        // Callbacks complete in append order: while the flusher holds any, later appends
+        // queue behind them.
+        let group =
+            self.shared.leading.load(Ordering::Relaxed) || self.shared.flushes_pending.load(Ordering::Acquire) > 0;
+        let durability = if group { Durability::None } else { Durability::Immediate };
+        let result = blocking(&self.shared, move |shared| shared.append(&entries, durability)).await;
+        if let Err(error) = result {
+            let message = error.to_string();
+            callback.io_completed(Err(io::Error::other(message)));
+            return Err(error.into());
         }
+        if !group {
+            callback.io_completed(Ok(()));
+            return Ok(());
+        }
+        // Durable once the flusher's next fsync completes; the callback says so.
+        self.shared.flushes_pending.fetch_add(1, Ordering::AcqRel);
+        if let Err(mpsc::error::SendError(callback)) = self.shared.flusher().send(callback).await {
+            self.shared.flushes_pending.fetch_sub(1, Ordering::AcqRel);
+            let error = io::Error::other("the log's flusher has stopped");
+            callback.io_completed(Err(io::Error::other(error.to_string())));
+            return Err(error);
+        }
+        Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {

@@ -15,10 +15,11 @@ pub mod sql;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use aspen_api::limits::MAX_BATCH_SIZE;
-use aspen_api::{GetResponse, ScanRequest, ScanResponse, SqlRequest, SqlResponse, validate_key};
+use aspen_api::{GetResponse, ScanRequest, ScanResponse, SqlRequest, SqlResponse, WriteCommand, validate_key};
 use futures::{Stream, TryStreamExt};
 use openraft::EntryPayload;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
@@ -34,6 +35,17 @@ use crate::type_config::{Entry, EntryResponse, LogId, SnapshotMeta, StoredMember
 /// File name of the live database inside the state machine's directory.
 pub const DB_FILE: &str = "state.db";
 
+/// WAL size (pages) after which the writer checkpoints, before its next apply: 16 MiB at
+/// 4 KiB pages. The WAL holds at most this plus one apply's pages (unless a long read pins
+/// old frames; reads are bounded by their own timeouts).
+pub const CHECKPOINT_WAL_PAGES: u64 = 4096;
+/// Most write operations in one apply run inline on the async worker; bigger applies
+/// (and range deletes, whose cost the command does not tell) go to a blocking thread.
+pub const INLINE_APPLY_MAX_OPS: usize = 256;
+
+/// Largest scan limit served inline on an async worker by [`StateMachineReader::try_scan_now`].
+pub const INLINE_SCAN_LIMIT: u32 = 1000;
+
 /// A snapshot under [`TypeConfig`] with file-backed data.
 pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>;
 
@@ -48,6 +60,10 @@ struct Shared {
     writer: Mutex<Writer>,
     snapshots: SnapshotStore,
     reader: StateMachineReader,
+    /// Pages in the WAL after the last commit (the writer's WAL hook records it).
+    wal_pages: Arc<AtomicU64>,
+    /// WAL checkpoints run since open.
+    checkpoints: AtomicU64,
 }
 
 struct Writer {
@@ -69,8 +85,17 @@ impl SqliteStateMachine {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir)?;
         let db_path = dir.join(DB_FILE);
-        let conn = Connection::open(&db_path)?;
+        let mut conn = Connection::open(&db_path)?;
         schema::configure_writer(&conn)?;
+        // The hook replaces SQLite's automatic checkpoint, which would run inside the
+        // commit: Aspen checkpoints after the apply instead, off the async worker (see
+        // `Shared::checkpoint`).
+        let wal_pages = Arc::new(AtomicU64::new(0));
+        let hook_pages = Arc::clone(&wal_pages);
+        conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
+            hook_pages.store(u64::try_from(pages).unwrap_or(0), Ordering::Relaxed);
+            Ok(())
+        }))?;
         let applied = meta::read_applied(&conn)?;
         let snapshots = SnapshotStore::open(dir.join("snapshots"))?;
         let pool = Arc::new(ReadPool::open(db_path.clone())?);
@@ -79,6 +104,8 @@ impl SqliteStateMachine {
             writer: Mutex::new(Writer { conn, applied }),
             snapshots,
             reader: StateMachineReader { pool },
+            wal_pages,
+            checkpoints: AtomicU64::new(0),
         };
         let state_machine = SqliteStateMachine { shared: Arc::new(shared) };
         if let Some((meta, _)) = state_machine.shared.snapshots.current()? {
@@ -101,10 +128,24 @@ impl SqliteStateMachine {
         self.shared.lock_writer().applied.clone()
     }
 
+    /// Pages in the write-ahead log after the last apply.
+    pub fn wal_pages(&self) -> u64 {
+        self.shared.wal_pages.load(Ordering::Relaxed)
+    }
+
+    /// WAL checkpoints run since open.
+    pub fn checkpoints(&self) -> u64 {
+        self.shared.checkpoints.load(Ordering::Relaxed)
+    }
+
     /// Applies entries synchronously in one transaction and returns one response per
     /// entry. Used by [`RaftStateMachine::apply`] and by tests and benchmarks.
     pub fn apply_entries(&self, entries: &[Entry]) -> Result<Vec<EntryResponse>, StateMachineError> {
-        self.shared.apply_entries(entries)
+        let responses = self.shared.apply_entries(entries)?;
+        if self.shared.checkpoint_due() {
+            self.shared.checkpoint()?;
+        }
+        Ok(responses)
     }
 
     /// Builds a snapshot now and makes it current.
@@ -202,6 +243,21 @@ impl Shared {
         Ok(())
     }
 
+    fn checkpoint_due(&self) -> bool {
+        self.wal_pages.load(Ordering::Relaxed) >= CHECKPOINT_WAL_PAGES
+    }
+
+    /// Copies the WAL into the database file on the writer connection, between applies (as
+    /// SQLite's automatic checkpoint would, inside the commit): with no writer running, every
+    /// frame is copied and the next commit starts the WAL from its beginning.
+    fn checkpoint(&self) -> Result<(), StateMachineError> {
+        let writer = self.lock_writer();
+        writer.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        self.wal_pages.store(0, Ordering::Relaxed);
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn snapshots_current_path(&self) -> Result<PathBuf, StateMachineError> {
         self.snapshots
             .current_path()?
@@ -215,6 +271,36 @@ impl StateMachineReader {
         validate_key(key)?;
         let mut conn = self.pool.get()?;
         Ok(read::get(&mut conn, key)?)
+    }
+
+    /// Reads one key without waiting: `None` when every pooled connection is busy. For
+    /// callers on an async worker, where a point read (microseconds) costs less than a hop
+    /// to a blocking thread; they fall back to [`Self::get`] on a blocking thread.
+    pub fn try_get_now(&self, key: &[u8]) -> Option<Result<GetResponse, StateMachineError>> {
+        if let Err(error) = validate_key(key) {
+            return Some(Err(error.into()));
+        }
+        match self.pool.try_get() {
+            Ok(Some(mut conn)) => Some(read::get(&mut conn, key).map_err(StateMachineError::from)),
+            Ok(None) => None,
+            Err(error) => Some(Err(error)),
+        }
+    }
+
+    /// Scans without waiting, like [`Self::try_get_now`]; `None` also for scans that may
+    /// return more than [`INLINE_SCAN_LIMIT`] keys, which belong on a blocking thread.
+    pub fn try_scan_now(&self, request: &ScanRequest) -> Option<Result<ScanResponse, StateMachineError>> {
+        if request.limit == 0 || request.limit > INLINE_SCAN_LIMIT {
+            return None;
+        }
+        if let Err(error) = request.validate() {
+            return Some(Err(error.into()));
+        }
+        match self.pool.try_get() {
+            Ok(Some(mut conn)) => Some(read::scan(&mut conn, request).map_err(StateMachineError::from)),
+            Ok(None) => None,
+            Err(error) => Some(Err(error)),
+        }
     }
 
     /// Scans a range from the local state machine.
@@ -289,6 +375,26 @@ impl RaftSnapshotBuilder<TypeConfig> for SqliteSnapshotBuilder {
     }
 }
 
+/// How many write operations applying `entries` takes, as far as the commands tell; range
+/// deletes and lease revokes count as `INLINE_APPLY_MAX_OPS` (their cost depends on the data).
+fn apply_ops(entries: &[Entry]) -> usize {
+    fn ops(command: &WriteCommand) -> usize {
+        match command {
+            WriteCommand::Put { .. } | WriteCommand::Delete { .. } | WriteCommand::LeaseGrant { .. } => 1,
+            WriteCommand::Txn(txn) => txn.compare.len() + txn.success.len().max(txn.failure.len()),
+            WriteCommand::Batch(commands) => commands.iter().map(ops).sum(),
+            WriteCommand::DeleteRange { .. } | WriteCommand::LeaseRevoke { .. } => INLINE_APPLY_MAX_OPS,
+        }
+    }
+    entries
+        .iter()
+        .map(|entry| match &entry.payload {
+            EntryPayload::Normal(command) => ops(command),
+            EntryPayload::Blank | EntryPayload::Membership(_) => 1,
+        })
+        .fold(0, usize::saturating_add)
+}
+
 impl RaftStateMachine<TypeConfig> for SqliteStateMachine {
     type SnapshotData = SnapshotFile;
     type SnapshotBuilder = SqliteSnapshotBuilder;
@@ -313,7 +419,17 @@ impl RaftStateMachine<TypeConfig> for SqliteStateMachine {
             }
             if batch.len() == MAX_BATCH_SIZE || (end && !batch.is_empty()) {
                 let work = std::mem::take(&mut batch);
-                let responses = self.blocking(move |shared| shared.apply_entries(&work)).await?;
+                // Small applies (the common case: no fsync, microseconds) run here; a hop to
+                // a blocking thread would cost more than the work.
+                let responses = if apply_ops(&work) <= INLINE_APPLY_MAX_OPS {
+                    self.shared.apply_entries(&work)?
+                } else {
+                    self.blocking(move |shared| shared.apply_entries(&work)).await?
+                };
+                if self.shared.checkpoint_due() {
+                    // Writes up to 16 MiB and fsyncs: a blocking thread's work.
+                    self.blocking(|shared| shared.checkpoint()).await?;
+                }
                 // Responses go out only after the transaction commits, so a client that
                 // sees its write acknowledged can read it back from any pooled connection.
                 for (responder, response) in responders.drain(..).zip(responses) {

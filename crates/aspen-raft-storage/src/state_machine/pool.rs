@@ -44,6 +44,26 @@ impl ReadPool {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A connection if one is idle or can be opened now; `None` instead of waiting.
+    pub fn try_get(&self) -> Result<Option<PooledConnection<'_>>, StateMachineError> {
+        let mut state = self.lock();
+        if let Some(conn) = state.idle.pop() {
+            return Ok(Some(PooledConnection { pool: self, conn: Some(conn) }));
+        }
+        if state.open >= READ_POOL_SIZE {
+            return Ok(None);
+        }
+        state.open += 1;
+        drop(state);
+        match connect(&self.path) {
+            Ok(conn) => Ok(Some(PooledConnection { pool: self, conn: Some(conn) })),
+            Err(error) => {
+                self.lock().open -= 1;
+                Err(error)
+            }
+        }
+    }
+
     /// A connection, opened if none is idle and the pool is not full.
     pub fn get(&self) -> Result<PooledConnection<'_>, StateMachineError> {
         let deadline = Instant::now() + READ_POOL_WAIT;

@@ -41,8 +41,8 @@ pub fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
-    // Bounded WAL: checkpoint every 4096 pages (16 MiB at 4 KiB pages).
-    conn.pragma_update(None, "wal_autocheckpoint", 4096)?;
+    // The WAL stays bounded by checkpoints the state machine runs in the background
+    // (CHECKPOINT_WAL_PAGES, and MAX_WAL_PAGES as a hard bound), not inside an apply.
     conn.pragma_update(None, "cache_size", -65536)?;
     conn.execute_batch(SCHEMA)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;

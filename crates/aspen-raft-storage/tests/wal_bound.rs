@@ -1,0 +1,80 @@
+//! The state machine's write-ahead log stays bounded under sustained applies: the writer
+//! checkpoints between applies once the WAL passes `CHECKPOINT_WAL_PAGES` (on a blocking
+//! thread in the async apply, never inside a commit).
+
+mod common;
+
+use aspen_api::WriteCommand;
+use aspen_raft_storage::state_machine::{CHECKPOINT_WAL_PAGES, DB_FILE};
+use aspen_raft_storage::{Entry, SqliteStateMachine};
+use common::normal;
+use openraft::storage::RaftStateMachine;
+
+/// 4 KiB values: each put writes at least one overflow page to the WAL.
+const VALUE_BYTES: usize = 4096;
+const PUTS_PER_ENTRY: usize = 50;
+/// Enough applies to fill the WAL past its checkpoint size several times over.
+const ENTRIES: u64 = 1200;
+/// Pages one entry may add past the checkpoint size: its overflow pages and the b-tree pages
+/// it dirties.
+const SLACK_PAGES: u64 = 4 * PUTS_PER_ENTRY as u64;
+
+fn entry(index: u64) -> Entry {
+    let puts = (0..PUTS_PER_ENTRY)
+        .map(|put| WriteCommand::Put {
+            // 1000 distinct keys: the database stays small, only the WAL would grow.
+            key: format!("key-{:04}", (index as usize * PUTS_PER_ENTRY + put) % 1000).into_bytes(),
+            value: vec![index as u8; VALUE_BYTES],
+            lease: None,
+        })
+        .collect();
+    normal(1, index, WriteCommand::Batch(puts))
+}
+
+/// Frames (pages) the WAL file has room for: a 32-byte file header, then frames of a
+/// 24-byte header and one 4 KiB page.
+fn wal_file_pages(dir: &std::path::Path) -> u64 {
+    let wal = dir.join(format!("{DB_FILE}-wal"));
+    std::fs::metadata(wal).map_or(0, |meta| meta.len().saturating_sub(32) / (24 + 4096))
+}
+
+#[test]
+fn sync_apply_keeps_the_wal_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_machine = SqliteStateMachine::open(dir.path()).expect("open");
+    for index in 1..=ENTRIES {
+        state_machine.apply_entries(&[entry(index)]).expect("apply");
+        let file_pages = wal_file_pages(dir.path());
+        assert!(
+            file_pages <= CHECKPOINT_WAL_PAGES + SLACK_PAGES,
+            "WAL file holds {file_pages} pages after entry {index}"
+        );
+    }
+    assert!(
+        state_machine.checkpoints() >= 3,
+        "the WAL filled several times: {} checkpoints",
+        state_machine.checkpoints()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_apply_keeps_the_wal_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut state_machine = SqliteStateMachine::open(dir.path()).expect("open");
+    for index in 1..=ENTRIES {
+        let stream = futures::stream::iter([Ok((entry(index), None))]);
+        state_machine.apply(stream).await.expect("apply");
+        let file_pages = wal_file_pages(dir.path());
+        assert!(
+            file_pages <= CHECKPOINT_WAL_PAGES + SLACK_PAGES,
+            "WAL file holds {file_pages} pages after entry {index}"
+        );
+    }
+    assert!(
+        state_machine.checkpoints() >= 3,
+        "the WAL filled several times: {} checkpoints",
+        state_machine.checkpoints()
+    );
+    let kv = state_machine.reader().get(b"key-0000").expect("read back").kv.expect("key present");
+    assert_eq!(kv.value.len(), VALUE_BYTES);
+}
