@@ -267,11 +267,33 @@ impl Shared {
     /// Appends `entries` in one transaction. With `Durability::None` the entries are
     /// readable at once but durable only after the next [`Shared::sync`] (or any durable commit).
     fn append(&self, entries: &[Entry], durability: Durability) -> Result<(), LogStoreError> {
+        let writing = self.writing();
+        self.append_locked(&writing, entries, durability)
+    }
+
+    /// A non-durable append run by the caller (an async worker) if no other write holds
+    /// the log (the flusher's fsync does, for its duration): a few tens of microseconds of
+    /// in-memory work, cheaper than a hop to a blocking thread. `None` when it would wait.
+    fn try_append_unsynced_now(&self, entries: &[Entry]) -> Option<Result<(), LogStoreError>> {
+        let writing = match self.write_lock.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(self.append_locked(&writing, entries, Durability::None))
+    }
+
+    /// `append` for a caller holding the write lock.
+    fn append_locked(
+        &self,
+        _writing: &MutexGuard<'_, ()>,
+        entries: &[Entry],
+        durability: Durability,
+    ) -> Result<(), LogStoreError> {
         let Some(first) = entries.first() else { return Ok(()) };
         if entries.len() > MAX_BATCH_SIZE {
             return Err(LogStoreError::BatchTooLarge { count: entries.len(), max: MAX_BATCH_SIZE });
         }
-        let _writing = self.writing();
         let mut state = self.lock().clone();
         let mut txn = self.db.begin_write().map_err(redb_error)?;
         txn.set_durability(durability).map_err(redb_error)?;
@@ -620,7 +642,11 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
         let group =
             self.shared.leading.load(Ordering::Relaxed) || self.shared.flushes_pending.load(Ordering::Acquire) > 0;
         let durability = if group { Durability::None } else { Durability::Immediate };
-        let result = blocking(&self.shared, move |shared| shared.append(&entries, durability)).await;
+        let inline = if group { self.shared.try_append_unsynced_now(&entries) } else { None };
+        let result = match inline {
+            Some(result) => result,
+            None => blocking(&self.shared, move |shared| shared.append(&entries, durability)).await,
+        };
         if let Err(error) = result {
             let message = error.to_string();
             callback.io_completed(Err(io::Error::other(message)));
