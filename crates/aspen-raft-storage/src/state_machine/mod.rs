@@ -35,10 +35,16 @@ use crate::type_config::{Entry, EntryResponse, LogId, SnapshotMeta, StoredMember
 /// File name of the live database inside the state machine's directory.
 pub const DB_FILE: &str = "state.db";
 
-/// WAL size (pages) after which the writer checkpoints, before its next apply: 16 MiB at
-/// 4 KiB pages. The WAL holds at most this plus one apply's pages (unless a long read pins
-/// old frames; reads are bounded by their own timeouts).
+/// WAL size (pages) after which a checkpoint starts: 16 MiB at 4 KiB pages. The async apply
+/// starts it in the background (a connection of its own, PASSIVE: it never blocks applies
+/// or reads); the synchronous `apply_entries` runs it on the writer.
 pub const CHECKPOINT_WAL_PAGES: u64 = 4096;
+/// WAL size (pages) at which the async apply checkpoints on the writer and waits for it: the
+/// WAL's bound. Under sustained writes a background checkpoint never copies the frames
+/// appended while it ran, so the WAL cannot start over by itself; the writer's checkpoint
+/// finds most frames already copied and is short. The WAL holds at most this plus one
+/// apply's pages (unless a long read pins old frames; reads are bounded by their timeouts).
+pub const MAX_WAL_PAGES: u64 = 4 * CHECKPOINT_WAL_PAGES;
 /// Most write operations in one apply run inline on the async worker; bigger applies
 /// (and range deletes, whose cost the command does not tell) go to a blocking thread.
 pub const INLINE_APPLY_MAX_OPS: usize = 256;
@@ -64,6 +70,9 @@ struct Shared {
     wal_pages: Arc<AtomicU64>,
     /// WAL checkpoints run since open.
     checkpoints: AtomicU64,
+    /// Held by a running checkpoint: one at a time, and the writer's waits for the
+    /// background one instead of failing busy.
+    checkpoint_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 struct Writer {
@@ -106,6 +115,7 @@ impl SqliteStateMachine {
             reader: StateMachineReader { pool },
             wal_pages,
             checkpoints: AtomicU64::new(0),
+            checkpoint_lock: Arc::new(tokio::sync::Mutex::new(())),
         };
         let state_machine = SqliteStateMachine { shared: Arc::new(shared) };
         if let Some((meta, _)) = state_machine.shared.snapshots.current()? {
@@ -247,6 +257,15 @@ impl Shared {
         self.wal_pages.load(Ordering::Relaxed) >= CHECKPOINT_WAL_PAGES
     }
 
+    /// A PASSIVE checkpoint on a connection of its own, concurrent with applies and reads.
+    fn background_checkpoint(&self) -> Result<(), StateMachineError> {
+        let conn = Connection::open(&self.db_path)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Copies the WAL into the database file on the writer connection, between applies (as
     /// SQLite's automatic checkpoint would, inside the commit): with no writer running, every
     /// frame is copied and the next commit starts the WAL from its beginning.
@@ -375,6 +394,32 @@ impl RaftSnapshotBuilder<TypeConfig> for SqliteSnapshotBuilder {
     }
 }
 
+impl SqliteStateMachine {
+    /// Starts a background checkpoint past `CHECKPOINT_WAL_PAGES`; at `MAX_WAL_PAGES` waits
+    /// for any background one, then checkpoints on the writer (on a blocking thread). A
+    /// failed checkpoint is retried after the next apply; the applied data is committed
+    /// either way.
+    async fn checkpoint_if_due(&self) {
+        let pages = self.shared.wal_pages.load(Ordering::Relaxed);
+        if pages >= MAX_WAL_PAGES {
+            let _running = self.shared.checkpoint_lock.lock().await;
+            if let Err(error) = self.blocking(|shared| shared.checkpoint()).await {
+                tracing::warn!(%error, pages, "WAL checkpoint on the writer failed; retrying after the next apply");
+            }
+        } else if pages >= CHECKPOINT_WAL_PAGES
+            && let Ok(running) = Arc::clone(&self.shared.checkpoint_lock).try_lock_owned()
+        {
+            let state_machine = self.clone();
+            crate::rt::spawn(async move {
+                if let Err(error) = state_machine.blocking(|shared| shared.background_checkpoint()).await {
+                    tracing::warn!(%error, "background WAL checkpoint failed");
+                }
+                drop(running);
+            });
+        }
+    }
+}
+
 /// How many write operations applying `entries` takes, as far as the commands tell; range
 /// deletes and lease revokes count as `INLINE_APPLY_MAX_OPS` (their cost depends on the data).
 fn apply_ops(entries: &[Entry]) -> usize {
@@ -426,10 +471,7 @@ impl RaftStateMachine<TypeConfig> for SqliteStateMachine {
                 } else {
                     self.blocking(move |shared| shared.apply_entries(&work)).await?
                 };
-                if self.shared.checkpoint_due() {
-                    // Writes up to 16 MiB and fsyncs: a blocking thread's work.
-                    self.blocking(|shared| shared.checkpoint()).await?;
-                }
+                self.checkpoint_if_due().await;
                 // Responses go out only after the transaction commits, so a client that
                 // sees its write acknowledged can read it back from any pooled connection.
                 for (responder, response) in responders.drain(..).zip(responses) {
