@@ -77,7 +77,7 @@ impl<C: RaftRpcClient> RaftNode<C> {
     ) -> Result<Self, StartError> {
         let raft_config = Arc::new(config.raft_config()?);
         let reader = state_machine.reader();
-        let log_handle = log.clone();
+        let leader_switch = log.leader_switch();
         let raft = AspenRaft::new(
             config.node_id,
             raft_config,
@@ -87,7 +87,7 @@ impl<C: RaftRpcClient> RaftNode<C> {
         )
         .await
         .map_err(|error| StartError::Raft(error.to_string()))?;
-        rt::spawn(track_role(raft.metrics(), log_handle));
+        rt::spawn(track_role(raft.metrics(), leader_switch));
         let (writes, queue) = mpsc::channel(config.max_pending_writes);
         rt::spawn(batcher::run(raft.clone(), queue, config.max_batches_in_flight));
         let inner =
@@ -289,19 +289,24 @@ impl<C: RaftRpcClient> RaftNode<C> {
     }
 }
 
+/// How often the role tracker checks, without a metrics change, whether the log is closed.
+const ROLE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Keeps the log store told whether this node leads (it picks the append path by role),
-/// until Raft shuts down.
+/// until the log is closed. Holds no handle that keeps the log open.
 async fn track_role(
     mut metrics: openraft::type_config::alias::WatchReceiverOf<
         aspen_raft_storage::TypeConfig,
         RaftMetrics<aspen_raft_storage::TypeConfig>,
     >,
-    log: RedbLogStore,
+    switch: aspen_raft_storage::log::LeaderSwitch,
 ) {
     loop {
         let leading = metrics.borrow_watched().state == ServerState::Leader;
-        log.set_leading(leading);
-        if metrics.changed().await.is_err() {
+        if !switch.set(leading) {
+            return;
+        }
+        if let Ok(Err(_)) = rt::timeout(ROLE_CHECK_INTERVAL, metrics.changed()).await {
             return;
         }
     }

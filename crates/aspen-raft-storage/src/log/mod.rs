@@ -8,4 +8,4 @@
 pub mod chain;
 mod store;
 
-pub use store::{LogStoreWatch, LogSummary, RedbLogStore};
+pub use store::{LeaderSwitch, LogStoreWatch, LogSummary, RedbLogStore};

@@ -45,8 +45,21 @@ struct Shared {
     flusher: OnceLock<mpsc::Sender<IOFlushed<TypeConfig>>>,
     /// Callbacks handed to the flusher and not yet completed.
     flushes_pending: AtomicUsize,
-    /// Whether this node leads (see [`RedbLogStore::set_leading`]).
-    leading: AtomicBool,
+    /// Whether this node leads (see [`RedbLogStore::leader_switch`]).
+    leading: Arc<AtomicBool>,
+    /// Set once everything above is dropped. Declared last: fields drop in declaration
+    /// order, so `db` (whose drop makes pending non-durable commits durable with an fsync
+    /// and releases the file lock) is gone by then.
+    closed: CloseSignal,
+}
+
+/// Sets its flag when dropped (see `Shared::closed`).
+struct CloseSignal(Arc<AtomicBool>);
+
+impl Drop for CloseSignal {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -81,13 +94,33 @@ pub struct LogSummary {
 /// A handle that does not keep the log open; tells when every real handle is gone.
 #[derive(Clone, Debug)]
 pub struct LogStoreWatch {
-    shared: std::sync::Weak<Shared>,
+    closed: Arc<AtomicBool>,
+}
+
+/// Sets whether the node leads (see [`RedbLogStore::leader_switch`]).
+#[derive(Clone, Debug)]
+pub struct LeaderSwitch {
+    leading: Weak<AtomicBool>,
+}
+
+impl LeaderSwitch {
+    /// Records the role; `false` once the log is closed (the switch has nothing to set).
+    pub fn set(&self, leading: bool) -> bool {
+        match self.leading.upgrade() {
+            Some(flag) => {
+                flag.store(leading, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl LogStoreWatch {
-    /// Whether the database has been closed (every handle dropped), so it can be reopened.
+    /// Whether the database has been closed (every handle dropped, the file closed and
+    /// unlocked), so it can be reopened.
     pub fn is_closed(&self) -> bool {
-        self.shared.strong_count() == 0
+        self.closed.load(Ordering::Acquire)
     }
 }
 
@@ -100,7 +133,7 @@ impl std::fmt::Debug for Shared {
 impl RedbLogStore {
     /// A watch that tells when this log's database is closed.
     pub fn watch(&self) -> LogStoreWatch {
-        LogStoreWatch { shared: Arc::downgrade(&self.shared) }
+        LogStoreWatch { closed: Arc::clone(&self.shared.closed.0) }
     }
 
     /// Opens (or creates) the log at `path` and verifies the whole hash chain.
@@ -130,7 +163,8 @@ impl RedbLogStore {
             write_lock: Mutex::new(()),
             flusher: OnceLock::new(),
             flushes_pending: AtomicUsize::new(0),
-            leading: AtomicBool::new(true),
+            leading: Arc::new(AtomicBool::new(true)),
+            closed: CloseSignal(Arc::new(AtomicBool::new(false))),
         };
         let state = shared.load_and_verify()?.0;
         *shared.lock() = state;
@@ -163,15 +197,16 @@ impl RedbLogStore {
         self.shared.append(entries, Durability::Immediate)
     }
 
-    /// Tells the store whether this node leads, which picks how `RaftLogStorage::append`
-    /// makes entries durable. A leader's append returns before its fsync (the flusher does
-    /// it, for many appends at once) so replication starts at once. A follower's appends
-    /// arrive one AppendEntries at a time and are acknowledged only once durable, so one
-    /// durable commit per append is faster there than a commit plus a flusher round. A
-    /// stale value costs speed, never safety: both ways complete the callback only after
-    /// the fsync. New stores behave as leaders.
-    pub fn set_leading(&self, leading: bool) {
-        self.shared.leading.store(leading, Ordering::Relaxed);
+    /// A switch that tells the store whether this node leads, which picks how
+    /// `RaftLogStorage::append` makes entries durable. A leader's append returns before its
+    /// fsync (the flusher does it, for many appends at once) so replication starts at once.
+    /// A follower's appends arrive one AppendEntries at a time and are acknowledged only
+    /// once durable, so one durable commit per append is faster there than a commit plus a
+    /// flusher round. A stale value costs speed, never safety: both ways complete the
+    /// callback only after the fsync. New stores behave as leaders. The switch does not
+    /// keep the database open.
+    pub fn leader_switch(&self) -> LeaderSwitch {
+        LeaderSwitch { leading: Arc::downgrade(&self.shared.leading) }
     }
 
     /// Makes every earlier append durable (one fsync, however many appends it covers).
