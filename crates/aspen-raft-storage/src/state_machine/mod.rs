@@ -299,11 +299,7 @@ impl StateMachineReader {
         if let Err(error) = validate_key(key) {
             return Some(Err(error.into()));
         }
-        match self.pool.try_get() {
-            Ok(Some(mut conn)) => Some(read::get(&mut conn, key).map_err(StateMachineError::from)),
-            Ok(None) => None,
-            Err(error) => Some(Err(error)),
-        }
+        self.try_read_now(|conn| read::get(conn, key))
     }
 
     /// Scans without waiting, like [`Self::try_get_now`]; `None` also for scans that may
@@ -315,8 +311,16 @@ impl StateMachineReader {
         if let Err(error) = request.validate() {
             return Some(Err(error.into()));
         }
+        self.try_read_now(|conn| read::scan(conn, request))
+    }
+
+    /// Runs `read` on a pooled connection if one is free now; `None` instead of waiting.
+    fn try_read_now<T>(
+        &self,
+        read: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T>,
+    ) -> Option<Result<T, StateMachineError>> {
         match self.pool.try_get() {
-            Ok(Some(mut conn)) => Some(read::scan(&mut conn, request).map_err(StateMachineError::from)),
+            Ok(Some(mut conn)) => Some(read(&mut conn).map_err(StateMachineError::from)),
             Ok(None) => None,
             Err(error) => Some(Err(error)),
         }
