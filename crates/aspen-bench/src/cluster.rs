@@ -325,6 +325,8 @@ impl AspenCluster {
                 .arg(&data_dir)
                 .arg("--bind")
                 .arg(format!("127.0.0.1:{}", port(config.base_port, index)?))
+                .arg("--metrics-addr")
+                .arg(format!("127.0.0.1:{}", port(config.base_port, 10 + index)?))
                 .arg("--cluster-secret")
                 .arg(&config.secret)
                 .arg("--client-token")

@@ -52,6 +52,9 @@ struct Args {
     /// Only these workloads (comma-separated): put, get, stale-get, mixed, scan, cas.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
+    /// Only rows with these client counts (comma-separated), e.g. `1,16`.
+    #[arg(long, value_delimiter = ',')]
+    clients: Vec<usize>,
     /// Client connections per system; clients are spread over them round-robin.
     #[arg(long, default_value_t = 4)]
     connections: usize,
@@ -71,7 +74,7 @@ struct Args {
     #[arg(long)]
     node_bin: Option<PathBuf>,
     /// First of the loopback ports: etcd uses base..base+3 and base+10..base+13, Aspen
-    /// base+20..base+23.
+    /// base+20..base+23 (their Prometheus metrics on base+30..base+33).
     #[arg(long, default_value_t = 23790)]
     base_port: u16,
     /// Print the report as JSON instead of markdown.
@@ -81,7 +84,10 @@ struct Args {
 
 impl Args {
     fn plan(&self) -> anyhow::Result<Vec<Step>> {
-        let plan = if self.quick { workload::quick_plan() } else { workload::full_plan() };
+        let mut plan = if self.quick { workload::quick_plan() } else { workload::full_plan() };
+        if !self.clients.is_empty() {
+            plan.retain(|step| self.clients.contains(&step.clients));
+        }
         if self.workloads.is_empty() {
             return Ok(plan);
         }

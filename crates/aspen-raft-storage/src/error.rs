@@ -77,6 +77,14 @@ pub enum LogStoreError {
         /// The limit.
         max: usize,
     },
+    /// The log's journal could not be read or written.
+    #[error("log journal {path}: {reason}")]
+    Journal {
+        /// The journal file.
+        path: String,
+        /// What failed.
+        reason: String,
+    },
     /// redb failed.
     #[error("redb: {0}")]
     Redb(#[from] redb::Error),

@@ -135,3 +135,41 @@ fn any_flipped_bit_is_reported_at_its_index() {
         },
     );
 }
+
+/// Appends past two journal checkpoints, then truncates: what reopens is exactly what was
+/// kept (a replayed journal record never brings truncated entries back), and the journal
+/// stays bounded by its checkpoints.
+#[test]
+fn journal_checkpoints_and_truncation_survive_reopen() {
+    use aspen_raft_storage::log::journal::JOURNAL_CHECKPOINT_RECORDS;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("log.redb");
+    let store = RedbLogStore::open(&path).expect("open");
+    let total = 2 * JOURNAL_CHECKPOINT_RECORDS + 100;
+    let mut expected = Vec::new();
+    for index in 1..=total {
+        let entry = blank(1, index);
+        store.append_entries(std::slice::from_ref(&entry)).expect("append");
+        expected.push(entry);
+    }
+    // Entries after the last checkpoint live durably only in the journal (and in redb's
+    // non-durable state); a truncation among them is a durable commit of its own.
+    let keep = total - 50;
+    store.truncate_entries_after(Some(log_id(1, keep))).expect("truncate");
+    expected.truncate(keep as usize);
+    let replacement: Vec<Entry> = (keep + 1..=keep + 10).map(|index| blank(2, index)).collect();
+    store.append_entries(&replacement).expect("append after truncate");
+    expected.extend(replacement);
+    drop(store);
+
+    let journal_len = std::fs::metadata(dir.path().join("log.journal")).expect("journal exists").len();
+    let record_bound = 48 + 12 + 256;
+    assert!(
+        journal_len <= JOURNAL_CHECKPOINT_RECORDS * record_bound,
+        "journal of {journal_len} bytes outgrew its checkpoints"
+    );
+    let reopened = RedbLogStore::open(&path).expect("reopen");
+    assert_eq!(reopened.read_entries(..).expect("read all"), expected);
+    assert_eq!(reopened.verify().expect("verify").last, Some(log_id(2, keep + 10)));
+}

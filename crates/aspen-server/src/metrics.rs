@@ -57,16 +57,21 @@ impl OpStats {
     pub async fn time<T, E>(&self, work: impl Future<Output = Result<T, E>>) -> Result<T, E> {
         let started = Instant::now();
         let result = work.await;
+        self.record(started, result.is_err());
+        result
+    }
+
+    /// Records one request that began at `started` and ends now.
+    pub fn record(&self, started: Instant, failed: bool) {
         let micros = started.elapsed().as_micros() as u64;
         self.count.inc();
-        if result.is_err() {
+        if failed {
             self.errors.inc();
         }
         self.sum_us.fetch_add(micros, Ordering::Relaxed);
         if let Some(bucket) = BUCKETS_US.iter().position(|bound| micros <= *bound) {
             self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         }
-        result
     }
 
     fn render(&self, out: &mut String, name: &str) {
@@ -96,8 +101,12 @@ pub struct Metrics {
     pub reads: OpStats,
     /// Client writes.
     pub writes: OpStats,
-    /// Raft RPCs this node sent (append entries, votes, snapshot chunks, forwards).
+    /// Raft RPCs this node sent (append entries, votes, snapshot chunks, forwards), timed
+    /// from send to reply.
     pub raft_rpcs: OpStats,
+    /// Raft RPCs this node served, timed from decoded request to reply (the receiver's
+    /// share of `raft_rpcs` on the sender).
+    pub raft_served: OpStats,
     /// Client requests refused for a wrong or missing token.
     pub unauthorized: Counter,
     /// Raft RPCs refused for a wrong cluster secret.
@@ -170,6 +179,7 @@ pub fn render(node: &RaftNode<IrohRaftClient>, metrics: &Metrics) -> String {
     metrics.reads.render(&mut out, "client_reads");
     metrics.writes.render(&mut out, "client_writes");
     metrics.raft_rpcs.render(&mut out, "raft_rpcs");
+    metrics.raft_served.render(&mut out, "raft_served");
     let _ = writeln!(
         out,
         "# TYPE aspen_client_unauthorized_total counter\naspen_client_unauthorized_total {}",

@@ -3,7 +3,7 @@
 //! and never reach consensus.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use aspen_api::{ClusterNode, NodeId};
 use aspen_consensus::{HealthTracker, RaftNode, RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
@@ -104,14 +104,14 @@ impl RaftRpcClient for IrohRaftClient {
 pub struct RaftService {
     node: RaftNode<IrohRaftClient>,
     secret: String,
-    /// Requests refused for a missing or wrong secret.
-    pub denied: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
 }
 
 impl RaftService {
-    /// Serves `node`, admitting senders that prove `secret`.
-    pub fn new(node: RaftNode<IrohRaftClient>, secret: String, denied: Arc<AtomicU64>) -> Self {
-        RaftService { node, secret, denied }
+    /// Serves `node`, admitting senders that prove `secret`; counts refusals and times
+    /// served requests in `metrics`.
+    pub fn new(node: RaftNode<IrohRaftClient>, secret: String, metrics: Arc<Metrics>) -> Self {
+        RaftService { node, secret, metrics }
     }
 }
 
@@ -121,11 +121,13 @@ impl RpcHandler for RaftService {
 
     async fn handle(&self, peer: EndpointId, envelope: RaftEnvelope) -> RaftEnvelopeReply {
         if !verify_cluster_proof(&self.secret, &peer, &envelope.proof) {
-            self.denied.fetch_add(1, Ordering::Relaxed);
+            self.metrics.raft_denied.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(peer = %peer.fmt_short(), "refused a Raft RPC: wrong cluster secret");
             return RaftEnvelopeReply::Denied("wrong cluster secret".into());
         }
+        let started = std::time::Instant::now();
         let reply = self.node.handle_rpc(envelope.rpc).await;
+        self.metrics.raft_served.record(started, matches!(reply, RaftRpcReply::Failed(_)));
         RaftEnvelopeReply::Reply { reply, clock_ms: unix_ms() }
     }
 

@@ -4,8 +4,11 @@
 //! (see [`chain`]). A second table holds the vote, the committed log id and the purge
 //! point with its anchor hash. The chain is verified in full when the store opens and
 //! for every range read; a mismatch is [`LogStoreError::ChainMismatch`] naming the index.
+//! Appends are made durable through a sequential [`journal`] beside the redb file and
+//! checkpointed into redb's durable state now and then.
 
 pub mod chain;
+pub mod journal;
 mod store;
 
 pub use store::{LeaderSwitch, LogStoreWatch, LogSummary, RedbLogStore};

@@ -1,4 +1,5 @@
 use std::fmt::Debug;
+use std::fs::File;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
@@ -13,6 +14,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::mpsc;
 
 use super::chain::{self, ChainHash, GENESIS};
+use super::journal::Journal;
 use crate::error::{LogStoreError, redb_error};
 use crate::type_config::{Entry, LogId, TypeConfig, Vote};
 
@@ -22,6 +24,8 @@ const META: TableDefinition<&[u8], &[u8]> = TableDefinition::new("raft_log_meta"
 const META_VOTE: &[u8] = b"vote";
 const META_COMMITTED: &[u8] = b"committed";
 const META_PURGED: &[u8] = b"purged";
+/// The last journal record a durable commit covers (see `journal`).
+const META_JOURNAL_SEQ: &[u8] = b"journal_seq";
 
 /// Most appends waiting for the group fsync. Each holds only openraft's completion callback
 /// (the entries are already in redb); a full queue makes the next append wait, which pushes
@@ -39,8 +43,10 @@ struct Shared {
     /// What the chain needs to extend and verify itself, cached from disk. Updated only
     /// after the transaction that changes it has committed.
     state: Mutex<ChainState>,
-    /// Serializes writes (see [`Shared::writing`]).
-    write_lock: Mutex<()>,
+    /// Serializes writes (see [`Shared::writing`]); guards the journal's write cursor.
+    write_lock: Mutex<Journal>,
+    /// The journal file, synced without the write lock.
+    journal_file: Arc<File>,
     /// The group-commit queue of appends waiting for their fsync, started on first use.
     flusher: OnceLock<mpsc::Sender<IOFlushed<TypeConfig>>>,
     /// Callbacks handed to the flusher and not yet completed.
@@ -155,12 +161,30 @@ impl RedbLogStore {
         let db = Database::create(path).map_err(redb_error)?;
         let txn = db.begin_write().map_err(redb_error)?;
         txn.open_table(ENTRIES).map_err(redb_error)?;
-        txn.open_table(META).map_err(redb_error)?;
+        let checkpointed_seq: u64 =
+            read_meta(&txn.open_table(META).map_err(redb_error)?, META_JOURNAL_SEQ)?.unwrap_or(0);
+        let (mut journal, replay) = Journal::open(&path.with_extension("journal"), checkpointed_seq)?;
+        if !replay.is_empty() {
+            // Appends the journal made durable that redb's durable state lacks, replayed
+            // in order; the chain check below verifies the result.
+            let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
+            for record in &replay {
+                let Some((first, _)) = record.rows.first() else { continue };
+                remove_range(&mut table, *first..)?;
+                for (index, row) in &record.rows {
+                    table.insert(*index, row.as_slice()).map_err(redb_error)?;
+                }
+            }
+            tracing::info!(records = replay.len(), "replayed the log journal");
+        }
+        write_meta(&mut txn.open_table(META).map_err(redb_error)?, META_JOURNAL_SEQ, &journal.last_seq())?;
         txn.commit().map_err(redb_error)?;
+        journal.checkpointed();
         let shared = Shared {
             db,
             state: Mutex::new(ChainState::default()),
-            write_lock: Mutex::new(()),
+            journal_file: journal.file(),
+            write_lock: Mutex::new(journal),
             flusher: OnceLock::new(),
             flushes_pending: AtomicUsize::new(0),
             leading: Arc::new(AtomicBool::new(true)),
@@ -179,9 +203,10 @@ impl RedbLogStore {
     /// Raw access for tests that simulate corruption: overwrites the stored row of `index`.
     #[doc(hidden)]
     pub fn overwrite_raw_row(&self, index: u64, row: &[u8]) -> Result<(), LogStoreError> {
+        let mut journal = self.shared.writing();
         let txn = self.shared.db.begin_write().map_err(redb_error)?;
         txn.open_table(ENTRIES).map_err(redb_error)?.insert(index, row).map_err(redb_error)?;
-        txn.commit().map_err(redb_error)
+        commit_durable(txn, &mut journal)
     }
 
     /// Raw access for tests that simulate corruption: the stored row of `index`.
@@ -192,9 +217,10 @@ impl RedbLogStore {
         Ok(table.get(index).map_err(redb_error)?.map(|row| row.value().to_vec()))
     }
 
-    /// Appends entries durably (one redb transaction, one fsync) and extends the chain.
+    /// Appends entries durably (a redb commit and a journal record, one fsync) and extends
+    /// the chain.
     pub fn append_entries(&self, entries: &[Entry]) -> Result<(), LogStoreError> {
-        self.shared.append(entries, Durability::Immediate)
+        self.shared.append(entries, true)
     }
 
     /// A switch that tells the store whether this node leads, which picks how
@@ -245,7 +271,7 @@ impl RedbLogStore {
 impl Shared {
     /// Held from reading the cached state to publishing it, by every write: the flusher's
     /// sync runs concurrently with openraft's log calls.
-    fn writing(&self) -> MutexGuard<'_, ()> {
+    fn writing(&self) -> MutexGuard<'_, Journal> {
         self.write_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -299,39 +325,46 @@ impl Shared {
         Ok((ChainState { last, purged, anchor, vote, committed, committed_stored: committed }, summary))
     }
 
-    /// Appends `entries` in one transaction. With `Durability::None` the entries are
-    /// readable at once but durable only after the next [`Shared::sync`] (or any durable commit).
-    fn append(&self, entries: &[Entry], durability: Durability) -> Result<(), LogStoreError> {
-        let writing = self.writing();
-        self.append_locked(&writing, entries, durability)
+    /// Appends `entries`: readable at once, durable once the journal is synced (at once
+    /// with `sync_now`, else by the next [`Shared::sync`]).
+    fn append(&self, entries: &[Entry], sync_now: bool) -> Result<(), LogStoreError> {
+        let journaled = {
+            let mut journal = self.writing();
+            self.append_locked(&mut journal, entries)?
+        };
+        if sync_now && journaled {
+            self.sync()?;
+        }
+        Ok(())
     }
 
-    /// A non-durable append run by the caller (an async worker) if no other write holds
-    /// the log (the flusher's fsync does, for its duration): a few tens of microseconds of
-    /// in-memory work, cheaper than a hop to a blocking thread. `None` when it would wait.
+    /// An append run by the caller (an async worker) if no other write holds the log and
+    /// no checkpoint is due: a few tens of microseconds of in-memory work and one write to
+    /// the page cache, cheaper than a hop to a blocking thread. `None` when it would wait.
     fn try_append_unsynced_now(&self, entries: &[Entry]) -> Option<Result<(), LogStoreError>> {
-        let writing = match self.write_lock.try_lock() {
+        let mut journal = match self.write_lock.try_lock() {
             Ok(guard) => guard,
             Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
-        Some(self.append_locked(&writing, entries, Durability::None))
+        if journal.needs_checkpoint(0) {
+            return None;
+        }
+        Some(self.append_locked(&mut journal, entries).map(|_| ()))
     }
 
-    /// `append` for a caller holding the write lock.
-    fn append_locked(
-        &self,
-        _writing: &MutexGuard<'_, ()>,
-        entries: &[Entry],
-        durability: Durability,
-    ) -> Result<(), LogStoreError> {
-        let Some(first) = entries.first() else { return Ok(()) };
+    /// `append` for a caller holding the write lock. The rows go to redb in a commit
+    /// without fsync and to the journal as one record; `Ok(true)` when that record still
+    /// needs the journal's sync, `Ok(false)` when the append was a checkpoint instead (a
+    /// durable redb commit: the batch was too large for a record, or the journal was due).
+    fn append_locked(&self, journal: &mut Journal, entries: &[Entry]) -> Result<bool, LogStoreError> {
+        let Some(first) = entries.first() else { return Ok(false) };
         if entries.len() > MAX_BATCH_SIZE {
             return Err(LogStoreError::BatchTooLarge { count: entries.len(), max: MAX_BATCH_SIZE });
         }
         let mut state = self.lock().clone();
         let mut txn = self.db.begin_write().map_err(redb_error)?;
-        txn.set_durability(durability).map_err(redb_error)?;
+        let mut rows = Vec::with_capacity(entries.len());
         {
             let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
             // openraft truncates conflicting entries before appending; an append over
@@ -362,29 +395,36 @@ impl Shared {
                 }
                 let term = entry.log_id.leader_id.term;
                 let hash = chain::entry_hash(&prev_hash, index, term, &bytes);
-                table.insert(index, chain::encode_row(&hash, term, &bytes).as_slice()).map_err(redb_error)?;
+                let row = chain::encode_row(&hash, term, &bytes);
+                table.insert(index, row.as_slice()).map_err(redb_error)?;
+                rows.push((index, row));
                 prev_hash = hash;
             }
             let last_entry = &entries[entries.len() - 1];
             state.last = Some((last_entry.log_id, prev_hash));
             store_committed(&txn, &mut state)?;
         }
-        // With Durability::Immediate this fsyncs; otherwise the group flusher's sync does.
-        txn.commit().map_err(redb_error)?;
+        let record_bytes = rows.iter().map(|(_, row)| row.len() + 12).sum();
+        let journaled = !journal.needs_checkpoint(record_bytes);
+        if journaled {
+            txn.set_durability(Durability::None).map_err(redb_error)?;
+            txn.commit().map_err(redb_error)?;
+            journal.write(rows.iter().map(|(index, row)| (*index, row.as_slice())))?;
+        } else {
+            commit_durable(txn, journal)?;
+        }
         self.publish(state);
-        Ok(())
+        Ok(journaled)
     }
 
-    /// The durability point of the whole system: an empty durable commit, which makes every
-    /// earlier non-durable commit durable with one fsync.
+    /// The durability point of the whole system: one `fdatasync` of the journal, which
+    /// makes every record written before it durable. Needs no write lock: appends go on
+    /// while it runs.
     fn sync(&self) -> Result<(), LogStoreError> {
-        let _writing = self.writing();
-        let mut state = self.lock().clone();
-        let txn = self.db.begin_write().map_err(redb_error)?;
-        store_committed(&txn, &mut state)?;
-        txn.commit().map_err(redb_error)?;
-        self.publish(state);
-        Ok(())
+        self.journal_file.sync_data().map_err(|error| LogStoreError::Journal {
+            path: "raft log journal".into(),
+            reason: format!("fdatasync: {error}"),
+        })
     }
 
     /// The group-commit queue, starting its flusher task on first use. The task holds only
@@ -435,7 +475,7 @@ impl Shared {
 
     fn truncate_after(&self, last_kept: Option<LogId>) -> Result<(), LogStoreError> {
         let first_removed = last_kept.map_or(0, |log_id| log_id.index + 1);
-        let _writing = self.writing();
+        let mut journal = self.writing();
         let mut state = self.lock().clone();
         let txn = self.db.begin_write().map_err(redb_error)?;
         {
@@ -443,13 +483,13 @@ impl Shared {
             remove_range(&mut table, first_removed..)?;
             state.last = previous_entry(&table, first_removed)?;
         }
-        txn.commit().map_err(redb_error)?;
+        commit_durable(txn, &mut journal)?;
         self.publish(state);
         Ok(())
     }
 
     fn purge(&self, upto: LogId) -> Result<(), LogStoreError> {
-        let _writing = self.writing();
+        let mut journal = self.writing();
         let mut state = self.lock().clone();
         if state.purged.is_some_and(|purged| purged.index >= upto.index) {
             return Ok(());
@@ -475,16 +515,16 @@ impl Shared {
             let mut meta = txn.open_table(META).map_err(redb_error)?;
             write_meta(&mut meta, META_PURGED, &(upto, state.anchor))?;
         }
-        txn.commit().map_err(redb_error)?;
+        commit_durable(txn, &mut journal)?;
         self.publish(state);
         Ok(())
     }
 
     fn save_vote(&self, vote: &Vote) -> Result<(), LogStoreError> {
-        let _writing = self.writing();
+        let mut journal = self.writing();
         let txn = self.db.begin_write().map_err(redb_error)?;
         write_meta(&mut txn.open_table(META).map_err(redb_error)?, META_VOTE, vote)?;
-        txn.commit().map_err(redb_error)?;
+        commit_durable(txn, &mut journal)?;
         self.lock().vote = Some(*vote);
         Ok(())
     }
@@ -495,6 +535,15 @@ impl Shared {
     fn save_committed(&self, committed: Option<LogId>) {
         self.lock().committed = committed;
     }
+}
+
+/// Commits `txn` durably (the default durability), recording that it covers every journal
+/// record written so far, which the journal may then overwrite.
+fn commit_durable(txn: redb::WriteTransaction, journal: &mut Journal) -> Result<(), LogStoreError> {
+    write_meta(&mut txn.open_table(META).map_err(redb_error)?, META_JOURNAL_SEQ, &journal.last_seq())?;
+    txn.commit().map_err(redb_error)?;
+    journal.checkpointed();
+    Ok(())
 }
 
 /// Writes the committed log id into `txn` if it changed since last stored.
@@ -571,7 +620,7 @@ fn hex(hash: &ChainHash) -> String {
 }
 
 fn read_meta<T: DeserializeOwned>(
-    table: &redb::ReadOnlyTable<&[u8], &[u8]>,
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
     name: &'static [u8],
 ) -> Result<Option<T>, LogStoreError> {
     let Some(value) = table.get(name).map_err(redb_error)? else { return Ok(None) };
@@ -676,11 +725,10 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
         // queue behind them.
         let group =
             self.shared.leading.load(Ordering::Relaxed) || self.shared.flushes_pending.load(Ordering::Acquire) > 0;
-        let durability = if group { Durability::None } else { Durability::Immediate };
         let inline = if group { self.shared.try_append_unsynced_now(&entries) } else { None };
         let result = match inline {
             Some(result) => result,
-            None => blocking(&self.shared, move |shared| shared.append(&entries, durability)).await,
+            None => blocking(&self.shared, move |shared| shared.append(&entries, !group)).await,
         };
         if let Err(error) = result {
             let message = error.to_string();
