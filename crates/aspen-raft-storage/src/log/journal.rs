@@ -46,11 +46,29 @@ pub(crate) struct JournalRecord {
     pub rows: Vec<(u64, Vec<u8>)>,
 }
 
+/// The journal file, shared by the writer and whoever makes its records durable.
+#[derive(Clone, Debug)]
+pub(crate) struct JournalFile {
+    file: Arc<File>,
+    path: Arc<PathBuf>,
+}
+
+impl JournalFile {
+    /// Makes every record written before the call durable (one `fdatasync`); needs no lock.
+    pub fn sync(&self) -> Result<(), LogStoreError> {
+        self.file.sync_data().map_err(|error| journal_error(&self.path, format!("fdatasync: {error}")))
+    }
+}
+
+/// Encoded size of a record's payload holding `rows`.
+pub(crate) fn payload_len<'a>(rows: impl Iterator<Item = &'a [u8]>) -> usize {
+    rows.map(|row| ROW_HEADER_LEN + row.len()).sum()
+}
+
 /// The journal's write cursor; lives inside the log's write lock.
 #[derive(Debug)]
 pub(crate) struct Journal {
-    file: Arc<File>,
-    path: PathBuf,
+    file: JournalFile,
     /// Where the next record goes.
     offset: u64,
     /// The last sequence number written or covered by a checkpoint.
@@ -88,8 +106,7 @@ impl Journal {
         let records = read_records(&file, path, checkpointed_seq)?;
         let last_seq = records.last().map_or(checkpointed_seq, |record| record.seq);
         let journal = Journal {
-            file: Arc::new(file),
-            path: path.to_path_buf(),
+            file: JournalFile { file: Arc::new(file), path: Arc::new(path.to_path_buf()) },
             offset: 0,
             last_seq,
             since_checkpoint: records.len() as u64,
@@ -99,8 +116,8 @@ impl Journal {
     }
 
     /// The file, for `fdatasync` without the write lock.
-    pub fn file(&self) -> Arc<File> {
-        Arc::clone(&self.file)
+    pub fn file(&self) -> JournalFile {
+        self.file.clone()
     }
 
     /// The sequence number a durable commit made now covers.
@@ -128,14 +145,18 @@ impl Journal {
         }
         let payload_len = self.buffer.len() - HEADER_LEN;
         if payload_len > MAX_JOURNAL_RECORD {
-            return Err(journal_error(&self.path, format!("record of {payload_len} bytes over {MAX_JOURNAL_RECORD}")));
+            let reason = format!("record of {payload_len} bytes over {MAX_JOURNAL_RECORD}");
+            return Err(journal_error(&self.file.path, reason));
         }
         let sum = checksum(seq, &self.buffer[HEADER_LEN..]);
         self.buffer[0..4].copy_from_slice(&MAGIC);
         self.buffer[4..8].copy_from_slice(&(payload_len as u32).to_le_bytes());
         self.buffer[8..16].copy_from_slice(&seq.to_le_bytes());
         self.buffer[16..48].copy_from_slice(&sum);
-        self.file.write_all_at(&self.buffer, self.offset).map_err(|error| journal_error(&self.path, error))?;
+        self.file
+            .file
+            .write_all_at(&self.buffer, self.offset)
+            .map_err(|error| journal_error(&self.file.path, error))?;
         self.offset += self.buffer.len() as u64;
         self.last_seq = seq;
         self.since_checkpoint += 1;

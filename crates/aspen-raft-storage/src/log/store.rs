@@ -1,5 +1,4 @@
 use std::fmt::Debug;
-use std::fs::File;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
@@ -14,7 +13,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::mpsc;
 
 use super::chain::{self, ChainHash, GENESIS};
-use super::journal::Journal;
+use super::journal::{self, Journal, JournalFile};
 use crate::error::{LogStoreError, redb_error};
 use crate::type_config::{Entry, LogId, TypeConfig, Vote};
 
@@ -46,7 +45,7 @@ struct Shared {
     /// Serializes writes (see [`Shared::writing`]); guards the journal's write cursor.
     write_lock: Mutex<Journal>,
     /// The journal file, synced without the write lock.
-    journal_file: Arc<File>,
+    journal_file: JournalFile,
     /// The group-commit queue of appends waiting for their fsync, started on first use.
     flusher: OnceLock<mpsc::Sender<IOFlushed<TypeConfig>>>,
     /// Callbacks handed to the flusher and not yet completed.
@@ -177,9 +176,7 @@ impl RedbLogStore {
             }
             tracing::info!(records = replay.len(), "replayed the log journal");
         }
-        write_meta(&mut txn.open_table(META).map_err(redb_error)?, META_JOURNAL_SEQ, &journal.last_seq())?;
-        txn.commit().map_err(redb_error)?;
-        journal.checkpointed();
+        commit_durable(txn, &mut journal)?;
         let shared = Shared {
             db,
             state: Mutex::new(ChainState::default()),
@@ -227,8 +224,8 @@ impl RedbLogStore {
     /// `RaftLogStorage::append` makes entries durable. A leader's append returns before its
     /// fsync (the flusher does it, for many appends at once) so replication starts at once.
     /// A follower's appends arrive one AppendEntries at a time and are acknowledged only
-    /// once durable, so one durable commit per append is faster there than a commit plus a
-    /// flusher round. A stale value costs speed, never safety: both ways complete the
+    /// once durable, so each syncs the journal itself rather than waiting for a flusher
+    /// round. A stale value costs speed, never safety: both ways complete the
     /// callback only after the fsync. New stores behave as leaders. The switch does not
     /// keep the database open.
     pub fn leader_switch(&self) -> LeaderSwitch {
@@ -404,7 +401,7 @@ impl Shared {
             state.last = Some((last_entry.log_id, prev_hash));
             store_committed(&txn, &mut state)?;
         }
-        let record_bytes = rows.iter().map(|(_, row)| row.len() + 12).sum();
+        let record_bytes = journal::payload_len(rows.iter().map(|(_, row)| row.as_slice()));
         let journaled = !journal.needs_checkpoint(record_bytes);
         if journaled {
             txn.set_durability(Durability::None).map_err(redb_error)?;
@@ -421,10 +418,7 @@ impl Shared {
     /// makes every record written before it durable. Needs no write lock: appends go on
     /// while it runs.
     fn sync(&self) -> Result<(), LogStoreError> {
-        self.journal_file.sync_data().map_err(|error| LogStoreError::Journal {
-            path: "raft log journal".into(),
-            reason: format!("fdatasync: {error}"),
-        })
+        self.journal_file.sync()
     }
 
     /// The group-commit queue, starting its flusher task on first use. The task holds only
