@@ -5,10 +5,12 @@
 //! point with its anchor hash. The chain is verified in full when the store opens and
 //! for every range read; a mismatch is [`LogStoreError::ChainMismatch`] naming the index.
 //! Appends are made durable through a sequential [`journal`] beside the redb file and
-//! checkpointed into redb's durable state now and then.
+//! checkpointed into redb's durable state now and then. The newest entries are also kept
+//! in memory ([`tail`]) for the reads that follow an append (replication, apply).
 
 pub mod chain;
 pub mod journal;
 mod store;
+pub mod tail;
 
 pub use store::{LeaderSwitch, LogStoreWatch, LogSummary, RedbLogStore};

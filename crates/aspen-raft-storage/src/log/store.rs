@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use super::chain::{self, ChainHash, GENESIS};
 use super::journal::{self, Journal, JournalFile};
+use super::tail::Tail;
 use crate::error::{LogStoreError, redb_error};
 use crate::type_config::{Entry, LogId, TypeConfig, Vote};
 
@@ -46,6 +47,9 @@ struct Shared {
     write_lock: Mutex<Journal>,
     /// The journal file, synced without the write lock.
     journal_file: JournalFile,
+    /// The newest entries in memory. Entries enter it after the commit that stores them and
+    /// leave it before the commit that removes them, so it never holds one redb does not.
+    tail: Mutex<Tail>,
     /// The group-commit queue of appends waiting for their fsync, started on first use.
     flusher: OnceLock<mpsc::Sender<IOFlushed<TypeConfig>>>,
     /// Callbacks handed to the flusher and not yet completed.
@@ -181,6 +185,7 @@ impl RedbLogStore {
             db,
             state: Mutex::new(ChainState::default()),
             journal_file: journal.file(),
+            tail: Mutex::new(Tail::default()),
             write_lock: Mutex::new(journal),
             flusher: OnceLock::new(),
             flushes_pending: AtomicUsize::new(0),
@@ -201,6 +206,8 @@ impl RedbLogStore {
     #[doc(hidden)]
     pub fn overwrite_raw_row(&self, index: u64, row: &[u8]) -> Result<(), LogStoreError> {
         let mut journal = self.shared.writing();
+        // Reads must see the damage, not the good copy in memory.
+        self.shared.tail().clear();
         let txn = self.shared.db.begin_write().map_err(redb_error)?;
         txn.open_table(ENTRIES).map_err(redb_error)?.insert(index, row).map_err(redb_error)?;
         commit_durable(txn, &mut journal)
@@ -279,6 +286,15 @@ impl Shared {
         let committed = current.committed;
         *current = state;
         current.committed = committed;
+    }
+
+    fn tail(&self) -> MutexGuard<'_, Tail> {
+        // The tail is only a cache; a panic mid-update can leave it short, so start over.
+        self.tail.lock().unwrap_or_else(|poisoned| {
+            let mut tail = poisoned.into_inner();
+            tail.clear();
+            tail
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, ChainState> {
@@ -362,6 +378,7 @@ impl Shared {
         let mut state = self.lock().clone();
         let mut txn = self.db.begin_write().map_err(redb_error)?;
         let mut rows = Vec::with_capacity(entries.len());
+        let mut sizes = Vec::with_capacity(entries.len());
         {
             let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
             // openraft truncates conflicting entries before appending; an append over
@@ -369,6 +386,7 @@ impl Shared {
             if let Some((last, _)) = &state.last
                 && first.index() <= last.index
             {
+                self.tail().truncate_from(first.index());
                 remove_range(&mut table, first.index()..)?;
                 state.last = previous_entry(&table, first.index())?;
             }
@@ -394,6 +412,7 @@ impl Shared {
                 let hash = chain::entry_hash(&prev_hash, index, term, &bytes);
                 let row = chain::encode_row(&hash, term, &bytes);
                 table.insert(index, row.as_slice()).map_err(redb_error)?;
+                sizes.push(bytes.len());
                 rows.push((index, row));
                 prev_hash = hash;
             }
@@ -411,6 +430,10 @@ impl Shared {
             commit_durable(txn, journal)?;
         }
         self.publish(state);
+        let mut tail = self.tail();
+        for (entry, size) in entries.iter().zip(sizes) {
+            tail.push(entry.clone(), size);
+        }
         Ok(journaled)
     }
 
@@ -471,6 +494,7 @@ impl Shared {
         let first_removed = last_kept.map_or(0, |log_id| log_id.index + 1);
         let mut journal = self.writing();
         let mut state = self.lock().clone();
+        self.tail().truncate_from(first_removed);
         let txn = self.db.begin_write().map_err(redb_error)?;
         {
             let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
@@ -488,6 +512,7 @@ impl Shared {
         if state.purged.is_some_and(|purged| purged.index >= upto.index) {
             return Ok(());
         }
+        self.tail().purge_upto(upto.index);
         let txn = self.db.begin_write().map_err(redb_error)?;
         {
             let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
@@ -676,6 +701,9 @@ impl RaftLogReader<TypeConfig> for RedbLogStore {
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        if let Some(entries) = self.shared.tail().get(&bounds) {
+            return Ok(entries);
+        }
         Ok(blocking(&self.shared, move |shared| shared.read(bounds)).await?)
     }
 
