@@ -15,6 +15,12 @@
 //! append did); replay stops at the first record that is torn, fails its checksum, or does
 //! not continue the sequence (old records left behind from before the last checkpoint).
 //!
+//! The file is never truncated and grows ahead of the records in zero-filled steps of
+//! [`JOURNAL_GROW_STEP`]: an `fdatasync` after a write that extends a file also has to
+//! write the inode (its new size), which on this disk doubled its cost (measured: 5 KB
+//! records, write + fdatasync, 313-318 us growing the file vs 150 us inside zero-filled
+//! space). Zeros after the last record end replay like any torn tail.
+//!
 //! Record layout: `MAGIC (4) | payload length u32 LE | seq u64 LE | blake3(seq, length,
 //! payload) (32) | payload`, where the payload is rows, each `index u64 LE | length u32 LE |
 //! row` (the row exactly as stored in redb).
@@ -34,6 +40,10 @@ pub const JOURNAL_CHECKPOINT_RECORDS: u64 = 1024;
 pub const JOURNAL_CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
 /// Largest record; a larger append is committed durably to redb directly instead.
 pub const MAX_JOURNAL_RECORD: usize = 4 * 1024 * 1024;
+/// How far ahead of its records the file is extended with zeros at a time. Smaller steps
+/// put the inode write back on more syncs; larger ones make the sync that flushes the
+/// zeros slower.
+pub const JOURNAL_GROW_STEP: u64 = 256 * 1024;
 
 const MAGIC: [u8; 4] = *b"ASJ1";
 const HEADER_LEN: usize = 4 + 4 + 8 + 32;
@@ -71,6 +81,8 @@ pub(crate) struct Journal {
     file: JournalFile,
     /// Where the next record goes.
     offset: u64,
+    /// The file's length: written (zero-filled) space the records can go into.
+    allocated: u64,
     /// The last sequence number written or covered by a checkpoint.
     last_seq: u64,
     /// Records written since the last checkpoint.
@@ -104,10 +116,12 @@ impl Journal {
             .open(path)
             .map_err(|error| journal_error(path, error))?;
         let records = read_records(&file, path, checkpointed_seq)?;
+        let allocated = file.metadata().map_err(|error| journal_error(path, error))?.len();
         let last_seq = records.last().map_or(checkpointed_seq, |record| record.seq);
         let journal = Journal {
             file: JournalFile { file: Arc::new(file), path: Arc::new(path.to_path_buf()) },
             offset: 0,
+            allocated,
             last_seq,
             since_checkpoint: records.len() as u64,
             buffer: Vec::new(),
@@ -153,6 +167,16 @@ impl Journal {
         self.buffer[4..8].copy_from_slice(&(payload_len as u32).to_le_bytes());
         self.buffer[8..16].copy_from_slice(&seq.to_le_bytes());
         self.buffer[16..48].copy_from_slice(&sum);
+        let end = self.offset + self.buffer.len() as u64;
+        if end > self.allocated {
+            let grown = end.div_ceil(JOURNAL_GROW_STEP) * JOURNAL_GROW_STEP;
+            let zeros = vec![0u8; (grown - self.allocated) as usize];
+            self.file
+                .file
+                .write_all_at(&zeros, self.allocated)
+                .map_err(|error| journal_error(&self.file.path, error))?;
+            self.allocated = grown;
+        }
         self.file
             .file
             .write_all_at(&self.buffer, self.offset)
@@ -311,6 +335,34 @@ mod tests {
         file.write_all_at(&[byte[0] ^ 0xff], HEADER_LEN as u64 + 2).expect("flip");
         let (_, replay) = Journal::open(&path, 0).expect("reopen corrupt");
         assert!(replay.is_empty());
+    }
+
+    #[test]
+    fn the_file_grows_ahead_in_zeroed_steps_that_replay_ignores() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.journal");
+        let (mut journal, _) = Journal::open(&path, 0).expect("open");
+        write(&mut journal, &rows(1, 2));
+        let len = |path: &Path| std::fs::metadata(path).expect("metadata").len();
+        assert_eq!(len(&path), JOURNAL_GROW_STEP, "the first record allocates one step");
+        // A record crossing the step boundary grows the file by whole steps.
+        let big = vec![(3, vec![7u8; JOURNAL_GROW_STEP as usize])];
+        write(&mut journal, &big);
+        let end = journal.offset;
+        assert!(end > JOURNAL_GROW_STEP);
+        assert_eq!(len(&path), 2 * JOURNAL_GROW_STEP);
+        drop(journal);
+        let (_, replay) = Journal::open(&path, 0).expect("reopen");
+        assert_eq!(replay.iter().map(|record| record.seq).collect::<Vec<_>>(), vec![1, 2], "zeros end replay");
+        // A crash mid-record inside the zeroed space leaves a record whose checksum fails.
+        let file = OpenOptions::new().read(true).write(true).open(&path).expect("open file");
+        file.write_all_at(&[0u8; 64], end - 64).expect("zero the end of record 2");
+        let (mut journal, replay) = Journal::open(&path, 0).expect("reopen torn");
+        assert_eq!(replay.len(), 1, "only the intact record 1 replays: {replay:?}");
+        // After a checkpoint the records overwrite the start; the file neither shrinks nor grows.
+        journal.checkpointed();
+        write(&mut journal, &rows(4, 1));
+        assert_eq!(len(&path), 2 * JOURNAL_GROW_STEP);
     }
 
     #[test]
