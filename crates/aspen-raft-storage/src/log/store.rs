@@ -48,7 +48,8 @@ struct Shared {
     /// The journal file, synced without the write lock.
     journal_file: JournalFile,
     /// The newest entries in memory. Entries enter it after the commit that stores them and
-    /// leave it before the commit that removes them, so it never holds one redb does not.
+    /// leave it before the commit that removes them, so it never holds one redb does not;
+    /// reads use it only while it ends at the published last entry.
     tail: Mutex<Tail>,
     /// The group-commit queue of appends waiting for their fsync, started on first use.
     flusher: OnceLock<mpsc::Sender<IOFlushed<TypeConfig>>>,
@@ -701,7 +702,8 @@ impl RaftLogReader<TypeConfig> for RedbLogStore {
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
-        if let Some(entries) = self.shared.tail().get(&bounds) {
+        let last = self.shared.lock().last.map(|(log_id, _)| log_id.index);
+        if let Some(entries) = self.shared.tail().get(&bounds, last) {
             return Ok(entries);
         }
         Ok(blocking(&self.shared, move |shared| shared.read(bounds)).await?)

@@ -68,8 +68,13 @@ impl Tail {
 
     /// The entries in `range` if the tail holds every entry of it up to the log's end (a
     /// range reaching past the last entry is answered with what exists, as redb would);
-    /// `None` if part of it is older than the tail.
-    pub(crate) fn get(&self, range: &impl RangeBounds<u64>) -> Option<Vec<Entry>> {
+    /// `None` if part of it is older than the tail, or if the tail does not end at
+    /// `log_last`, the log's last index as published (mid-write, or after a failed one).
+    pub(crate) fn get(&self, range: &impl RangeBounds<u64>, log_last: Option<u64>) -> Option<Vec<Entry>> {
+        let (last, _) = self.entries.back()?;
+        if Some(last.index()) != log_last {
+            return None;
+        }
         let (first, _) = self.entries.front()?;
         let first = first.index();
         let start = match range.start_bound() {
@@ -120,7 +125,8 @@ mod tests {
     }
 
     fn got(tail: &Tail, range: impl RangeBounds<u64>) -> Option<Vec<u64>> {
-        tail.get(&range).map(|entries| entries.iter().map(|entry| entry.index()).collect())
+        let last = tail.entries.back().map(|(entry, _)| entry.index());
+        tail.get(&range, last).map(|entries| entries.iter().map(|entry| entry.index()).collect())
     }
 
     #[test]
@@ -133,6 +139,11 @@ mod tests {
         assert_eq!(got(&tail, 4..7), None, "entry 4 is older than the tail");
         assert_eq!(got(&tail, ..7), None);
         assert_eq!(got(&Tail::default(), 1..3), None);
+        // A tail that does not end where the log does (a write between the two, or one that
+        // failed after trimming the tail) answers nothing.
+        assert_eq!(tail.get(&(5..8), Some(10)).map(|entries| entries.len()), None);
+        assert_eq!(tail.get(&(5..8), Some(8)).map(|entries| entries.len()), None);
+        assert_eq!(tail.get(&(5..8), Some(9)).map(|entries| entries.len()), Some(3));
     }
 
     #[test]
