@@ -68,6 +68,10 @@ impl JournalFile {
     pub fn sync(&self) -> Result<(), LogStoreError> {
         self.file.sync_data().map_err(|error| journal_error(&self.path, format!("fdatasync: {error}")))
     }
+
+    fn write_at(&self, bytes: &[u8], offset: u64) -> Result<(), LogStoreError> {
+        self.file.write_all_at(bytes, offset).map_err(|error| journal_error(&self.path, error))
+    }
 }
 
 /// Encoded size of a record's payload holding `rows`.
@@ -170,17 +174,10 @@ impl Journal {
         let end = self.offset + self.buffer.len() as u64;
         if end > self.allocated {
             let grown = end.div_ceil(JOURNAL_GROW_STEP) * JOURNAL_GROW_STEP;
-            let zeros = vec![0u8; (grown - self.allocated) as usize];
-            self.file
-                .file
-                .write_all_at(&zeros, self.allocated)
-                .map_err(|error| journal_error(&self.file.path, error))?;
+            self.file.write_at(&vec![0u8; (grown - self.allocated) as usize], self.allocated)?;
             self.allocated = grown;
         }
-        self.file
-            .file
-            .write_all_at(&self.buffer, self.offset)
-            .map_err(|error| journal_error(&self.file.path, error))?;
+        self.file.write_at(&self.buffer, self.offset)?;
         self.offset += self.buffer.len() as u64;
         self.last_seq = seq;
         self.since_checkpoint += 1;
