@@ -37,6 +37,9 @@ pub const MAX_PEERS: usize = 64;
 pub const MAX_CONCURRENT_CONNECTIONS: usize = 500;
 /// Most concurrent streams on one connection.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
+/// Most idle request lanes (bi-streams kept open for reuse) a client pools per peer and
+/// protocol; well under `MAX_STREAMS_PER_CONNECTION`, so idle lanes never starve new calls.
+pub const MAX_IDLE_LANES_PER_PEER: usize = 32;
 /// Largest single RPC message, in bytes.
 pub const MAX_RPC_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
 /// Most concurrent watchers on one node.

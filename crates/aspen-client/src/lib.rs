@@ -1,5 +1,5 @@
 //! A Rust client for Aspen. Connects to any node by its address (`<endpoint-id>@<ip:port>`
-//! or a ticket), sends requests over iroh QUIC (ALPN `aspen-client/1`) with the cluster's
+//! or a ticket), sends requests over iroh QUIC (ALPN `aspen-client/2`) with the cluster's
 //! client token, follows leader redirects for cluster operations, and retries only what is
 //! safe to retry: reads always, writes only when they certainly were not applied.
 //!

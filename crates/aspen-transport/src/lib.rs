@@ -20,6 +20,6 @@ pub use peer::PeerAddr;
 pub use rpc::{RpcClient, RpcHandler, RpcProtocol};
 
 /// ALPN of the Raft RPC protocol between nodes.
-pub const RAFT_ALPN: &[u8] = b"aspen-raft/1";
+pub const RAFT_ALPN: &[u8] = b"aspen-raft/2";
 /// ALPN of the client RPC protocol.
-pub const CLIENT_ALPN: &[u8] = b"aspen-client/1";
+pub const CLIENT_ALPN: &[u8] = b"aspen-client/2";

@@ -1,6 +1,9 @@
-//! Bounded request/response RPC over QUIC: one request per bi-stream, each message a
-//! postcard frame of at most `MAX_RPC_MESSAGE_SIZE` bytes, every step under a timeout,
-//! connections pooled per (peer, ALPN) and re-established when they die.
+//! Bounded request/response RPC over QUIC. A bi-stream is a lane: the client writes one
+//! request frame, the server answers with one reply frame, and the lane goes back to a pool
+//! for the next call to the same peer, so steady traffic opens no streams and the server
+//! spawns no task per request. Each frame is a little-endian u32 length and a postcard
+//! message of at most `MAX_RPC_MESSAGE_SIZE` bytes; every step runs under a timeout;
+//! connections are pooled per (peer, ALPN) and re-established when they die.
 //!
 //! Why not irpc: its message bound is a fixed 16 MiB and an oversized message tears down
 //! the shared connection; Aspen needs its own 10 MiB bound, checked before sending with a
@@ -10,10 +13,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use aspen_api::limits::{MAX_CONCURRENT_CONNECTIONS, MAX_RPC_MESSAGE_SIZE};
-use iroh::endpoint::{Connection, ConnectionError, ReadToEndError, VarInt};
+use aspen_api::limits::{MAX_CONCURRENT_CONNECTIONS, MAX_IDLE_LANES_PER_PEER, MAX_RPC_MESSAGE_SIZE};
+use iroh::endpoint::{Connection, ConnectionError, ReadExactError, RecvStream, SendStream, VarInt};
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use iroh::{Endpoint, EndpointId};
 use serde::Serialize;
@@ -27,18 +30,43 @@ use crate::peer::PeerAddr;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait to open a stream on a connection.
 pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest wait for a reply once the request is sent.
+/// Longest wait for a reply once the request is sent (and for the rest of a frame once its
+/// first byte arrived).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The server ends a lane that brings no new request for this long.
+pub const LANE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The client reuses a pooled lane only if it has been idle for less than this: half the
+/// server's [`LANE_IDLE_TIMEOUT`], so a reused lane is never one the server just ended.
+pub const LANE_REUSE_WINDOW: Duration = Duration::from_secs(30);
 
+/// Bytes of the length prefix in front of every frame.
+const FRAME_HEADER_SIZE: usize = 4;
 /// Stream reset code for a request over the size limit.
 const RESET_TOO_LARGE: u32 = 413;
 /// Connection close code when the node is at its connection limit.
 const CLOSE_BUSY: u32 = 503;
 
-/// Sends requests to peers over pooled connections.
+type PoolKey = (EndpointId, &'static [u8]);
+
+/// One bi-stream carrying sequential request/reply exchanges.
+struct Lane {
+    send: SendStream,
+    recv: RecvStream,
+    /// `Connection::stable_id` of the connection the streams belong to.
+    connection_id: usize,
+    idle_since: Instant,
+}
+
+/// A pooled connection and its idle lanes (most recently used last).
+struct PoolEntry {
+    connection: Connection,
+    idle: Vec<Lane>,
+}
+
+/// Sends requests to peers over pooled connections and lanes.
 pub struct RpcClient {
     endpoint: Endpoint,
-    pool: Mutex<HashMap<(EndpointId, &'static [u8]), Connection>>,
+    pool: Mutex<HashMap<PoolKey, PoolEntry>>,
     read_timeout: Duration,
 }
 
@@ -48,12 +76,50 @@ impl fmt::Debug for RpcClient {
     }
 }
 
-fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, TransportError> {
-    let bytes = postcard::to_stdvec(message).map_err(|error| TransportError::Codec(error.to_string()))?;
-    if bytes.len() > MAX_RPC_MESSAGE_SIZE {
-        return Err(TransportError::MessageTooLarge { size: bytes.len(), max: MAX_RPC_MESSAGE_SIZE });
+/// Encodes `message` as one frame (length prefix and postcard bytes), refusing one over
+/// `MAX_RPC_MESSAGE_SIZE` before anything is sent.
+fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, TransportError> {
+    let frame = postcard::to_extend(message, vec![0; FRAME_HEADER_SIZE])
+        .map_err(|error| TransportError::Codec(error.to_string()))?;
+    let size = frame.len() - FRAME_HEADER_SIZE;
+    if size > MAX_RPC_MESSAGE_SIZE {
+        return Err(TransportError::MessageTooLarge { size, max: MAX_RPC_MESSAGE_SIZE });
     }
-    Ok(bytes)
+    let mut frame = frame;
+    frame[..FRAME_HEADER_SIZE].copy_from_slice(&(size as u32).to_le_bytes());
+    Ok(frame)
+}
+
+/// Why a frame could not be read.
+enum FrameError {
+    /// The stream ended cleanly where a frame would start.
+    Ended,
+    /// The length prefix announces more than `MAX_RPC_MESSAGE_SIZE` bytes.
+    TooLarge(usize),
+    /// The stream failed or ended inside a frame.
+    Stream(String),
+}
+
+/// Reads the length prefix of the next frame.
+async fn read_frame_header(recv: &mut RecvStream) -> Result<usize, FrameError> {
+    let mut header = [0u8; FRAME_HEADER_SIZE];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0)) => return Err(FrameError::Ended),
+        Err(error) => return Err(FrameError::Stream(error.to_string())),
+    }
+    let size = u32::from_le_bytes(header) as usize;
+    if size > MAX_RPC_MESSAGE_SIZE {
+        return Err(FrameError::TooLarge(size));
+    }
+    Ok(size)
+}
+
+/// Reads a frame body of `size` bytes (already checked against the limit).
+async fn read_frame_body(recv: &mut RecvStream, size: usize) -> Result<Vec<u8>, FrameError> {
+    let mut body = vec![0u8; size];
+    recv.read_exact(&mut body).await.map_err(|error| FrameError::Stream(error.to_string()))?;
+    Ok(body)
 }
 
 impl RpcClient {
@@ -72,13 +138,46 @@ impl RpcClient {
         &self.endpoint
     }
 
-    fn pooled(&self, key: &(EndpointId, &'static [u8])) -> Option<Connection> {
-        let pool = self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        pool.get(key).filter(|connection| connection.close_reason().is_none()).cloned()
+    fn lock_pool(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, PoolEntry>> {
+        self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn forget(&self, key: &(EndpointId, &'static [u8])) {
-        self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(key);
+    fn pooled(&self, key: &PoolKey) -> Option<Connection> {
+        let pool = self.lock_pool();
+        pool.get(key).map(|entry| &entry.connection).filter(|connection| connection.close_reason().is_none()).cloned()
+    }
+
+    fn forget(&self, key: &PoolKey) {
+        self.lock_pool().remove(key);
+    }
+
+    /// An idle lane to `key` on a live connection, dropping lanes too old to trust.
+    fn take_idle_lane(&self, key: &PoolKey) -> Option<Lane> {
+        let mut pool = self.lock_pool();
+        let entry = pool.get_mut(key)?;
+        if entry.connection.close_reason().is_some() {
+            pool.remove(key);
+            return None;
+        }
+        entry.idle.retain(|lane| lane.idle_since.elapsed() < LANE_REUSE_WINDOW);
+        entry.idle.pop()
+    }
+
+    /// Returns `lane` to the pool, unless its connection was replaced or the pool is full
+    /// (then dropping it finishes the stream and the server's task ends).
+    fn return_lane(&self, key: PoolKey, mut lane: Lane) {
+        let mut pool = self.lock_pool();
+        let Some(entry) = pool.get_mut(&key) else { return };
+        if entry.connection.stable_id() != lane.connection_id || entry.idle.len() >= MAX_IDLE_LANES_PER_PEER {
+            return;
+        }
+        lane.idle_since = Instant::now();
+        entry.idle.push(lane);
+    }
+
+    /// How many idle lanes are pooled for `peer` on `alpn`.
+    pub fn idle_lanes(&self, peer: &PeerAddr, alpn: &'static [u8]) -> usize {
+        self.lock_pool().get(&(peer.id, alpn)).map_or(0, |entry| entry.idle.len())
     }
 
     /// Connects to `peer` on `alpn` (or reuses the pooled connection), without a request.
@@ -94,31 +193,26 @@ impl RpcClient {
                 after_ms: CONNECT_TIMEOUT.as_millis() as u64,
             })?
             .map_err(|error| TransportError::Connect { peer: peer.short(), reason: error.to_string() })?;
-        self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key, connection.clone());
+        self.lock_pool().insert(key, PoolEntry { connection: connection.clone(), idle: Vec::new() });
         Ok(connection)
     }
 
-    /// Sends `request` to `peer` on `alpn` and decodes the reply.
-    pub async fn call<Req, Resp>(
-        &self,
-        peer: &PeerAddr,
-        alpn: &'static [u8],
-        request: &Req,
-    ) -> Result<Resp, TransportError>
-    where
-        Req: Serialize,
-        Resp: DeserializeOwned,
-    {
-        let bytes = encode(request)?;
+    /// A lane to `peer`: an idle pooled one, or a new stream.
+    async fn lane(&self, peer: &PeerAddr, alpn: &'static [u8]) -> Result<Lane, TransportError> {
         let key = (peer.id, alpn);
+        if let Some(lane) = self.take_idle_lane(&key) {
+            return Ok(lane);
+        }
         // A pooled connection may have died since last use; opening a stream tells, and
         // nothing was sent yet, so one retry on a fresh connection is always safe.
         let mut attempt = 0;
-        let (mut send, mut recv) = loop {
+        loop {
             let connection = self.connect(peer, alpn).await?;
             let opened = tokio::time::timeout(STREAM_OPEN_TIMEOUT, connection.open_bi()).await;
             match opened {
-                Ok(Ok(streams)) => break streams,
+                Ok(Ok((send, recv))) => {
+                    return Ok(Lane { send, recv, connection_id: connection.stable_id(), idle_since: Instant::now() });
+                }
                 Ok(Err(error)) if attempt == 0 => {
                     tracing::debug!(peer = %peer.short(), %error, "pooled connection is dead; reconnecting");
                     self.forget(&key);
@@ -134,30 +228,52 @@ impl RpcClient {
                     return Err(TransportError::OpenTimeout { peer: peer.short(), after_ms });
                 }
             }
-        };
+        }
+    }
+
+    /// Sends `request` to `peer` on `alpn` and decodes the reply.
+    pub async fn call<Req, Resp>(
+        &self,
+        peer: &PeerAddr,
+        alpn: &'static [u8],
+        request: &Req,
+    ) -> Result<Resp, TransportError>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+    {
+        let frame = encode_frame(request)?;
+        let mut lane = self.lane(peer, alpn).await?;
         let stream_error = |reason: String| TransportError::Stream { peer: peer.short(), reason };
+        // A failed or timed-out exchange drops the lane (its stream is finished, never
+        // reused), so a late reply can never be read as the answer to a later request.
         let exchange = async {
-            send.write_all(&bytes).await.map_err(|error| stream_error(error.to_string()))?;
-            send.finish().map_err(|error| stream_error(error.to_string()))?;
-            match recv.read_to_end(MAX_RPC_MESSAGE_SIZE).await {
-                Ok(reply) => Ok(reply),
-                Err(ReadToEndError::TooLong) => {
-                    Err(TransportError::MessageTooLarge { size: MAX_RPC_MESSAGE_SIZE + 1, max: MAX_RPC_MESSAGE_SIZE })
+            lane.send.write_all(&frame).await.map_err(|error| stream_error(error.to_string()))?;
+            let size = match read_frame_header(&mut lane.recv).await {
+                Ok(size) => size,
+                Err(FrameError::TooLarge(size)) => {
+                    return Err(TransportError::MessageTooLarge { size, max: MAX_RPC_MESSAGE_SIZE });
                 }
-                Err(error) => Err(stream_error(error.to_string())),
-            }
+                Err(FrameError::Ended) => return Err(stream_error("the peer ended the stream".into())),
+                Err(FrameError::Stream(reason)) => return Err(stream_error(reason)),
+            };
+            read_frame_body(&mut lane.recv, size).await.map_err(|error| match error {
+                FrameError::Stream(reason) => stream_error(reason),
+                FrameError::Ended | FrameError::TooLarge(_) => stream_error("the reply frame ended early".into()),
+            })
         };
         let reply = tokio::time::timeout(self.read_timeout, exchange).await.map_err(|_| {
             TransportError::ReadTimeout { peer: peer.short(), after_ms: self.read_timeout.as_millis() as u64 }
         })??;
+        self.return_lane((peer.id, alpn), lane);
         postcard::from_bytes(&reply).map_err(|error| TransportError::Codec(error.to_string()))
     }
 
     /// Closes every pooled connection.
     pub fn close_all(&self) {
-        let mut pool = self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (_, connection) in pool.drain() {
-            connection.close(VarInt::from_u32(0), b"closing");
+        let mut pool = self.lock_pool();
+        for (_, entry) in pool.drain() {
+            entry.connection.close(VarInt::from_u32(0), b"closing");
         }
     }
 }
@@ -204,7 +320,7 @@ impl<H: RpcHandler> ProtocolHandler for RpcProtocol<H> {
             return Ok(());
         };
         loop {
-            let (mut send, mut recv) = match connection.accept_bi().await {
+            let (send, recv) = match connection.accept_bi().await {
                 Ok(streams) => streams,
                 Err(ConnectionError::ApplicationClosed(_) | ConnectionError::LocallyClosed) => return Ok(()),
                 Err(error) => {
@@ -212,43 +328,65 @@ impl<H: RpcHandler> ProtocolHandler for RpcProtocol<H> {
                     return Ok(());
                 }
             };
-            let handler = Arc::clone(&self.handler);
             // Streams are bounded per connection by the QUIC config
             // (MAX_STREAMS_PER_CONNECTION), so these tasks are bounded too.
-            tokio::spawn(async move {
-                let reply = match tokio::time::timeout(READ_TIMEOUT, recv.read_to_end(MAX_RPC_MESSAGE_SIZE)).await {
-                    Ok(Ok(bytes)) => match postcard::from_bytes::<H::Request>(&bytes) {
-                        Ok(request) => handler.handle(peer, request).await,
-                        Err(error) => {
-                            tracing::warn!(peer = %peer.fmt_short(), %error, "malformed request");
-                            handler.reject(peer, TransportError::Codec(error.to_string()))
-                        }
-                    },
-                    Ok(Err(ReadToEndError::TooLong)) => {
-                        tracing::warn!(peer = %peer.fmt_short(), "request over the size limit");
-                        let _ = send.reset(VarInt::from_u32(RESET_TOO_LARGE));
-                        return;
-                    }
-                    Ok(Err(error)) => {
-                        tracing::debug!(peer = %peer.fmt_short(), %error, "request stream failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(peer = %peer.fmt_short(), "request not received in time");
-                        return;
-                    }
-                };
-                let bytes = match encode(&reply) {
-                    Ok(bytes) => bytes,
-                    Err(error) => match encode(&handler.reject(peer, error)) {
-                        Ok(bytes) => bytes,
-                        Err(_) => return,
-                    },
-                };
-                if send.write_all(&bytes).await.is_ok() {
-                    let _ = send.finish();
-                }
-            });
+            tokio::spawn(serve_lane(Arc::clone(&self.handler), peer, send, recv));
         }
+    }
+}
+
+/// Answers the requests of one lane in order until the client finishes it, it stays idle
+/// for `LANE_IDLE_TIMEOUT`, or it breaks.
+async fn serve_lane<H: RpcHandler>(handler: Arc<H>, peer: EndpointId, mut send: SendStream, mut recv: RecvStream) {
+    // The request that opened the lane is already on its way; later ones may take a while.
+    let mut wait_for_request = READ_TIMEOUT;
+    loop {
+        let size = match tokio::time::timeout(wait_for_request, read_frame_header(&mut recv)).await {
+            Ok(Ok(size)) => size,
+            Ok(Err(FrameError::Ended)) => return,
+            Ok(Err(FrameError::TooLarge(size))) => {
+                tracing::warn!(peer = %peer.fmt_short(), size, "request over the size limit");
+                let _ = send.reset(VarInt::from_u32(RESET_TOO_LARGE));
+                let _ = recv.stop(VarInt::from_u32(RESET_TOO_LARGE));
+                return;
+            }
+            Ok(Err(FrameError::Stream(reason))) => {
+                tracing::debug!(peer = %peer.fmt_short(), %reason, "request stream failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %peer.fmt_short(), "lane idle; ending it");
+                return;
+            }
+        };
+        let body = match tokio::time::timeout(READ_TIMEOUT, read_frame_body(&mut recv, size)).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(_)) => {
+                tracing::debug!(peer = %peer.fmt_short(), "request stream failed mid-frame");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %peer.fmt_short(), "request not received in time");
+                return;
+            }
+        };
+        let reply = match postcard::from_bytes::<H::Request>(&body) {
+            Ok(request) => handler.handle(peer, request).await,
+            Err(error) => {
+                tracing::warn!(peer = %peer.fmt_short(), %error, "malformed request");
+                handler.reject(peer, TransportError::Codec(error.to_string()))
+            }
+        };
+        let frame = match encode_frame(&reply) {
+            Ok(frame) => frame,
+            Err(error) => match encode_frame(&handler.reject(peer, error)) {
+                Ok(frame) => frame,
+                Err(_) => return,
+            },
+        };
+        if send.write_all(&frame).await.is_err() {
+            return;
+        }
+        wait_for_request = LANE_IDLE_TIMEOUT;
     }
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aspen_api::limits::MAX_RPC_MESSAGE_SIZE;
+use aspen_api::limits::{MAX_IDLE_LANES_PER_PEER, MAX_RPC_MESSAGE_SIZE};
 use aspen_transport::{
     EndpointId, PeerAddr, RpcClient, RpcHandler, RpcProtocol, SecretKey, TransportError, bind_endpoint,
     load_or_create_secret_key,
@@ -79,6 +79,63 @@ async fn request_reply_carries_the_authenticated_peer_id() {
     for (i, call) in calls.into_iter().enumerate() {
         assert!(matches!(call.await.expect("join"), Ok(Reply::Echo { bytes, .. }) if bytes == i));
     }
+    router.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_are_reused_and_bounded() {
+    let (router, addr) = server(SecretKey::generate()).await;
+    let client = Arc::new(client().await);
+    // Sequential calls ride one lane.
+    for i in 0..20 {
+        let reply: Reply = client.call(&addr, TEST_ALPN, &Request::Echo(vec![3; i])).await.expect("call");
+        assert!(matches!(reply, Reply::Echo { bytes, .. } if bytes == i), "{reply:?}");
+        assert_eq!(client.idle_lanes(&addr, TEST_ALPN), 1);
+    }
+    // Concurrent calls each need a lane; afterwards the pool keeps at most its bound.
+    let concurrent = MAX_IDLE_LANES_PER_PEER + 8;
+    let mut calls = Vec::new();
+    for i in 0..concurrent {
+        let client = Arc::clone(&client);
+        let addr = addr.clone();
+        calls.push(tokio::spawn(async move {
+            client.call::<_, Reply>(&addr, TEST_ALPN, &Request::Slow(100 + i as u64 % 3)).await
+        }));
+    }
+    for call in calls {
+        assert!(matches!(call.await.expect("join"), Ok(Reply::Echo { bytes: 0, .. })));
+    }
+    let idle = client.idle_lanes(&addr, TEST_ALPN);
+    assert!(idle > 1 && idle <= MAX_IDLE_LANES_PER_PEER, "{idle} idle lanes");
+    // Every pooled lane still answers its own request.
+    for i in 0..(2 * MAX_IDLE_LANES_PER_PEER) {
+        let reply: Reply = client.call(&addr, TEST_ALPN, &Request::Echo(vec![1; i])).await.expect("call");
+        assert!(matches!(reply, Reply::Echo { bytes, .. } if bytes == i), "{reply:?}");
+    }
+    router.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frame_header_resets_only_its_lane() {
+    let (router, addr) = server(SecretKey::generate()).await;
+    let client = client().await;
+    let _: Reply = client.call(&addr, TEST_ALPN, &Request::Echo(vec![])).await.expect("first");
+    // A hostile peer announces a frame over the limit on its own stream.
+    let connection = client.connect(&addr, TEST_ALPN).await.expect("pooled connection");
+    let (mut send, mut recv) = connection.open_bi().await.expect("open");
+    send.write_all(&(MAX_RPC_MESSAGE_SIZE as u32 + 1).to_le_bytes()).await.expect("write header");
+    let outcome = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1024)).await.expect("answered");
+    assert!(outcome.is_err(), "the stream is reset: {outcome:?}");
+    // A frame that ends mid-body, then the stream finishes: dropped without a reply.
+    let (mut send, mut recv) = connection.open_bi().await.expect("open");
+    send.write_all(&100u32.to_le_bytes()).await.expect("write header");
+    send.write_all(&[0; 10]).await.expect("write part");
+    send.finish().expect("finish");
+    let outcome = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1024)).await.expect("answered");
+    assert!(matches!(outcome, Ok(ref bytes) if bytes.is_empty()) || outcome.is_err(), "{outcome:?}");
+    // The connection and the pooled lane are unharmed.
+    let reply: Reply = client.call(&addr, TEST_ALPN, &Request::Echo(vec![5; 5])).await.expect("still works");
+    assert!(matches!(reply, Reply::Echo { bytes: 5, .. }));
     router.shutdown().await.expect("shutdown");
 }
 
@@ -165,8 +222,13 @@ async fn slow_reply_hits_the_read_timeout() {
     let endpoint =
         bind_endpoint(SecretKey::generate(), "127.0.0.1:0".parse().expect("addr"), vec![]).await.expect("bind");
     let client = RpcClient::with_read_timeout(endpoint, Duration::from_millis(200));
-    let error = client.call::<_, Reply>(&addr, TEST_ALPN, &Request::Slow(2000)).await.expect_err("timeout");
+    let error = client.call::<_, Reply>(&addr, TEST_ALPN, &Request::Slow(400)).await.expect_err("timeout");
     assert!(matches!(error, TransportError::ReadTimeout { after_ms: 200, .. }), "{error}");
+    assert_eq!(client.idle_lanes(&addr, TEST_ALPN), 0, "a timed-out lane is never reused");
+    // The late reply to the slow request must never be read as the answer to a later one.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let reply: Reply = client.call(&addr, TEST_ALPN, &Request::Echo(vec![7; 7])).await.expect("next call");
+    assert!(matches!(reply, Reply::Echo { bytes: 7, .. }), "{reply:?}");
     router.shutdown().await.expect("shutdown");
 }
 
