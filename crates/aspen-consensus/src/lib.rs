@@ -12,6 +12,7 @@ mod errors;
 pub mod health;
 pub mod network;
 pub mod node;
+mod read_batch;
 pub mod rpc;
 
 pub use config::ConsensusConfig;

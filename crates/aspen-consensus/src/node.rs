@@ -24,6 +24,7 @@ use crate::config::ConsensusConfig;
 use crate::errors::{cluster_write_error, not_leader};
 use crate::health::HealthTracker;
 use crate::network::NetworkFactory;
+use crate::read_batch::ReadBatcher;
 use crate::rpc::{RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
 
 /// Failures starting a node.
@@ -63,6 +64,7 @@ struct Inner<C> {
     rpc: Arc<C>,
     health: Arc<HealthTracker>,
     writes: mpsc::Sender<PendingWrite>,
+    reads: ReadBatcher,
     snapshot_inbox: Mutex<Option<SnapshotInbox>>,
 }
 
@@ -90,8 +92,17 @@ impl<C: RaftRpcClient> RaftNode<C> {
         rt::spawn(track_role(raft.metrics(), leader_switch));
         let (writes, queue) = mpsc::channel(config.max_pending_writes);
         rt::spawn(batcher::run(raft.clone(), queue, config.max_batches_in_flight));
-        let inner =
-            Inner { config, raft, state_machine, reader, rpc, health, writes, snapshot_inbox: Mutex::new(None) };
+        let inner = Inner {
+            config,
+            raft,
+            state_machine,
+            reader,
+            rpc,
+            health,
+            writes,
+            reads: ReadBatcher::default(),
+            snapshot_inbox: Mutex::new(None),
+        };
         Ok(RaftNode { inner: Arc::new(inner) })
     }
 
@@ -188,7 +199,14 @@ impl<C: RaftRpcClient> RaftNode<C> {
     }
 
     /// On the leader: confirms leadership with a quorum and waits for the read point.
+    /// Concurrent reads share confirmation rounds (see `read_batch`).
     async fn local_read_index(&self) -> Result<u64, KvError> {
+        self.inner.reads.read_index(|| self.confirm_leadership()).await
+    }
+
+    /// One ReadIndex round: a quorum confirms this node still leads, and the state machine
+    /// has applied everything committed when the round began.
+    async fn confirm_leadership(&self) -> Result<u64, KvError> {
         match self.inner.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(read_log_id) => Ok(read_log_id.index()),
             Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward))) => Err(not_leader(&forward)),

@@ -1,0 +1,198 @@
+//! ReadIndex batching: concurrent linearizable reads share one leadership confirmation.
+//!
+//! A read may use a quorum confirmation only if the confirmation started after the read
+//! arrived. So while one round runs, newcomers wait; when it ends, one of them drives the
+//! next round for everyone waiting at that moment. With one reader at a time there is no
+//! hand-off at all: the reader runs its own round on its own task. Under load, N waiting
+//! reads cost one round (one message to the Raft core, one linearizer) instead of N.
+
+use std::future::Future;
+use std::sync::Mutex;
+
+use aspen_api::KvError;
+use tokio::sync::oneshot;
+
+/// Most reads waiting for the next round; more are refused with a typed error rather than
+/// queued without bound.
+pub const MAX_WAITING_READS: usize = 4096;
+
+/// What a waiting read is told.
+enum Turn {
+    /// The round that covered this read ended with this read index (or error).
+    Done(Result<u64, KvError>),
+    /// This read drives the next round, for itself and everyone waiting then.
+    Drive,
+}
+
+#[derive(Default)]
+struct State {
+    /// A round is running (or a waiter was told to drive the next one).
+    driving: bool,
+    /// Reads that arrived while a round ran, oldest first.
+    waiting: Vec<oneshot::Sender<Turn>>,
+}
+
+/// Shares read-index rounds between concurrent reads.
+#[derive(Default)]
+pub struct ReadBatcher {
+    state: Mutex<State>,
+}
+
+impl ReadBatcher {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A read index that is safe for a read arriving now: from a round started after this
+    /// call, run by `round` (here or on another reader's task).
+    pub async fn read_index<F, Fut>(&self, round: F) -> Result<u64, KvError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<u64, KvError>>,
+    {
+        let waiting = {
+            let mut state = self.lock();
+            if state.driving {
+                if state.waiting.len() >= MAX_WAITING_READS {
+                    return Err(KvError::Unavailable(format!(
+                        "more than {MAX_WAITING_READS} linearizable reads are waiting for a read index"
+                    )));
+                }
+                let (sender, receiver) = oneshot::channel();
+                state.waiting.push(sender);
+                Some(receiver)
+            } else {
+                state.driving = true;
+                None
+            }
+        };
+        if let Some(receiver) = waiting {
+            match receiver.await {
+                Ok(Turn::Done(result)) => return result,
+                Ok(Turn::Drive) => {}
+                Err(_) => return Err(KvError::Unavailable("the read-index round was abandoned".into())),
+            }
+        }
+        // Everyone waiting now arrived before the round below starts, so it covers them.
+        let mut round_guard = Round { batcher: self, batch: std::mem::take(&mut self.lock().waiting) };
+        let result = round().await;
+        for waiter in round_guard.batch.drain(..) {
+            let _ = waiter.send(Turn::Done(result.clone()));
+        }
+        drop(round_guard);
+        result
+    }
+
+    /// Ends a round: hands the next one to the oldest live waiter, or stops driving.
+    fn hand_off(&self, unfinished: Vec<oneshot::Sender<Turn>>) {
+        let mut state = self.lock();
+        // Reads of an abandoned round go first: they have waited longest.
+        if !unfinished.is_empty() {
+            let newer = std::mem::replace(&mut state.waiting, unfinished);
+            state.waiting.extend(newer);
+        }
+        while !state.waiting.is_empty() {
+            let next = state.waiting.remove(0);
+            if next.send(Turn::Drive).is_ok() {
+                return;
+            }
+        }
+        state.driving = false;
+    }
+}
+
+/// The running round; dropping it (normally, or because the driver's future was dropped
+/// mid-round) always passes the turn on, so waiters never hang.
+struct Round<'a> {
+    batcher: &'a ReadBatcher,
+    batch: Vec<oneshot::Sender<Turn>>,
+}
+
+impl Drop for Round<'_> {
+    fn drop(&mut self) {
+        self.batcher.hand_off(std::mem::take(&mut self.batch));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A round that counts itself and returns the count as the read index.
+    async fn counted_round(rounds: &AtomicU64) -> Result<u64, KvError> {
+        let number = rounds.fetch_add(1, Ordering::SeqCst) + 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(number)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reads_share_rounds_that_started_after_they_arrived() {
+        let batcher = Arc::new(ReadBatcher::default());
+        let rounds = Arc::new(AtomicU64::new(0));
+        // One reader alone runs its own round.
+        assert_eq!(batcher.read_index(|| counted_round(&rounds)).await.expect("alone"), 1);
+        let mut reads = Vec::new();
+        for _ in 0..64 {
+            let batcher = Arc::clone(&batcher);
+            let rounds = Arc::clone(&rounds);
+            reads.push(tokio::spawn(async move {
+                let started_before = rounds.load(Ordering::SeqCst);
+                let index = batcher.read_index(|| counted_round(&rounds)).await.expect("read");
+                (started_before, index)
+            }));
+        }
+        for read in reads {
+            let (started_before, index) = read.await.expect("join");
+            // The round that answered began after the read arrived.
+            assert!(index > started_before, "read arrived after {started_before} rounds, answered by round {index}");
+        }
+        let total = rounds.load(Ordering::SeqCst);
+        assert!(total < 20, "64 concurrent reads took {total} rounds");
+        assert!(!batcher.lock().driving && batcher.lock().waiting.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn errors_reach_the_whole_batch_and_an_abandoned_round_hands_off() {
+        let batcher = Arc::new(ReadBatcher::default());
+        // A driver whose future is dropped mid-round.
+        let stuck = {
+            let batcher = Arc::clone(&batcher);
+            tokio::spawn(async move {
+                batcher
+                    .read_index(|| async {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        Ok(0)
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let waiter = {
+            let batcher = Arc::clone(&batcher);
+            tokio::spawn(async move { batcher.read_index(|| async { Ok(7) }).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stuck.abort();
+        let answered = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("not hung").expect("join");
+        assert_eq!(answered.expect("read index"), 7);
+
+        // A failing round fails every read it covered, with the round's error.
+        let failing = || async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(KvError::NotLeader { leader: Some(2), leader_addr: None })
+        };
+        let mut reads = Vec::new();
+        for _ in 0..8 {
+            let batcher = Arc::clone(&batcher);
+            reads.push(tokio::spawn(async move { batcher.read_index(failing).await }));
+        }
+        for read in reads {
+            assert!(matches!(read.await.expect("join"), Err(KvError::NotLeader { leader: Some(2), .. })));
+        }
+        assert!(!batcher.lock().driving);
+    }
+}
