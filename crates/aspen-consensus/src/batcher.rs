@@ -2,6 +2,7 @@
 //! one apply transaction) carries many writes. This is where write throughput comes from.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use aspen_api::limits::{MAX_BATCH_SIZE, MAX_VALUE_SIZE};
 use aspen_api::{ApplyError, KvError, WriteCommand, WriteResponse};
@@ -37,7 +38,17 @@ fn payload_bytes(command: &WriteCommand) -> usize {
 
 /// Runs until the queue closes: takes whatever writes are queued, groups them, and
 /// proposes each group as one entry, with at most `max_in_flight` groups outstanding.
-pub async fn run(raft: AspenRaft, mut queue: mpsc::Receiver<PendingWrite>, max_in_flight: usize) {
+/// A group holds its slot for at most `write_timeout` (its clients then get `Timeout`, an
+/// unknown outcome): openraft answers a proposal only once its entry is applied, truncated
+/// or purged, which for an entry left in a deposed leader's log can take indefinitely.
+/// Without the bound such entries held both slots and stalled every later write on the
+/// node (simulator seed 12 with all faults: no write accepted for 60 s after healing).
+pub async fn run(
+    raft: AspenRaft,
+    mut queue: mpsc::Receiver<PendingWrite>,
+    max_in_flight: usize,
+    write_timeout: Duration,
+) {
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
     let mut carry: Option<PendingWrite> = None;
     loop {
@@ -67,25 +78,36 @@ pub async fn run(raft: AspenRaft, mut queue: mpsc::Receiver<PendingWrite>, max_i
         let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { return };
         let raft = raft.clone();
         rt::spawn(async move {
-            propose(&raft, group).await;
+            propose(&raft, group, write_timeout).await;
             drop(permit);
         });
     }
 }
 
-async fn propose(raft: &AspenRaft, mut group: Vec<PendingWrite>) {
+async fn propose(raft: &AspenRaft, mut group: Vec<PendingWrite>, write_timeout: Duration) {
+    let timed_out = || KvError::Timeout { after_ms: write_timeout.as_millis() as u64 };
     if group.len() == 1 {
         let Some(write) = group.pop() else { return };
-        let result = match raft.client_write(write.command).await {
-            Ok(response) => entry_result(response.data),
-            Err(error) => Err(client_write_error(error)),
+        let result = match rt::timeout(write_timeout, raft.client_write(write.command)).await {
+            Ok(Ok(response)) => entry_result(response.data),
+            Ok(Err(error)) => Err(client_write_error(error)),
+            Err(_) => Err(timed_out()),
         };
         let _ = write.reply.send(result);
         return;
     }
     let (commands, replies): (Vec<_>, Vec<_>) = group.into_iter().map(|write| (write.command, write.reply)).unzip();
     let count = commands.len();
-    match raft.client_write(WriteCommand::Batch(commands)).await {
+    let written = match rt::timeout(write_timeout, raft.client_write(WriteCommand::Batch(commands))).await {
+        Ok(written) => written,
+        Err(_) => {
+            for reply in replies {
+                let _ = reply.send(Err(timed_out()));
+            }
+            return;
+        }
+    };
+    match written {
         Ok(response) => match entry_result(response.data) {
             Ok(WriteResponse::Batch(results)) if results.len() == count => {
                 for (reply, result) in replies.into_iter().zip(results) {

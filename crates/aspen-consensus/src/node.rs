@@ -91,7 +91,7 @@ impl<C: RaftRpcClient> RaftNode<C> {
         .map_err(|error| StartError::Raft(error.to_string()))?;
         rt::spawn(track_role(raft.metrics(), leader_switch));
         let (writes, queue) = mpsc::channel(config.max_pending_writes);
-        rt::spawn(batcher::run(raft.clone(), queue, config.max_batches_in_flight));
+        rt::spawn(batcher::run(raft.clone(), queue, config.max_batches_in_flight, config.write_timeout));
         let inner = Inner {
             config,
             raft,
