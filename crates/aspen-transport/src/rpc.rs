@@ -41,6 +41,8 @@ pub const LANE_REUSE_WINDOW: Duration = Duration::from_secs(30);
 
 /// Bytes of the length prefix in front of every frame.
 const FRAME_HEADER_SIZE: usize = 4;
+/// Most bytes a frame body's buffer grows by per read.
+const FRAME_READ_CHUNK: usize = 64 * 1024;
 /// Stream reset code for a request over the size limit.
 const RESET_TOO_LARGE: u32 = 413;
 /// Connection close code when the node is at its connection limit.
@@ -115,10 +117,20 @@ async fn read_frame_header(recv: &mut RecvStream) -> Result<usize, FrameError> {
     Ok(size)
 }
 
-/// Reads a frame body of `size` bytes (already checked against the limit).
+/// Reads a frame body of `size` bytes (already checked against the limit). The buffer
+/// grows as bytes arrive, never ahead of them: a peer that announces a large frame and
+/// sends nothing costs no memory.
 async fn read_frame_body(recv: &mut RecvStream, size: usize) -> Result<Vec<u8>, FrameError> {
-    let mut body = vec![0u8; size];
-    recv.read_exact(&mut body).await.map_err(|error| FrameError::Stream(error.to_string()))?;
+    let mut body = Vec::with_capacity(size.min(FRAME_READ_CHUNK));
+    while body.len() < size {
+        match recv.read_chunk((size - body.len()).min(FRAME_READ_CHUNK)).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) => {
+                return Err(FrameError::Stream(format!("stream ended {} bytes into a {size}-byte frame", body.len())));
+            }
+            Err(error) => return Err(FrameError::Stream(error.to_string())),
+        }
+    }
     Ok(body)
 }
 
