@@ -67,7 +67,8 @@ impl ReadBatcher {
             }
         };
         if let Some(receiver) = waiting {
-            match receiver.await {
+            let mut waiter = Waiter { batcher: self, receiver };
+            match (&mut waiter.receiver).await {
                 Ok(Turn::Done(result)) => return result,
                 Ok(Turn::Drive) => {}
                 Err(_) => return Err(KvError::Unavailable("the read-index round was abandoned".into())),
@@ -98,6 +99,23 @@ impl ReadBatcher {
             }
         }
         state.driving = false;
+    }
+}
+
+/// A read waiting for its turn. If it is dropped after being told to drive but before it
+/// could act on it, it passes the turn on; otherwise every later read would wait forever.
+struct Waiter<'a> {
+    batcher: &'a ReadBatcher,
+    receiver: oneshot::Receiver<Turn>,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        // After `close`, no turn can arrive any more; one that arrived before is still there.
+        self.receiver.close();
+        if let Ok(Turn::Drive) = self.receiver.try_recv() {
+            self.batcher.hand_off(Vec::new());
+        }
     }
 }
 
@@ -179,6 +197,36 @@ mod tests {
         stuck.abort();
         let answered = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("not hung").expect("join");
         assert_eq!(answered.expect("read index"), 7);
+
+        // A waiter told to drive, but dropped before it could, passes the turn on.
+        let release = Arc::new(tokio::sync::Notify::new());
+        let driver = {
+            let batcher = Arc::clone(&batcher);
+            let release = Arc::clone(&release);
+            tokio::spawn(async move {
+                batcher
+                    .read_index(|| async move {
+                        release.notified().await;
+                        Ok(1)
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut first = Box::pin(batcher.read_index(|| async { Ok(2) }));
+        // Polled once (it queues), then never again until it is dropped.
+        assert!(tokio::time::timeout(Duration::from_millis(1), &mut first).await.is_err());
+        let second = {
+            let batcher = Arc::clone(&batcher);
+            tokio::spawn(async move { batcher.read_index(|| async { Ok(3) }).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        release.notify_one();
+        assert_eq!(driver.await.expect("join").expect("driver"), 1);
+        // The turn went to `first`, which nobody polls.
+        drop(first);
+        let answered = tokio::time::timeout(Duration::from_secs(5), second).await.expect("not hung").expect("join");
+        assert_eq!(answered.expect("read index"), 3);
 
         // A failing round fails every read it covered, with the round's error.
         let failing = || async {
