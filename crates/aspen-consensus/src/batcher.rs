@@ -100,12 +100,7 @@ async fn propose(raft: &AspenRaft, mut group: Vec<PendingWrite>, write_timeout: 
     let count = commands.len();
     let written = match rt::timeout(write_timeout, raft.client_write(WriteCommand::Batch(commands))).await {
         Ok(written) => written,
-        Err(_) => {
-            for reply in replies {
-                let _ = reply.send(Err(timed_out()));
-            }
-            return;
-        }
+        Err(_) => return fail_all(replies, timed_out()),
     };
     match written {
         Ok(response) => match entry_result(response.data) {
@@ -114,19 +109,16 @@ async fn propose(raft: &AspenRaft, mut group: Vec<PendingWrite>, write_timeout: 
                     let _ = reply.send(result.map_err(KvError::from));
                 }
             }
-            other => {
-                let error = KvError::Storage(format!("batch of {count} produced {other:?}"));
-                for reply in replies {
-                    let _ = reply.send(Err(error.clone()));
-                }
-            }
+            other => fail_all(replies, KvError::Storage(format!("batch of {count} produced {other:?}"))),
         },
-        Err(error) => {
-            let error = client_write_error(error);
-            for reply in replies {
-                let _ = reply.send(Err(error.clone()));
-            }
-        }
+        Err(error) => fail_all(replies, client_write_error(error)),
+    }
+}
+
+/// Answers every write of a batch with the same error.
+fn fail_all(replies: Vec<oneshot::Sender<Result<WriteResponse, KvError>>>, error: KvError) {
+    for reply in replies {
+        let _ = reply.send(Err(error.clone()));
     }
 }
 

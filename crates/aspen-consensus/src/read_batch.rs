@@ -6,6 +6,7 @@
 //! hand-off at all: the reader runs its own round on its own task. Under load, N waiting
 //! reads cost one round (one message to the Raft core, one linearizer) instead of N.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Mutex;
 
@@ -29,7 +30,7 @@ struct State {
     /// A round is running (or a waiter was told to drive the next one).
     driving: bool,
     /// Reads that arrived while a round ran, oldest first.
-    waiting: Vec<oneshot::Sender<Turn>>,
+    waiting: VecDeque<oneshot::Sender<Turn>>,
 }
 
 /// Shares read-index rounds between concurrent reads.
@@ -59,7 +60,7 @@ impl ReadBatcher {
                     )));
                 }
                 let (sender, receiver) = oneshot::channel();
-                state.waiting.push(sender);
+                state.waiting.push_back(sender);
                 Some(receiver)
             } else {
                 state.driving = true;
@@ -75,7 +76,7 @@ impl ReadBatcher {
             }
         }
         // Everyone waiting now arrived before the round below starts, so it covers them.
-        let mut round_guard = Round { batcher: self, batch: std::mem::take(&mut self.lock().waiting) };
+        let mut round_guard = Round { batcher: self, batch: std::mem::take(&mut self.lock().waiting).into() };
         let result = round().await;
         for waiter in round_guard.batch.drain(..) {
             let _ = waiter.send(Turn::Done(result.clone()));
@@ -88,12 +89,10 @@ impl ReadBatcher {
     fn hand_off(&self, unfinished: Vec<oneshot::Sender<Turn>>) {
         let mut state = self.lock();
         // Reads of an abandoned round go first: they have waited longest.
-        if !unfinished.is_empty() {
-            let newer = std::mem::replace(&mut state.waiting, unfinished);
-            state.waiting.extend(newer);
+        for waiter in unfinished.into_iter().rev() {
+            state.waiting.push_front(waiter);
         }
-        while !state.waiting.is_empty() {
-            let next = state.waiting.remove(0);
+        while let Some(next) = state.waiting.pop_front() {
             if next.send(Turn::Drive).is_ok() {
                 return;
             }

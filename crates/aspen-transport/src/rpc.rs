@@ -81,13 +81,12 @@ impl fmt::Debug for RpcClient {
 /// Encodes `message` as one frame (length prefix and postcard bytes), refusing one over
 /// `MAX_RPC_MESSAGE_SIZE` before anything is sent.
 fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, TransportError> {
-    let frame = postcard::to_extend(message, vec![0; FRAME_HEADER_SIZE])
+    let mut frame = postcard::to_extend(message, vec![0; FRAME_HEADER_SIZE])
         .map_err(|error| TransportError::Codec(error.to_string()))?;
     let size = frame.len() - FRAME_HEADER_SIZE;
     if size > MAX_RPC_MESSAGE_SIZE {
         return Err(TransportError::MessageTooLarge { size, max: MAX_RPC_MESSAGE_SIZE });
     }
-    let mut frame = frame;
     frame[..FRAME_HEADER_SIZE].copy_from_slice(&(size as u32).to_le_bytes());
     Ok(frame)
 }
@@ -120,15 +119,15 @@ async fn read_frame_header(recv: &mut RecvStream) -> Result<usize, FrameError> {
 /// Reads a frame body of `size` bytes (already checked against the limit). The buffer
 /// grows as bytes arrive, never ahead of them: a peer that announces a large frame and
 /// sends nothing costs no memory.
-async fn read_frame_body(recv: &mut RecvStream, size: usize) -> Result<Vec<u8>, FrameError> {
+async fn read_frame_body(recv: &mut RecvStream, size: usize) -> Result<Vec<u8>, String> {
     let mut body = Vec::with_capacity(size.min(FRAME_READ_CHUNK));
     while body.len() < size {
         match recv.read_chunk((size - body.len()).min(FRAME_READ_CHUNK)).await {
             Ok(Some(chunk)) => body.extend_from_slice(&chunk),
             Ok(None) => {
-                return Err(FrameError::Stream(format!("stream ended {} bytes into a {size}-byte frame", body.len())));
+                return Err(format!("stream ended {} bytes into a {size}-byte frame", body.len()));
             }
-            Err(error) => return Err(FrameError::Stream(error.to_string())),
+            Err(error) => return Err(error.to_string()),
         }
     }
     Ok(body)
@@ -269,10 +268,7 @@ impl RpcClient {
                 Err(FrameError::Ended) => return Err(stream_error("the peer ended the stream".into())),
                 Err(FrameError::Stream(reason)) => return Err(stream_error(reason)),
             };
-            read_frame_body(&mut lane.recv, size).await.map_err(|error| match error {
-                FrameError::Stream(reason) => stream_error(reason),
-                FrameError::Ended | FrameError::TooLarge(_) => stream_error("the reply frame ended early".into()),
-            })
+            read_frame_body(&mut lane.recv, size).await.map_err(stream_error)
         };
         let reply = tokio::time::timeout(self.read_timeout, exchange).await.map_err(|_| {
             TransportError::ReadTimeout { peer: peer.short(), after_ms: self.read_timeout.as_millis() as u64 }
@@ -373,8 +369,8 @@ async fn serve_lane<H: RpcHandler>(handler: Arc<H>, peer: EndpointId, mut send: 
         };
         let body = match tokio::time::timeout(READ_TIMEOUT, read_frame_body(&mut recv, size)).await {
             Ok(Ok(body)) => body,
-            Ok(Err(_)) => {
-                tracing::debug!(peer = %peer.fmt_short(), "request stream failed mid-frame");
+            Ok(Err(reason)) => {
+                tracing::debug!(peer = %peer.fmt_short(), %reason, "request stream failed mid-frame");
                 return;
             }
             Err(_) => {
