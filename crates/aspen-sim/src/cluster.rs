@@ -9,6 +9,7 @@ use std::time::Duration;
 use aspen_api::{ClientRequest, ClientResponse, ClusterNode, KeyValueStore, NodeId};
 use aspen_consensus::{ConsensusConfig, HealthTracker, RaftNode, RaftRpc, RaftRpcReply};
 use aspen_raft_storage::log::LogStoreWatch;
+use aspen_raft_storage::state_machine::{Durability, Opened, StateMachineWatch};
 use aspen_raft_storage::{RedbLogStore, SqliteStateMachine};
 use madsim::net::Endpoint;
 use madsim::runtime::Handle;
@@ -36,8 +37,9 @@ pub struct Registry {
 #[derive(Default)]
 struct RegistryInner {
     live: BTreeMap<NodeId, LiveNode>,
-    /// Watches on each node's last log handle: a restart waits until the old one closed.
-    closed: BTreeMap<NodeId, LogStoreWatch>,
+    /// Watches on each node's last log and state machine: a restart waits until the old
+    /// ones closed.
+    closed: BTreeMap<NodeId, (LogStoreWatch, StateMachineWatch)>,
 }
 
 impl Registry {
@@ -60,13 +62,13 @@ impl Registry {
         self.lock().live.remove(&id);
     }
 
-    /// Whether node `id`'s previous incarnation has closed its log.
+    /// Whether node `id`'s previous incarnation has closed its log and state machine.
     pub fn is_closed(&self, id: NodeId) -> bool {
-        self.lock().closed.get(&id).is_none_or(LogStoreWatch::is_closed)
+        self.lock().closed.get(&id).is_none_or(|(log, state_machine)| log.is_closed() && state_machine.is_closed())
     }
 
     /// Waits (10 ms steps, at most `steps` of them) until node `id`'s previous incarnation
-    /// has closed its log; killed tasks are dropped lazily. Returns whether it closed.
+    /// has closed its log and state machine; killed tasks are dropped lazily. Returns whether it closed.
     pub async fn wait_closed(&self, id: NodeId, steps: u32) -> bool {
         for _ in 0..steps {
             if self.is_closed(id) {
@@ -105,12 +107,31 @@ pub fn now_ms() -> u64 {
     madsim::time::TimeHandle::current().elapsed().as_millis() as u64
 }
 
+/// File in a node's directory holding the number of its simulated OS boot.
+const BOOT_FILE: &str = "sim-boot";
+
+/// The simulated OS boot a node's directory is under (0 until its first OS crash).
+pub fn boot_of(dir: &Path) -> Durability {
+    let number: u64 =
+        std::fs::read_to_string(dir.join(BOOT_FILE)).ok().and_then(|text| text.trim().parse().ok()).unwrap_or(0);
+    Durability::Unsynced { boot: format!("sim-boot-{number}") }
+}
+
+/// Moves a node's directory to its next simulated OS boot.
+pub fn next_boot(dir: &Path) -> std::io::Result<u64> {
+    let number: u64 =
+        std::fs::read_to_string(dir.join(BOOT_FILE)).ok().and_then(|text| text.trim().parse().ok()).unwrap_or(0);
+    std::fs::write(dir.join(BOOT_FILE), (number + 1).to_string())?;
+    Ok(number + 1)
+}
+
 /// The body of a node: open the files, start Raft, serve until killed.
 pub async fn run_node(spec: NodeSpec) {
     let id = spec.id;
     // A killed incarnation's files must close before reopening.
     if !spec.registry.wait_closed(id, 1000).await {
-        spec.trace.violation(now_ms(), format!("node {id}: previous incarnation never closed its log"));
+        spec.trace
+            .violation(now_ms(), format!("node {id}: previous incarnation never closed its log and state machine"));
         return;
     }
     if let Err(error) = std::fs::create_dir_all(&spec.dir) {
@@ -120,12 +141,15 @@ pub async fn run_node(spec: NodeSpec) {
         Ok(log) => log,
         Err(error) => return spec.trace.violation(now_ms(), format!("node {id}: log does not reopen: {error}")),
     };
-    let state_machine = match SqliteStateMachine::open(spec.dir.join("sm")) {
+    let state_machine = match SqliteStateMachine::open_with(spec.dir.join("sm"), boot_of(&spec.dir)) {
         Ok(state_machine) => state_machine,
         Err(error) => {
             return spec.trace.violation(now_ms(), format!("node {id}: state machine does not reopen: {error}"));
         }
     };
+    if state_machine.opened() == Opened::Discarded {
+        spec.trace.event(now_ms(), format!("node {id}: state machine from an earlier boot discarded; rebuilding"));
+    }
     let rpc = Arc::new(SimRaftClient::new(Arc::clone(&spec.faults)));
     let health = Arc::new(HealthTracker::default());
     let raft = match RaftNode::start(spec.config.clone(), log.clone(), state_machine.clone(), rpc, health).await {
@@ -134,7 +158,7 @@ pub async fn run_node(spec: NodeSpec) {
     };
     {
         let mut registry = spec.registry.lock();
-        registry.closed.insert(id, log.watch());
+        registry.closed.insert(id, (log.watch(), state_machine.watch()));
         registry.live.insert(id, LiveNode { raft: raft.clone(), log, state_machine });
     }
     spec.trace.event(now_ms(), format!("node {id} started"));

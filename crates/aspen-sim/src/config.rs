@@ -29,7 +29,8 @@ pub enum Fault {
     Partition,
     /// Links that carry messages one way only; later healed.
     OneWay,
-    /// A node is killed (its unsynced SQLite WAL tail may be lost) and restarted from its files.
+    /// A node is killed and restarted from its files; half the time as an OS crash (a new
+    /// boot, and its unsynced SQLite writes damaged), which must rebuild its state machine.
     Crash,
     /// A node stops running for a while, then resumes.
     Pause,

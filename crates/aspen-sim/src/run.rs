@@ -173,7 +173,7 @@ struct Cluster {
     trace: Trace,
     faults: Arc<NetFaults>,
     root: PathBuf,
-    lose_wal: bool,
+    os_crashes: bool,
 }
 
 impl Cluster {
@@ -203,25 +203,42 @@ impl Cluster {
         self.trace.event(now_ms(), format!("nemesis: crash node {id}"));
         let down = random_range(200, 3000);
         madsim::time::sleep(Duration::from_millis(down)).await;
-        if self.lose_wal {
+        if self.os_crashes && madsim::rand::random::<bool>() {
             self.registry.wait_closed(id, 100).await;
-            let wal = cluster::node_dir(&self.root, id).join("sm").join("state.db-wal");
-            if let Ok(metadata) = std::fs::metadata(&wal)
-                && metadata.len() > 0
-            {
-                let keep = madsim::rand::random::<u64>() % (metadata.len() + 1);
-                let truncated = std::fs::OpenOptions::new().write(true).open(&wal).and_then(|file| file.set_len(keep));
-                self.trace.event(
-                    now_ms(),
-                    format!(
-                        "nemesis: node {id} loses its unsynced WAL tail ({keep} of {} bytes kept): {truncated:?}",
-                        metadata.len()
-                    ),
-                );
-            }
+            self.os_crash(id);
         }
         self.handle.restart(host.id());
         self.trace.event(now_ms(), format!("nemesis: restart node {id} after {down} ms"));
+    }
+
+    /// Stages an OS crash of a stopped node on its files: the state machine's marker names
+    /// the boot that was running (no clean close happened), SQLite's unsynced writes are
+    /// damaged (the WAL loses a tail, the database file a tail of pages), and the node comes
+    /// back under a new boot, which must rebuild its state machine from snapshot and log.
+    fn os_crash(&self, id: NodeId) {
+        let dir = cluster::node_dir(&self.root, id);
+        let running = cluster::boot_of(&dir);
+        let sm = dir.join("sm");
+        let marked = aspen_raft_storage::state_machine::boot::record_running(&sm, &running);
+        let mut damage = Vec::new();
+        for file in ["state.db-wal", "state.db"] {
+            let path = sm.join(file);
+            if let Ok(metadata) = std::fs::metadata(&path)
+                && metadata.len() > 0
+            {
+                let keep = madsim::rand::random::<u64>() % (metadata.len() + 1);
+                let cut = std::fs::OpenOptions::new().write(true).open(&path).and_then(|file| file.set_len(keep));
+                damage.push(format!("{file}: {keep} of {} bytes kept ({cut:?})", metadata.len()));
+            }
+        }
+        let rebooted = cluster::next_boot(&dir);
+        self.trace.event(
+            now_ms(),
+            format!(
+                "nemesis: node {id} crashes with its OS ({marked:?}, {}; next boot: {rebooted:?})",
+                damage.join(", ")
+            ),
+        );
     }
 
     async fn membership_swap(&self) {
@@ -388,7 +405,7 @@ async fn simulate(config: SimConfig, root: PathBuf, trace: Trace, history: Histo
         trace: trace.clone(),
         faults: Arc::clone(&faults),
         root,
-        lose_wal: config.faults.contains(&Fault::Crash),
+        os_crashes: config.faults.contains(&Fault::Crash),
     };
     let started = madsim::time::Instant::now();
     if !wait_until(Duration::from_secs(10), || registry.live().len() == node_count as usize).await {

@@ -6,6 +6,7 @@
 //! by `VACUUM INTO` (see [`snapshot`]).
 
 pub mod apply;
+pub mod boot;
 pub mod meta;
 mod pool;
 pub mod read;
@@ -25,6 +26,7 @@ use openraft::EntryPayload;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use rusqlite::{Connection, TransactionBehavior};
 
+pub use self::boot::{Durability, Opened};
 use self::meta::AppliedState;
 use self::pool::ReadPool;
 pub use self::pool::{READ_POOL_SIZE, READ_POOL_WAIT};
@@ -65,6 +67,10 @@ pub struct SqliteStateMachine {
 
 struct Shared {
     db_path: PathBuf,
+    /// How the file survives crashes (see [`boot`]).
+    durability: Durability,
+    /// Whether open found a file it kept or one it discarded.
+    opened: Opened,
     writer: Mutex<Writer>,
     snapshots: SnapshotStore,
     reader: StateMachineReader,
@@ -75,6 +81,32 @@ struct Shared {
     /// Held by a running checkpoint: one at a time, and the writer's waits for the
     /// background one instead of failing busy.
     checkpoint_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Set once everything above is closed (declared last: fields drop in order, after
+    /// `Drop::drop` has made the file durable).
+    closed: CloseSignal,
+}
+
+/// Sets its flag when dropped (see `Shared::closed`).
+struct CloseSignal(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CloseSignal {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// A handle that does not keep the state machine open; tells when every real handle is
+/// gone and its files are closed.
+#[derive(Clone, Debug)]
+pub struct StateMachineWatch {
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StateMachineWatch {
+    /// Whether the state machine's files are closed.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
 }
 
 struct Writer {
@@ -89,15 +121,24 @@ pub struct StateMachineReader {
 }
 
 impl SqliteStateMachine {
-    /// Opens (or creates) the state machine in `dir`. If the database is behind the
-    /// current snapshot (its last commits were lost in a crash after the log was purged),
-    /// the snapshot is reinstalled before anything else.
+    /// Opens (or creates) the state machine in `dir`, without fsync where the OS names its
+    /// boot ([`Durability::for_this_boot`]).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, StateMachineError> {
+        Self::open_with(dir, Durability::for_this_boot())
+    }
+
+    /// Opens (or creates) the state machine in `dir`. A file written without fsync under
+    /// another boot is deleted first (see [`boot`]). If the database is then behind the
+    /// current snapshot (deleted, or its last commits lost in a crash after the log was
+    /// purged), the snapshot is reinstalled before anything else; openraft re-applies the
+    /// log after it.
+    pub fn open_with(dir: impl AsRef<Path>, durability: Durability) -> Result<Self, StateMachineError> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir)?;
+        let opened = boot::prepare(dir, &durability)?;
         let db_path = dir.join(DB_FILE);
         let mut conn = Connection::open(&db_path)?;
-        schema::configure_writer(&conn)?;
+        schema::configure_writer(&conn, durability.synchronous())?;
         // The hook replaces SQLite's automatic checkpoint, which would run inside the
         // commit: Aspen checkpoints after the apply instead, off the async worker (see
         // `Shared::checkpoint`).
@@ -112,12 +153,15 @@ impl SqliteStateMachine {
         let pool = Arc::new(ReadPool::open(db_path.clone())?);
         let shared = Shared {
             db_path,
+            durability,
+            opened,
             writer: Mutex::new(Writer { conn, applied }),
             snapshots,
             reader: StateMachineReader { pool },
             wal_pages,
             checkpoints: AtomicU64::new(0),
             checkpoint_lock: Arc::new(tokio::sync::Mutex::new(())),
+            closed: CloseSignal(Arc::new(std::sync::atomic::AtomicBool::new(false))),
         };
         let state_machine = SqliteStateMachine { shared: Arc::new(shared) };
         if let Some((meta, _)) = state_machine.shared.snapshots.current()? {
@@ -128,6 +172,16 @@ impl SqliteStateMachine {
             }
         }
         Ok(state_machine)
+    }
+
+    /// A watch that tells when this state machine's files are closed.
+    pub fn watch(&self) -> StateMachineWatch {
+        StateMachineWatch { closed: Arc::clone(&self.shared.closed.0) }
+    }
+
+    /// Whether open kept the database it found or discarded it (see [`boot`]).
+    pub fn opened(&self) -> Opened {
+        self.shared.opened
     }
 
     /// A handle for reads.
@@ -262,7 +316,7 @@ impl Shared {
     /// A PASSIVE checkpoint on a connection of its own, concurrent with applies and reads.
     fn background_checkpoint(&self) -> Result<(), StateMachineError> {
         let conn = Connection::open(&self.db_path)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "synchronous", self.durability.synchronous())?;
         conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -279,10 +333,41 @@ impl Shared {
         Ok(())
     }
 
+    /// Makes an unsynced database durable as it stands and marks it clean, so a later boot
+    /// keeps it instead of rebuilding it: every WAL frame copied into the file (the WAL
+    /// truncated), the file and the WAL fsynced, then the marker.
+    fn close_durably(&mut self) -> Result<(), StateMachineError> {
+        let writer = self.writer.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        writer.conn.pragma_update(None, "synchronous", "FULL")?;
+        let busy: i64 = writer.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0))?;
+        if busy != 0 {
+            return Err(StateMachineError::Io(io::Error::other("the closing checkpoint found the database busy")));
+        }
+        std::fs::File::open(&self.db_path)?.sync_all()?;
+        let wal = self.db_path.with_file_name(format!("{DB_FILE}-wal"));
+        if wal.exists() {
+            std::fs::File::open(&wal)?.sync_all()?;
+        }
+        let dir = self.db_path.parent().ok_or_else(|| io::Error::other("database path has no directory"))?;
+        boot::mark_clean(dir)?;
+        Ok(())
+    }
+
     fn snapshots_current_path(&self) -> Result<PathBuf, StateMachineError> {
         self.snapshots
             .current_path()?
             .ok_or_else(|| SnapshotError::Invalid("no current snapshot to load".into()).into())
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if matches!(self.durability, Durability::Unsynced { .. })
+            && let Err(error) = self.close_durably()
+        {
+            // The marker still names this boot: after an OS restart the file is rebuilt.
+            tracing::warn!(%error, "state machine closed without a durable checkpoint");
+        }
     }
 }
 

@@ -34,12 +34,13 @@ CREATE VIEW IF NOT EXISTS kv AS
 ";
 
 /// Prepares the writer connection: WAL so readers never block the writer, and
-/// `synchronous=NORMAL` because the redb log is the durability point (see
-/// docs/adr/0001-sqlite-synchronous-normal.md): after a crash the state machine may be
+/// `synchronous` as the state machine's durability says (`OFF` or `NORMAL`): the redb log
+/// is the durability point (docs/adr/0001-sqlite-synchronous-normal.md and
+/// docs/adr/0003-state-machine-without-fsync.md): after a crash the state machine may be
 /// behind its log, never ahead, and openraft re-applies the missing entries.
-pub fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
+pub fn configure_writer(conn: &Connection, synchronous: &str) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "synchronous", synchronous)?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
     // The WAL stays bounded by checkpoints the state machine runs in the background
     // (CHECKPOINT_WAL_PAGES, and MAX_WAL_PAGES as a hard bound), not inside an apply.
