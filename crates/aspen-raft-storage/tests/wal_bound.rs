@@ -1,12 +1,12 @@
 //! The state machine's write-ahead log stays bounded under sustained applies, checkpointed
 //! between applies, never inside a commit: the synchronous apply checkpoints on the writer
-//! past `CHECKPOINT_WAL_PAGES`; the async apply checkpoints in the background from there
-//! and on the writer (waiting) at `MAX_WAL_PAGES`.
+//! past its checkpoint size; the async apply checkpoints in the background from there and
+//! on the writer (waiting) at `MAX_WAL_CHECKPOINTS` times it. Both durabilities run.
 
 mod common;
 
 use aspen_api::WriteCommand;
-use aspen_raft_storage::state_machine::{CHECKPOINT_WAL_PAGES, DB_FILE, MAX_WAL_PAGES};
+use aspen_raft_storage::state_machine::{DB_FILE, Durability, MAX_WAL_CHECKPOINTS};
 use aspen_raft_storage::{Entry, SqliteStateMachine};
 use common::normal;
 use openraft::storage::RaftStateMachine;
@@ -14,7 +14,7 @@ use openraft::storage::RaftStateMachine;
 /// 4 KiB values: each put writes at least one overflow page to the WAL.
 const VALUE_BYTES: usize = 4096;
 const PUTS_PER_ENTRY: usize = 50;
-/// Enough applies to fill the WAL past its checkpoint size several times over.
+/// Enough applies to fill the WAL past its largest checkpoint size several times over.
 const ENTRIES: u64 = 2400;
 /// Pages one entry may add past the checkpoint size: its overflow pages and the b-tree pages
 /// it dirties.
@@ -39,17 +39,25 @@ fn wal_file_pages(dir: &std::path::Path) -> u64 {
     std::fs::metadata(wal).map_or(0, |meta| meta.len().saturating_sub(32) / (24 + 4096))
 }
 
+fn durabilities() -> [Durability; 2] {
+    [Durability::Unsynced { boot: "test".into() }, Durability::Synced]
+}
+
 #[test]
 fn sync_apply_keeps_the_wal_bounded() {
+    for durability in durabilities() {
+        sync_apply_keeps_the_wal_bounded_with(durability);
+    }
+}
+
+fn sync_apply_keeps_the_wal_bounded_with(durability: Durability) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let state_machine = SqliteStateMachine::open(dir.path()).expect("open");
+    let state_machine = SqliteStateMachine::open_with(dir.path(), durability).expect("open");
+    let bound = state_machine.checkpoint_wal_pages() + SLACK_PAGES;
     for index in 1..=ENTRIES {
         state_machine.apply_entries(&[entry(index)]).expect("apply");
         let file_pages = wal_file_pages(dir.path());
-        assert!(
-            file_pages <= CHECKPOINT_WAL_PAGES + SLACK_PAGES,
-            "WAL file holds {file_pages} pages after entry {index}"
-        );
+        assert!(file_pages <= bound, "WAL file holds {file_pages} pages after entry {index}");
     }
     assert!(
         state_machine.checkpoints() >= 3,
@@ -60,13 +68,20 @@ fn sync_apply_keeps_the_wal_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_apply_keeps_the_wal_bounded() {
+    for durability in durabilities() {
+        async_apply_keeps_the_wal_bounded_with(durability).await;
+    }
+}
+
+async fn async_apply_keeps_the_wal_bounded_with(durability: Durability) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut state_machine = SqliteStateMachine::open(dir.path()).expect("open");
+    let mut state_machine = SqliteStateMachine::open_with(dir.path(), durability).expect("open");
+    let bound = MAX_WAL_CHECKPOINTS * state_machine.checkpoint_wal_pages() + SLACK_PAGES;
     for index in 1..=ENTRIES {
         let stream = futures::stream::iter([Ok((entry(index), None))]);
         state_machine.apply(stream).await.expect("apply");
         let file_pages = wal_file_pages(dir.path());
-        assert!(file_pages <= MAX_WAL_PAGES + SLACK_PAGES, "WAL file holds {file_pages} pages after entry {index}");
+        assert!(file_pages <= bound, "WAL file holds {file_pages} pages after entry {index}");
     }
     assert!(
         state_machine.checkpoints() >= 3,

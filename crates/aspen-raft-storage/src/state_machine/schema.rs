@@ -43,7 +43,7 @@ pub fn configure_writer(conn: &Connection, synchronous: &str) -> rusqlite::Resul
     conn.pragma_update(None, "synchronous", synchronous)?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
     // The WAL stays bounded by checkpoints the state machine runs in the background
-    // (CHECKPOINT_WAL_PAGES, and MAX_WAL_PAGES as a hard bound), not inside an apply.
+    // (CHECKPOINT_WAL_PAGES, and MAX_WAL_CHECKPOINTS times it as a hard bound), not inside an apply.
     conn.pragma_update(None, "cache_size", -65536)?;
     conn.execute_batch(SCHEMA)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
