@@ -153,14 +153,32 @@ fn journal_checkpoints_and_truncation_survive_reopen() {
         store.append_entries(std::slice::from_ref(&entry)).expect("append");
         expected.push(entry);
     }
-    // Entries after the last checkpoint live durably only in the journal (and in redb's
-    // non-durable state); a truncation among them is a durable commit of its own.
+    // Entries after the last checkpoint live durably only in the journal (and pending in
+    // memory); a truncation among them is a durable commit of its own.
     let keep = total - 50;
     store.truncate_entries_after(Some(log_id(1, keep))).expect("truncate");
     expected.truncate(keep as usize);
     let replacement: Vec<Entry> = (keep + 1..=keep + 10).map(|index| blank(2, index)).collect();
     store.append_entries(&replacement).expect("append after truncate");
     expected.extend(replacement);
+    // The replacement is pending (journal only), everything before it in redb: reads that
+    // start, end or cross there chain across the two.
+    let boundary = keep + 1;
+    let want = |range: &dyn Fn(u64) -> bool| -> Vec<Entry> {
+        expected.iter().filter(|entry| range(entry.log_id.index)).cloned().collect()
+    };
+    for start in boundary - 3..=boundary + 3 {
+        for end in [boundary - 2, boundary, boundary + 1, boundary + 5, keep + 11, keep + 30] {
+            if end >= start {
+                let got = store.read_entries(start..end).expect("read a window");
+                assert_eq!(got, want(&|index| (start..end).contains(&index)), "{start}..{end}");
+                let got = store.read_entries(start..=end).expect("read a window");
+                assert_eq!(got, want(&|index| (start..=end).contains(&index)), "{start}..={end}");
+            }
+        }
+        assert_eq!(store.read_entries(start..).expect("read to the end"), want(&|index| index >= start));
+    }
+    assert_eq!(store.verify().expect("verify across the boundary").last, Some(log_id(2, keep + 10)));
     drop(store);
 
     let journal_len = std::fs::metadata(dir.path().join("log.journal")).expect("journal exists").len();

@@ -2,11 +2,12 @@
 //!
 //! A durable redb commit writes about nine scattered pages and fsyncs them; on a virtual
 //! disk every separate write costs a request, so it takes several times one fsync of one
-//! block (measured here: 1 page + fdatasync ~0.3 ms, 8 scattered pages ~1 ms). An append is
-//! therefore committed to redb *without* fsync, and the same rows are written to this
-//! journal: one sequential write of one record, made durable by one `fdatasync` (which the
-//! flusher shares among all appends waiting for it). Every so often a durable redb commit
-//! (a checkpoint) makes the journaled appends durable in redb itself and the journal starts
+//! block (measured here: 1 page + fdatasync ~0.3 ms, 8 scattered pages ~1 ms). An append
+//! therefore writes its rows to this journal only: one sequential write of one record, made
+//! durable by one `fdatasync` (which the flusher shares among all appends waiting for it).
+//! The rows stay pending in memory, where reads find them, until a durable redb commit (a
+//! checkpoint, every [`JOURNAL_CHECKPOINT_RECORDS`] records or before any other durable
+//! change: truncation, purge, vote) writes them all to redb at once; the journal then starts
 //! over at offset 0.
 //!
 //! Every record carries a sequence number that only grows, and every durable redb commit

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use aspen_api::limits::{MAX_BATCH_SIZE, MAX_ENTRY_SIZE};
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::mpsc;
 
@@ -28,7 +28,7 @@ const META_PURGED: &[u8] = b"purged";
 const META_JOURNAL_SEQ: &[u8] = b"journal_seq";
 
 /// Most appends waiting for the group fsync. Each holds only openraft's completion callback
-/// (the entries are already in redb); a full queue makes the next append wait, which pushes
+/// (the entries are already in the journal); a full queue makes the next append wait, which pushes
 /// back on openraft.
 pub const MAX_PENDING_FLUSHES: usize = 1024;
 
@@ -47,8 +47,13 @@ struct Shared {
     write_lock: Mutex<Journal>,
     /// The journal file, synced without the write lock.
     journal_file: JournalFile,
-    /// The newest entries in memory. Entries enter it after the commit that stores them and
-    /// leave it before the commit that removes them, so it never holds one redb does not;
+    /// Rows appended since the last durable redb commit (a checkpoint): in the journal and
+    /// here, not yet in redb. Contiguous and ending at the last entry; bounded by the
+    /// journal's checkpoint limits. Every durable commit writes them to redb first (see
+    /// [`Shared::begin_checkpoint`]), so redb and these rows never overlap.
+    pending: Mutex<Vec<(u64, Vec<u8>)>>,
+    /// The newest entries in memory. Entries enter it after the append that stores them and
+    /// leave it before the commit that removes them, so it never holds one the log does not;
     /// reads use it only while it ends at the published last entry.
     tail: Mutex<Tail>,
     /// The group-commit queue of appends waiting for their fsync, started on first use.
@@ -58,8 +63,8 @@ struct Shared {
     /// Whether this node leads (see [`RedbLogStore::leader_switch`]).
     leading: Arc<AtomicBool>,
     /// Set once everything above is dropped. Declared last: fields drop in declaration
-    /// order, so `db` (whose drop makes pending non-durable commits durable with an fsync
-    /// and releases the file lock) is gone by then.
+    /// order, so `db` (whose drop releases the file lock) is gone by then. Pending rows are
+    /// not written on close: they are in the journal, which the next open replays.
     closed: CloseSignal,
 }
 
@@ -84,7 +89,7 @@ struct ChainState {
     /// The latest committed log id openraft reported.
     committed: Option<LogId>,
     /// The committed log id as last written to redb: `committed` rides along with the next
-    /// append or sync rather than paying for a transaction of its own.
+    /// checkpoint rather than paying for a transaction of its own.
     committed_stored: Option<LogId>,
 }
 
@@ -186,6 +191,7 @@ impl RedbLogStore {
             db,
             state: Mutex::new(ChainState::default()),
             journal_file: journal.file(),
+            pending: Mutex::new(Vec::new()),
             tail: Mutex::new(Tail::default()),
             write_lock: Mutex::new(journal),
             flusher: OnceLock::new(),
@@ -209,21 +215,27 @@ impl RedbLogStore {
         let mut journal = self.shared.writing();
         // Reads must see the damage, not the good copy in memory.
         self.shared.tail().clear();
-        let txn = self.shared.db.begin_write().map_err(redb_error)?;
+        let txn = self.shared.begin_checkpoint()?;
         txn.open_table(ENTRIES).map_err(redb_error)?.insert(index, row).map_err(redb_error)?;
-        commit_durable(txn, &mut journal)
+        self.shared.commit_checkpoint(txn, &mut journal)
     }
 
-    /// Raw access for tests that simulate corruption: the stored row of `index`.
+    /// Raw access for tests that simulate corruption: the stored row of `index` (pending or
+    /// in redb).
     #[doc(hidden)]
     pub fn read_raw_row(&self, index: u64) -> Result<Option<Vec<u8>>, LogStoreError> {
+        let pending = self.shared.pending();
+        if let Some((_, row)) = pending.iter().find(|(pending_index, _)| *pending_index == index) {
+            return Ok(Some(row.clone()));
+        }
         let txn = self.shared.db.begin_read().map_err(redb_error)?;
+        drop(pending);
         let table = txn.open_table(ENTRIES).map_err(redb_error)?;
         Ok(table.get(index).map_err(redb_error)?.map(|row| row.value().to_vec()))
     }
 
-    /// Appends entries durably (a redb commit and a journal record, one fsync) and extends
-    /// the chain.
+    /// Appends entries durably (a journal record and its fsync, or a durable redb commit
+    /// when a checkpoint is due) and extends the chain.
     pub fn append_entries(&self, entries: &[Entry]) -> Result<(), LogStoreError> {
         self.shared.append(entries, true)
     }
@@ -280,6 +292,34 @@ impl Shared {
         self.write_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn pending(&self) -> MutexGuard<'_, Vec<(u64, Vec<u8>)>> {
+        // Changed only by writers holding the write lock, each change whole (extend, clear,
+        // truncate), so a poisoned lock still holds a consistent run of rows.
+        self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A write transaction for a durable commit, holding the pending rows already, so the
+    /// caller's changes (truncation, purge) apply on top of them. Caller holds the write lock
+    /// and finishes with [`Shared::commit_checkpoint`].
+    fn begin_checkpoint(&self) -> Result<redb::WriteTransaction, LogStoreError> {
+        let txn = self.db.begin_write().map_err(redb_error)?;
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
+            for (index, row) in self.pending().iter() {
+                table.insert(*index, row.as_slice()).map_err(redb_error)?;
+            }
+        }
+        Ok(txn)
+    }
+
+    /// Commits a [`Shared::begin_checkpoint`] transaction durably: redb now holds every
+    /// journaled row, so the journal starts over and nothing is pending.
+    fn commit_checkpoint(&self, txn: redb::WriteTransaction, journal: &mut Journal) -> Result<(), LogStoreError> {
+        commit_durable(txn, journal)?;
+        self.pending().clear();
+        Ok(())
+    }
+
     /// Publishes the state a write committed, keeping the committed log id openraft may
     /// have reported meanwhile (it is recorded without the write lock).
     fn publish(&self, state: ChainState) {
@@ -305,7 +345,12 @@ impl Shared {
     }
 
     fn load_and_verify(&self) -> Result<(ChainState, LogSummary), LogStoreError> {
+        // The pending rows and a read transaction taken together: a checkpoint moving rows
+        // from one to the other needs this lock to finish.
+        let pending_lock = self.pending();
         let txn = self.db.begin_read().map_err(redb_error)?;
+        let pending = pending_lock.clone();
+        drop(pending_lock);
         let meta = txn.open_table(META).map_err(redb_error)?;
         let vote: Option<Vote> = read_meta(&meta, META_VOTE)?;
         let committed: Option<LogId> = read_meta::<Option<LogId>>(&meta, META_COMMITTED)?.flatten();
@@ -320,19 +365,25 @@ impl Shared {
         let mut expected_index = purged.map(|log_id| log_id.index + 1);
         let mut last = None;
         let mut count = 0u64;
-        for item in entries.iter().map_err(redb_error)? {
-            let (key, value) = item.map_err(redb_error)?;
-            let index = key.value();
+        let mut check = |index: u64, row: &[u8]| -> Result<(), LogStoreError> {
             if let Some(expected) = expected_index
                 && index != expected
             {
                 return Err(LogStoreError::Gap { expected, found: index });
             }
-            let entry = verify_row(index, &prev_hash, value.value())?;
-            prev_hash = row_hash(value.value());
+            let entry = verify_row(index, &prev_hash, row)?;
+            prev_hash = row_hash(row);
             last = Some((entry.log_id, prev_hash));
             expected_index = Some(index + 1);
             count += 1;
+            Ok(())
+        };
+        for item in entries.iter().map_err(redb_error)? {
+            let (key, value) = item.map_err(redb_error)?;
+            check(key.value(), value.value())?;
+        }
+        for (index, row) in pending.iter() {
+            check(*index, row)?;
         }
         let summary =
             LogSummary { purged, last: last.as_ref().map(|(log_id, _)| *log_id), entries: count, last_hash: prev_hash };
@@ -367,68 +418,79 @@ impl Shared {
         Some(self.append_locked(&mut journal, entries).map(|_| ()))
     }
 
-    /// `append` for a caller holding the write lock. The rows go to redb in a commit
-    /// without fsync and to the journal as one record; `Ok(true)` when that record still
-    /// needs the journal's sync, `Ok(false)` when the append was a checkpoint instead (a
-    /// durable redb commit: the batch was too large for a record, or the journal was due).
+    /// `append` for a caller holding the write lock. The rows go to the journal as one
+    /// record and stay pending in memory until the next checkpoint writes them to redb;
+    /// `Ok(true)` when that record still needs the journal's sync, `Ok(false)` when the
+    /// append was a checkpoint instead (a durable redb commit: the batch was too large for
+    /// a record, the journal was due, or the append replaces existing entries).
     fn append_locked(&self, journal: &mut Journal, entries: &[Entry]) -> Result<bool, LogStoreError> {
         let Some(first) = entries.first() else { return Ok(false) };
         if entries.len() > MAX_BATCH_SIZE {
             return Err(LogStoreError::BatchTooLarge { count: entries.len(), max: MAX_BATCH_SIZE });
         }
         let mut state = self.lock().clone();
-        let mut txn = self.db.begin_write().map_err(redb_error)?;
-        let mut rows = Vec::with_capacity(entries.len());
-        let mut sizes = Vec::with_capacity(entries.len());
+        // openraft truncates conflicting entries before appending; an append over existing
+        // entries still replaces them rather than forking the chain, in a checkpoint (rare:
+        // only after a change of leader).
+        let mut checkpoint = None;
+        if let Some((last, _)) = &state.last
+            && first.index() <= last.index
         {
-            let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
-            // openraft truncates conflicting entries before appending; an append over
-            // existing entries still replaces them rather than forking the chain.
-            if let Some((last, _)) = &state.last
-                && first.index() <= last.index
+            let txn = self.begin_checkpoint()?;
             {
+                let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
                 self.tail().truncate_from(first.index());
                 remove_range(&mut table, first.index()..)?;
                 state.last = previous_entry(&table, first.index())?;
             }
-            let mut prev_hash = match &state.last {
-                Some((last, hash)) => {
-                    if first.index() != last.index + 1 {
-                        return Err(LogStoreError::NonContiguousAppend { last: last.index, found: first.index() });
-                    }
-                    *hash
-                }
-                None => state.anchor,
-            };
-            for (expected_index, entry) in (first.index()..).zip(entries) {
-                let index = entry.index();
-                if index != expected_index {
-                    return Err(LogStoreError::NonContiguousAppend { last: expected_index - 1, found: index });
-                }
-                let bytes = postcard::to_stdvec(entry).map_err(|error| LogStoreError::Encode(error.to_string()))?;
-                if bytes.len() > MAX_ENTRY_SIZE {
-                    return Err(LogStoreError::EntryTooLarge { index, size: bytes.len(), max: MAX_ENTRY_SIZE });
-                }
-                let term = entry.log_id.leader_id.term;
-                let hash = chain::entry_hash(&prev_hash, index, term, &bytes);
-                let row = chain::encode_row(&hash, term, &bytes);
-                table.insert(index, row.as_slice()).map_err(redb_error)?;
-                sizes.push(bytes.len());
-                rows.push((index, row));
-                prev_hash = hash;
-            }
-            let last_entry = &entries[entries.len() - 1];
-            state.last = Some((last_entry.log_id, prev_hash));
-            store_committed(&txn, &mut state)?;
+            checkpoint = Some(txn);
         }
+        let mut prev_hash = match &state.last {
+            Some((last, hash)) => {
+                if first.index() != last.index + 1 {
+                    return Err(LogStoreError::NonContiguousAppend { last: last.index, found: first.index() });
+                }
+                *hash
+            }
+            None => state.anchor,
+        };
+        let mut rows = Vec::with_capacity(entries.len());
+        let mut sizes = Vec::with_capacity(entries.len());
+        for (expected_index, entry) in (first.index()..).zip(entries) {
+            let index = entry.index();
+            if index != expected_index {
+                return Err(LogStoreError::NonContiguousAppend { last: expected_index - 1, found: index });
+            }
+            let bytes = postcard::to_stdvec(entry).map_err(|error| LogStoreError::Encode(error.to_string()))?;
+            if bytes.len() > MAX_ENTRY_SIZE {
+                return Err(LogStoreError::EntryTooLarge { index, size: bytes.len(), max: MAX_ENTRY_SIZE });
+            }
+            let term = entry.log_id.leader_id.term;
+            let hash = chain::entry_hash(&prev_hash, index, term, &bytes);
+            sizes.push(bytes.len());
+            rows.push((index, chain::encode_row(&hash, term, &bytes)));
+            prev_hash = hash;
+        }
+        let last_entry = &entries[entries.len() - 1];
+        state.last = Some((last_entry.log_id, prev_hash));
         let record_bytes = journal::payload_len(rows.iter().map(|(_, row)| row.as_slice()));
-        let journaled = !journal.needs_checkpoint(record_bytes);
+        let journaled = checkpoint.is_none() && !journal.needs_checkpoint(record_bytes);
         if journaled {
-            txn.set_durability(Durability::None).map_err(redb_error)?;
-            txn.commit().map_err(redb_error)?;
             journal.write(rows.iter().map(|(index, row)| (*index, row.as_slice())))?;
+            self.pending().extend(rows);
         } else {
-            commit_durable(txn, journal)?;
+            let txn = match checkpoint {
+                Some(txn) => txn,
+                None => self.begin_checkpoint()?,
+            };
+            {
+                let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
+                for (index, row) in &rows {
+                    table.insert(*index, row.as_slice()).map_err(redb_error)?;
+                }
+            }
+            store_committed(&txn, &mut state)?;
+            self.commit_checkpoint(txn, journal)?;
         }
         self.publish(state);
         let mut tail = self.tail();
@@ -457,23 +519,53 @@ impl Shared {
 
     fn read(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry>, LogStoreError> {
         let anchor = self.lock().anchor;
-        let txn = self.db.begin_read().map_err(redb_error)?;
-        let table = txn.open_table(ENTRIES).map_err(redb_error)?;
         let start = match range.start_bound() {
             Bound::Included(start) => *start,
             Bound::Excluded(start) => start.saturating_add(1),
             Bound::Unbounded => 0,
         };
-        let end = match range.end_bound() {
-            Bound::Included(end) => Bound::Included(*end),
-            Bound::Excluded(end) => Bound::Excluded(*end),
-            Bound::Unbounded => Bound::Unbounded,
+        // The pending rows wanted (and the one before the range, for its hash), copied
+        // together with the start of a read transaction: a checkpoint moving rows from
+        // memory to redb needs this lock to finish, so no row is missed or read twice.
+        let pending_lock = self.pending();
+        let txn = self.db.begin_read().map_err(redb_error)?;
+        let pending_first = pending_lock.first().map(|(index, _)| *index);
+        let pending: Vec<(u64, Vec<u8>)> = pending_lock
+            .iter()
+            .filter(|(index, _)| range.contains(index) || index.checked_add(1) == Some(start))
+            .cloned()
+            .collect();
+        drop(pending_lock);
+        let table = txn.open_table(ENTRIES).map_err(redb_error)?;
+        // redb holds the rows below the pending ones.
+        let stored_end = match (range.end_bound(), pending_first) {
+            (Bound::Included(end), Some(first)) if *end < first => Bound::Included(*end),
+            (Bound::Excluded(end), Some(first)) if *end <= first => Bound::Excluded(*end),
+            (_, Some(first)) => Bound::Excluded(first),
+            (Bound::Included(end), None) => Bound::Included(*end),
+            (Bound::Excluded(end), None) => Bound::Excluded(*end),
+            (Bound::Unbounded, None) => Bound::Unbounded,
         };
+        let empty = match stored_end {
+            Bound::Included(end) => end < start,
+            Bound::Excluded(end) => end <= start,
+            Bound::Unbounded => false,
+        };
+        let mut rows: Vec<(u64, Vec<u8>)> = Vec::new();
+        if !empty {
+            for item in table.range::<u64>((Bound::Included(start), stored_end)).map_err(redb_error)? {
+                let (key, value) = item.map_err(redb_error)?;
+                rows.push((key.value(), value.value().to_vec()));
+            }
+        }
         let mut entries = Vec::new();
         let mut prev: Option<(u64, ChainHash)> = None;
-        for item in table.range::<u64>((Bound::Included(start), end)).map_err(redb_error)? {
-            let (key, value) = item.map_err(redb_error)?;
-            let index = key.value();
+        for (index, row) in rows.into_iter().chain(pending) {
+            if !range.contains(&index) {
+                // The pending row just before the range: only its hash is needed.
+                prev = Some((index, row_hash(&row)));
+                continue;
+            }
             let prev_hash = match prev {
                 Some((prev_index, hash)) if prev_index + 1 == index => hash,
                 Some((prev_index, _)) => return Err(LogStoreError::Gap { expected: prev_index + 1, found: index }),
@@ -485,8 +577,8 @@ impl Shared {
                     Err(error) => return Err(redb_error(error)),
                 },
             };
-            entries.push(verify_row(index, &prev_hash, value.value())?);
-            prev = Some((index, row_hash(value.value())));
+            entries.push(verify_row(index, &prev_hash, &row)?);
+            prev = Some((index, row_hash(&row)));
         }
         Ok(entries)
     }
@@ -496,13 +588,13 @@ impl Shared {
         let mut journal = self.writing();
         let mut state = self.lock().clone();
         self.tail().truncate_from(first_removed);
-        let txn = self.db.begin_write().map_err(redb_error)?;
+        let txn = self.begin_checkpoint()?;
         {
             let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
             remove_range(&mut table, first_removed..)?;
             state.last = previous_entry(&table, first_removed)?;
         }
-        commit_durable(txn, &mut journal)?;
+        self.commit_checkpoint(txn, &mut journal)?;
         self.publish(state);
         Ok(())
     }
@@ -514,7 +606,7 @@ impl Shared {
             return Ok(());
         }
         self.tail().purge_upto(upto.index);
-        let txn = self.db.begin_write().map_err(redb_error)?;
+        let txn = self.begin_checkpoint()?;
         {
             let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
             let stored_hash = table.get(upto.index).map_err(redb_error)?.map(|row| row_hash(row.value()));
@@ -535,23 +627,23 @@ impl Shared {
             let mut meta = txn.open_table(META).map_err(redb_error)?;
             write_meta(&mut meta, META_PURGED, &(upto, state.anchor))?;
         }
-        commit_durable(txn, &mut journal)?;
+        self.commit_checkpoint(txn, &mut journal)?;
         self.publish(state);
         Ok(())
     }
 
     fn save_vote(&self, vote: &Vote) -> Result<(), LogStoreError> {
         let mut journal = self.writing();
-        let txn = self.db.begin_write().map_err(redb_error)?;
+        let txn = self.begin_checkpoint()?;
         write_meta(&mut txn.open_table(META).map_err(redb_error)?, META_VOTE, vote)?;
-        commit_durable(txn, &mut journal)?;
+        self.commit_checkpoint(txn, &mut journal)?;
         self.lock().vote = Some(*vote);
         Ok(())
     }
 
-    /// Records the committed log id in memory; the next append or sync stores it. Losing it
-    /// in a crash is safe: it is re-learned from the leader, and a stored value is never
-    /// ahead of the entries stored before it (redb commits are ordered).
+    /// Records the committed log id in memory; the next checkpoint stores it. Losing it in a
+    /// crash is safe: it is re-learned from the leader, and a stored value is never ahead of
+    /// the entries stored with it (a checkpoint writes every pending row).
     fn save_committed(&self, committed: Option<LogId>) {
         self.lock().committed = committed;
     }
