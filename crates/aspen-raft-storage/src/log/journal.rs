@@ -35,8 +35,11 @@ use std::sync::Arc;
 use crate::error::LogStoreError;
 
 /// Records written since the last checkpoint after which the next append checkpoints: it
-/// bounds replay work on open and the redb pages waiting for a durable commit.
-pub const JOURNAL_CHECKPOINT_RECORDS: u64 = 1024;
+/// bounds replay work on open and the rows pending in memory. A checkpoint writes every
+/// pending row to redb and fsyncs while holding the log's write lock, so its size is a
+/// stall every append waits out: at 1024 records put p99.9 at 256 clients was 153/146 ms,
+/// at 256 records 44/54 ms (etcd 51/77) in a same-run A/B, throughput within noise.
+pub const JOURNAL_CHECKPOINT_RECORDS: u64 = 256;
 /// Journal bytes after which the next append checkpoints.
 pub const JOURNAL_CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
 /// Largest record; a larger append is committed durably to redb directly instead.
