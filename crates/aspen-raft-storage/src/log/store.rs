@@ -412,7 +412,11 @@ impl Shared {
             Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
-        if journal.needs_checkpoint(0) {
+        // A due checkpoint, or an append over existing entries (which is one), fsyncs: that
+        // belongs on a blocking thread.
+        let first = entries.first().map(|entry| entry.index());
+        let overwrites = self.lock().last.is_some_and(|(last, _)| first.is_some_and(|first| first <= last.index));
+        if journal.needs_checkpoint(0) || overwrites {
             return None;
         }
         Some(self.append_locked(&mut journal, entries).map(|_| ()))
