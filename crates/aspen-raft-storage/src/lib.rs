@@ -5,6 +5,7 @@
 //! Architecture invariant: this crate does storage only. It never depends on iroh or any
 //! network code, so the simulator can run it unchanged; consensus wires it to openraft.
 
+pub mod close;
 pub mod error;
 pub mod log;
 pub mod rt;

@@ -110,19 +110,21 @@ pub fn now_ms() -> u64 {
 /// File in a node's directory holding the number of its simulated OS boot.
 const BOOT_FILE: &str = "sim-boot";
 
-/// The simulated OS boot a node's directory is under (0 until its first OS crash).
+/// The number of the simulated OS boot a node's directory is under (0 until its first OS crash).
+fn boot_number(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join(BOOT_FILE)).ok().and_then(|text| text.trim().parse().ok()).unwrap_or(0)
+}
+
+/// The state machine durability of the simulated OS boot a node's directory is under.
 pub fn boot_of(dir: &Path) -> Durability {
-    let number: u64 =
-        std::fs::read_to_string(dir.join(BOOT_FILE)).ok().and_then(|text| text.trim().parse().ok()).unwrap_or(0);
-    Durability::Unsynced { boot: format!("sim-boot-{number}") }
+    Durability::Unsynced { boot: format!("sim-boot-{}", boot_number(dir)) }
 }
 
 /// Moves a node's directory to its next simulated OS boot.
 pub fn next_boot(dir: &Path) -> std::io::Result<u64> {
-    let number: u64 =
-        std::fs::read_to_string(dir.join(BOOT_FILE)).ok().and_then(|text| text.trim().parse().ok()).unwrap_or(0);
-    std::fs::write(dir.join(BOOT_FILE), (number + 1).to_string())?;
-    Ok(number + 1)
+    let next = boot_number(dir) + 1;
+    std::fs::write(dir.join(BOOT_FILE), next.to_string())?;
+    Ok(next)
 }
 
 /// The body of a node: open the files, start Raft, serve until killed.

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use super::chain::{self, ChainHash, GENESIS};
 use super::journal::{self, Journal, JournalFile};
 use super::tail::Tail;
+use crate::close::{CloseSignal, CloseWatch};
 use crate::error::{LogStoreError, redb_error};
 use crate::type_config::{Entry, LogId, TypeConfig, Vote};
 
@@ -68,15 +69,6 @@ struct Shared {
     closed: CloseSignal,
 }
 
-/// Sets its flag when dropped (see `Shared::closed`).
-struct CloseSignal(Arc<AtomicBool>);
-
-impl Drop for CloseSignal {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
-    }
-}
-
 #[derive(Clone, Debug, Default)]
 struct ChainState {
     /// Last entry and its hash.
@@ -106,11 +98,8 @@ pub struct LogSummary {
     pub last_hash: ChainHash,
 }
 
-/// A handle that does not keep the log open; tells when every real handle is gone.
-#[derive(Clone, Debug)]
-pub struct LogStoreWatch {
-    closed: Arc<AtomicBool>,
-}
+/// Tells when the log's database is closed (see [`crate::close`]).
+pub type LogStoreWatch = CloseWatch;
 
 /// Sets whether the node leads (see [`RedbLogStore::leader_switch`]).
 #[derive(Clone, Debug)]
@@ -131,14 +120,6 @@ impl LeaderSwitch {
     }
 }
 
-impl LogStoreWatch {
-    /// Whether the database has been closed (every handle dropped, the file closed and
-    /// unlocked), so it can be reopened.
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-}
-
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedbLogShared").finish_non_exhaustive()
@@ -148,7 +129,7 @@ impl std::fmt::Debug for Shared {
 impl RedbLogStore {
     /// A watch that tells when this log's database is closed.
     pub fn watch(&self) -> LogStoreWatch {
-        LogStoreWatch { closed: Arc::clone(&self.shared.closed.0) }
+        self.shared.closed.watch()
     }
 
     /// Opens (or creates) the log at `path` and verifies the whole hash chain.
@@ -197,7 +178,7 @@ impl RedbLogStore {
             flusher: OnceLock::new(),
             flushes_pending: AtomicUsize::new(0),
             leading: Arc::new(AtomicBool::new(true)),
-            closed: CloseSignal(Arc::new(AtomicBool::new(false))),
+            closed: CloseSignal::default(),
         };
         let state = shared.load_and_verify()?.0;
         *shared.lock() = state;
@@ -414,9 +395,7 @@ impl Shared {
         };
         // A due checkpoint, or an append over existing entries (which is one), fsyncs: that
         // belongs on a blocking thread.
-        let first = entries.first().map(|entry| entry.index());
-        let overwrites = self.lock().last.is_some_and(|(last, _)| first.is_some_and(|first| first <= last.index));
-        if journal.needs_checkpoint(0) || overwrites {
+        if journal.needs_checkpoint(0) || replaces_entries(&self.lock(), entries) {
             return None;
         }
         Some(self.append_locked(&mut journal, entries).map(|_| ()))
@@ -437,9 +416,7 @@ impl Shared {
         // entries still replaces them rather than forking the chain, in a checkpoint (rare:
         // only after a change of leader).
         let mut checkpoint = None;
-        if let Some((last, _)) = &state.last
-            && first.index() <= last.index
-        {
+        if replaces_entries(&state, entries) {
             let txn = self.begin_checkpoint()?;
             {
                 let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
@@ -660,6 +637,15 @@ fn commit_durable(txn: redb::WriteTransaction, journal: &mut Journal) -> Result<
     txn.commit().map_err(redb_error)?;
     journal.checkpointed();
     Ok(())
+}
+
+/// Whether appending `entries` would replace entries the log holds (it starts at or before
+/// the last one).
+fn replaces_entries(state: &ChainState, entries: &[Entry]) -> bool {
+    match (&state.last, entries.first()) {
+        (Some((last, _)), Some(first)) => first.index() <= last.index,
+        _ => false,
+    }
 }
 
 /// Writes the committed log id into `txn` if it changed since last stored.

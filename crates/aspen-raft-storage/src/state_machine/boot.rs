@@ -51,6 +51,15 @@ impl Durability {
         }
     }
 
+    /// WAL pages after which the state machine checkpoints: larger without fsync, where a
+    /// checkpoint only copies pages (see [`super::CHECKPOINT_WAL_PAGES`]).
+    pub(crate) fn checkpoint_wal_pages(&self) -> u64 {
+        match self {
+            Durability::Synced => super::SYNCED_CHECKPOINT_WAL_PAGES,
+            Durability::Unsynced { .. } => super::CHECKPOINT_WAL_PAGES,
+        }
+    }
+
     /// The `PRAGMA synchronous` value for connections that write or checkpoint.
     pub(crate) fn synchronous(&self) -> &'static str {
         match self {

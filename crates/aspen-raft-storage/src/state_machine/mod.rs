@@ -31,6 +31,7 @@ use self::meta::AppliedState;
 use self::pool::ReadPool;
 pub use self::pool::{READ_POOL_SIZE, READ_POOL_WAIT};
 use self::snapshot::{SnapshotFile, SnapshotStore};
+use crate::close::{CloseSignal, CloseWatch};
 use crate::error::{SnapshotError, SqlError, StateMachineError};
 use crate::type_config::{Entry, EntryResponse, LogId, SnapshotMeta, StoredMembership, TypeConfig};
 
@@ -77,8 +78,6 @@ struct Shared {
     durability: Durability,
     /// Whether open found a file it kept or one it discarded.
     opened: Opened,
-    /// WAL pages after which a checkpoint starts (by durability).
-    checkpoint_pages: u64,
     writer: Mutex<Writer>,
     snapshots: SnapshotStore,
     reader: StateMachineReader,
@@ -94,28 +93,8 @@ struct Shared {
     closed: CloseSignal,
 }
 
-/// Sets its flag when dropped (see `Shared::closed`).
-struct CloseSignal(Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for CloseSignal {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
-    }
-}
-
-/// A handle that does not keep the state machine open; tells when every real handle is
-/// gone and its files are closed.
-#[derive(Clone, Debug)]
-pub struct StateMachineWatch {
-    closed: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl StateMachineWatch {
-    /// Whether the state machine's files are closed.
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-}
+/// Tells when the state machine's files are closed (see [`crate::close`]).
+pub type StateMachineWatch = CloseWatch;
 
 struct Writer {
     conn: Connection,
@@ -159,22 +138,17 @@ impl SqliteStateMachine {
         let applied = meta::read_applied(&conn)?;
         let snapshots = SnapshotStore::open(dir.join("snapshots"))?;
         let pool = Arc::new(ReadPool::open(db_path.clone())?);
-        let checkpoint_pages = match durability {
-            Durability::Unsynced { .. } => CHECKPOINT_WAL_PAGES,
-            Durability::Synced => SYNCED_CHECKPOINT_WAL_PAGES,
-        };
         let shared = Shared {
             db_path,
             durability,
             opened,
-            checkpoint_pages,
             writer: Mutex::new(Writer { conn, applied }),
             snapshots,
             reader: StateMachineReader { pool },
             wal_pages,
             checkpoints: AtomicU64::new(0),
             checkpoint_lock: Arc::new(tokio::sync::Mutex::new(())),
-            closed: CloseSignal(Arc::new(std::sync::atomic::AtomicBool::new(false))),
+            closed: CloseSignal::default(),
         };
         let state_machine = SqliteStateMachine { shared: Arc::new(shared) };
         if let Some((meta, _)) = state_machine.shared.snapshots.current()? {
@@ -189,7 +163,7 @@ impl SqliteStateMachine {
 
     /// A watch that tells when this state machine's files are closed.
     pub fn watch(&self) -> StateMachineWatch {
-        StateMachineWatch { closed: Arc::clone(&self.shared.closed.0) }
+        self.shared.closed.watch()
     }
 
     /// Whether open kept the database it found or discarded it (see [`boot`]).
@@ -210,7 +184,7 @@ impl SqliteStateMachine {
     /// WAL pages after which a checkpoint starts; the WAL's bound is
     /// [`MAX_WAL_CHECKPOINTS`] times this.
     pub fn checkpoint_wal_pages(&self) -> u64 {
-        self.shared.checkpoint_pages
+        self.shared.durability.checkpoint_wal_pages()
     }
 
     /// Pages in the write-ahead log after the last apply.
@@ -329,7 +303,7 @@ impl Shared {
     }
 
     fn checkpoint_due(&self) -> bool {
-        self.wal_pages.load(Ordering::Relaxed) >= self.checkpoint_pages
+        self.wal_pages.load(Ordering::Relaxed) >= self.durability.checkpoint_wal_pages()
     }
 
     /// A PASSIVE checkpoint on a connection of its own, concurrent with applies and reads.
@@ -512,7 +486,7 @@ impl SqliteStateMachine {
     /// either way.
     async fn checkpoint_if_due(&self) {
         let pages = self.shared.wal_pages.load(Ordering::Relaxed);
-        let checkpoint_pages = self.shared.checkpoint_pages;
+        let checkpoint_pages = self.shared.durability.checkpoint_wal_pages();
         if pages >= MAX_WAL_CHECKPOINTS * checkpoint_pages {
             let _running = self.shared.checkpoint_lock.lock().await;
             if let Err(error) = self.blocking(|shared| shared.checkpoint()).await {
