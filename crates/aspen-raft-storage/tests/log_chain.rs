@@ -141,7 +141,7 @@ fn any_flipped_bit_is_reported_at_its_index() {
 /// stays bounded by its checkpoints.
 #[test]
 fn journal_checkpoints_and_truncation_survive_reopen() {
-    use aspen_raft_storage::log::journal::{JOURNAL_CHECKPOINT_RECORDS, JOURNAL_GROW_STEP};
+    use aspen_raft_storage::log::journal::{JOURNAL_CHECKPOINT_RECORDS, JOURNAL_GROW_STEP, journal_paths};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("log.redb");
@@ -182,12 +182,71 @@ fn journal_checkpoints_and_truncation_survive_reopen() {
     assert_eq!(store.verify().expect("verify across the boundary").last, Some(log_id(2, keep + 10)));
     drop(store);
 
-    let journal_len = std::fs::metadata(dir.path().join("log.journal")).expect("journal exists").len();
-    // Records of at most this size, in a file that grows in whole zero-filled steps.
+    // Records of at most this size, in files that grow in whole zero-filled steps.
     let record_bound = 48 + 12 + 256;
     let bound = (JOURNAL_CHECKPOINT_RECORDS * record_bound).div_ceil(JOURNAL_GROW_STEP) * JOURNAL_GROW_STEP;
-    assert!(journal_len <= bound, "journal of {journal_len} bytes outgrew its checkpoints");
+    for journal in journal_paths(&path) {
+        let journal_len = std::fs::metadata(&journal).expect("journal file exists").len();
+        assert!(journal_len <= bound, "{} of {journal_len} bytes outgrew its checkpoints", journal.display());
+    }
     let reopened = RedbLogStore::open(&path).expect("reopen");
     assert_eq!(reopened.read_entries(..).expect("read all"), expected);
     assert_eq!(reopened.verify().expect("verify").last, Some(log_id(2, keep + 10)));
+}
+
+/// A checkpoint caught mid-way, as a crash would find it: appends have moved on to the
+/// journal's second file while the rows of the first are not in redb yet. Appends and reads
+/// go on meanwhile; the files as they are then (a process crash) open to the whole log,
+/// replayed from both journal files in order; and once the checkpoint goes through, the
+/// store reopens to the same log.
+#[test]
+fn appends_go_on_during_a_checkpoint_and_a_crash_mid_way_loses_nothing() {
+    use aspen_raft_storage::TypeConfig;
+    use aspen_raft_storage::log::journal::{JOURNAL_CHECKPOINT_RECORDS, journal_paths};
+    use openraft::storage::{IOFlushed, RaftLogStorage};
+    use openraft::type_config::TypeConfigExt;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("log.redb");
+    let store = RedbLogStore::open(&path).expect("open");
+    let mut writer = store.clone();
+    let total = JOURNAL_CHECKPOINT_RECORDS + 40;
+    let expected: Vec<Entry> = (1..=total).map(|index| blank(1, index)).collect();
+    let hold = store.hold_commits();
+    runtime.block_on(async {
+        // Appended the way openraft does: every callback must fire (the appends are durable
+        // in the journal) although no redb commit can happen.
+        for entry in &expected {
+            let (callback, done) = TypeConfig::oneshot();
+            writer.append(vec![entry.clone()], IOFlushed::signal(callback)).await.expect("append");
+            done.await.expect("callback fired").expect("durable");
+        }
+    });
+    assert_eq!(store.read_entries(..).expect("read while held"), expected);
+    assert_eq!(
+        store.read_entries(total - 50..total - 30).expect("window"),
+        expected[(total - 51) as usize..(total - 31) as usize]
+    );
+
+    let image = tempfile::tempdir().expect("crash image dir");
+    let image_path = image.path().join("log.redb");
+    std::fs::copy(&path, &image_path).expect("copy redb");
+    for (from, to) in journal_paths(&path).iter().zip(journal_paths(&image_path)) {
+        std::fs::copy(from, to).expect("copy journal file");
+    }
+    let second = std::fs::metadata(&journal_paths(&image_path)[1]).expect("second file").len();
+    assert!(second > 0, "appends moved to the second journal file");
+
+    drop(hold);
+    drop(writer);
+    drop(store);
+    // Waits for the checkpoint, which was running on a blocking thread.
+    drop(runtime);
+
+    let crashed = RedbLogStore::open(&image_path).expect("the crash image opens");
+    assert_eq!(crashed.read_entries(..).expect("read replayed"), expected);
+    assert_eq!(crashed.verify().expect("verify replayed").last, Some(log_id(1, total)));
+    let reopened = RedbLogStore::open(&path).expect("reopen after the checkpoint");
+    assert_eq!(reopened.read_entries(..).expect("read"), expected);
 }

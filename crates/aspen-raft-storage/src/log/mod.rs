@@ -4,8 +4,9 @@
 //! (see [`chain`]). A second table holds the vote, the committed log id and the purge
 //! point with its anchor hash. The chain is verified in full when the store opens and
 //! for every range read; a mismatch is [`LogStoreError::ChainMismatch`] naming the index.
-//! Appends are made durable through a sequential [`journal`] beside the redb file and
-//! checkpointed into redb's durable state now and then. The newest entries are also kept
+//! Appends are made durable through a sequential [`journal`] (two files used in turn) beside
+//! the redb file and checkpointed into redb's durable state off the write lock, one journal
+//! file at a time. The newest entries are also kept
 //! in memory ([`tail`]) for the reads that follow an append (replication, apply).
 
 pub mod chain;

@@ -2,7 +2,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use aspen_api::limits::{MAX_BATCH_SIZE, MAX_ENTRY_SIZE};
@@ -13,7 +13,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::mpsc;
 
 use super::chain::{self, ChainHash, GENESIS};
-use super::journal::{self, Journal, JournalFile};
+use super::journal::{self, Journal, JournalFile, Plan};
 use super::tail::Tail;
 use crate::close::{CloseSignal, CloseWatch};
 use crate::error::{LogStoreError, redb_error};
@@ -46,13 +46,21 @@ struct Shared {
     state: Mutex<ChainState>,
     /// Serializes writes (see [`Shared::writing`]); guards the journal's write cursor.
     write_lock: Mutex<Journal>,
-    /// The journal file, synced without the write lock.
-    journal_file: JournalFile,
+    /// Serializes durable redb commits (redb has one write transaction at a time): taken
+    /// after the write lock by writers, alone by a checkpoint running off the write lock.
+    commit_lock: Mutex<()>,
+    /// The journal's files, synced without the write lock.
+    journal_files: [JournalFile; 2],
+    /// The last journal record a durable redb commit covers.
+    durable_seq: AtomicU64,
     /// Rows appended since the last durable redb commit (a checkpoint): in the journal and
-    /// here, not yet in redb. Contiguous and ending at the last entry; bounded by the
-    /// journal's checkpoint limits. Every durable commit writes them to redb first (see
-    /// [`Shared::begin_checkpoint`]), so redb and these rows never overlap.
+    /// here. Contiguous and ending at the last entry; bounded by the journal's checkpoint
+    /// limits. Reads take rows from here and only those below the first from redb: a
+    /// checkpoint off the write lock commits a prefix of them to redb before removing it
+    /// here.
     pending: Mutex<Vec<(u64, Vec<u8>)>>,
+    /// The prefix of `pending` a checkpoint off the write lock is to commit, if one is due.
+    sealed: Mutex<Option<Sealed>>,
     /// The newest entries in memory. Entries enter it after the append that stores them and
     /// leave it before the commit that removes them, so it never holds one the log does not;
     /// reads use it only while it ends at the published last entry.
@@ -67,6 +75,21 @@ struct Shared {
     /// order, so `db` (whose drop releases the file lock) is gone by then. Pending rows are
     /// not written on close: they are in the journal, which the next open replays.
     closed: CloseSignal,
+}
+
+/// Rows whose journal file was left at a switch, to be committed off the write lock.
+#[derive(Clone, Copy, Debug)]
+struct Sealed {
+    /// How many rows at the front of `pending`.
+    rows: usize,
+    /// The last journal record holding them.
+    seq: u64,
+}
+
+/// A durable redb commit in progress: its transaction and the commit lock.
+struct Checkpoint<'a> {
+    txn: redb::WriteTransaction,
+    _commit: MutexGuard<'a, ()>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -153,7 +176,7 @@ impl RedbLogStore {
         txn.open_table(ENTRIES).map_err(redb_error)?;
         let checkpointed_seq: u64 =
             read_meta(&txn.open_table(META).map_err(redb_error)?, META_JOURNAL_SEQ)?.unwrap_or(0);
-        let (mut journal, replay) = Journal::open(&path.with_extension("journal"), checkpointed_seq)?;
+        let (mut journal, replay) = Journal::open(&journal::journal_paths(path), checkpointed_seq)?;
         if !replay.is_empty() {
             // Appends the journal made durable that redb's durable state lacks, replayed
             // in order; the chain check below verifies the result.
@@ -171,8 +194,11 @@ impl RedbLogStore {
         let shared = Shared {
             db,
             state: Mutex::new(ChainState::default()),
-            journal_file: journal.file(),
+            commit_lock: Mutex::new(()),
+            journal_files: journal.files(),
+            durable_seq: AtomicU64::new(journal.last_seq()),
             pending: Mutex::new(Vec::new()),
+            sealed: Mutex::new(None),
             tail: Mutex::new(Tail::default()),
             write_lock: Mutex::new(journal),
             flusher: OnceLock::new(),
@@ -196,9 +222,9 @@ impl RedbLogStore {
         let mut journal = self.shared.writing();
         // Reads must see the damage, not the good copy in memory.
         self.shared.tail().clear();
-        let txn = self.shared.begin_checkpoint()?;
-        txn.open_table(ENTRIES).map_err(redb_error)?.insert(index, row).map_err(redb_error)?;
-        self.shared.commit_checkpoint(txn, &mut journal)
+        let checkpoint = self.shared.begin_checkpoint()?;
+        checkpoint.txn.open_table(ENTRIES).map_err(redb_error)?.insert(index, row).map_err(redb_error)?;
+        self.shared.commit_checkpoint(checkpoint, &mut journal)
     }
 
     /// Raw access for tests that simulate corruption: the stored row of `index` (pending or
@@ -215,10 +241,18 @@ impl RedbLogStore {
         Ok(table.get(index).map_err(redb_error)?.map(|row| row.value().to_vec()))
     }
 
+    /// For tests of a checkpoint caught mid-way: holds off every durable redb commit
+    /// (including the checkpoint of a journal file appends have left) until dropped. An
+    /// append that must commit under the write lock meanwhile waits for it.
+    #[doc(hidden)]
+    pub fn hold_commits(&self) -> impl Drop + '_ {
+        self.shared.commit_lock()
+    }
+
     /// Appends entries durably (a journal record and its fsync, or a durable redb commit
     /// when a checkpoint is due) and extends the chain.
     pub fn append_entries(&self, entries: &[Entry]) -> Result<(), LogStoreError> {
-        self.shared.append(entries, true)
+        self.shared.append(entries, true, false)
     }
 
     /// A switch that tells the store whether this node leads, which picks how
@@ -279,10 +313,20 @@ impl Shared {
         self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn commit_lock(&self) -> MutexGuard<'_, ()> {
+        self.commit_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn sealed(&self) -> MutexGuard<'_, Option<Sealed>> {
+        self.sealed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// A write transaction for a durable commit, holding the pending rows already, so the
     /// caller's changes (truncation, purge) apply on top of them. Caller holds the write lock
-    /// and finishes with [`Shared::commit_checkpoint`].
-    fn begin_checkpoint(&self) -> Result<redb::WriteTransaction, LogStoreError> {
+    /// and finishes with [`Shared::commit_checkpoint`]; a checkpoint running off the write
+    /// lock finishes first.
+    fn begin_checkpoint(&self) -> Result<Checkpoint<'_>, LogStoreError> {
+        let commit = self.commit_lock();
         let txn = self.db.begin_write().map_err(redb_error)?;
         {
             let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
@@ -290,14 +334,60 @@ impl Shared {
                 table.insert(*index, row.as_slice()).map_err(redb_error)?;
             }
         }
-        Ok(txn)
+        Ok(Checkpoint { txn, _commit: commit })
     }
 
     /// Commits a [`Shared::begin_checkpoint`] transaction durably: redb now holds every
-    /// journaled row, so the journal starts over and nothing is pending.
-    fn commit_checkpoint(&self, txn: redb::WriteTransaction, journal: &mut Journal) -> Result<(), LogStoreError> {
-        commit_durable(txn, journal)?;
+    /// journaled row, so the journal starts over and nothing is pending or sealed.
+    fn commit_checkpoint(&self, checkpoint: Checkpoint<'_>, journal: &mut Journal) -> Result<(), LogStoreError> {
+        commit_durable(checkpoint.txn, journal)?;
+        self.durable_seq.fetch_max(journal.last_seq(), Ordering::AcqRel);
         self.pending().clear();
+        *self.sealed() = None;
+        Ok(())
+    }
+
+    /// Commits the sealed rows (those of the journal file appends just left) to redb
+    /// durably, without the write lock: appends go on into the other file meanwhile. Does
+    /// nothing if a durable commit under the write lock took them first. On failure the
+    /// rows stay pending and journaled; the next full file checkpoints under the lock.
+    fn checkpoint_sealed(&self) -> Result<(), LogStoreError> {
+        let _commit = self.commit_lock();
+        let Some(sealed) = *self.sealed() else { return Ok(()) };
+        let result = self.commit_sealed(sealed);
+        *self.sealed() = None;
+        result
+    }
+
+    fn commit_sealed(&self, sealed: Sealed) -> Result<(), LogStoreError> {
+        // Copied out so reads need not wait for the commit; appends only add rows after them.
+        let rows: Vec<(u64, Vec<u8>)> = self.pending().get(..sealed.rows).map(<[_]>::to_vec).unwrap_or_default();
+        let Some((last_index, last_row)) = rows.last() else { return Ok(()) };
+        let txn = self.db.begin_write().map_err(redb_error)?;
+        {
+            let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
+            for (index, row) in &rows {
+                table.insert(*index, row.as_slice()).map_err(redb_error)?;
+            }
+            let mut meta = txn.open_table(META).map_err(redb_error)?;
+            write_meta(&mut meta, META_JOURNAL_SEQ, &sealed.seq)?;
+            // The committed log id rides along, but never past these rows (the rows after
+            // them may not be durable yet): beyond them, the last of them is committed too.
+            if let Some(committed) = self.lock().committed {
+                let stored = match chain::decode_row(last_row) {
+                    Some(row) if committed.index > *last_index => LogId::new(row.term.into(), *last_index),
+                    _ => committed,
+                };
+                if stored.index <= *last_index {
+                    write_meta(&mut meta, META_COMMITTED, &Some(stored))?;
+                }
+            }
+        }
+        txn.commit().map_err(redb_error)?;
+        self.durable_seq.fetch_max(sealed.seq, Ordering::AcqRel);
+        // Readers take redb only below the first pending row, so the committed rows are
+        // read from one place at any moment.
+        self.pending().drain(..rows.len());
         Ok(())
     }
 
@@ -359,7 +449,10 @@ impl Shared {
             count += 1;
             Ok(())
         };
-        for item in entries.iter().map_err(redb_error)? {
+        // redb may also hold the first pending rows (a checkpoint off the write lock has
+        // committed them and not yet removed them from memory): those are read once, below.
+        let stored_end = pending.first().map_or(Bound::Unbounded, |(first, _)| Bound::Excluded(*first));
+        for item in entries.range::<u64>((Bound::Unbounded, stored_end)).map_err(redb_error)? {
             let (key, value) = item.map_err(redb_error)?;
             check(key.value(), value.value())?;
         }
@@ -372,42 +465,68 @@ impl Shared {
     }
 
     /// Appends `entries`: readable at once, durable once the journal is synced (at once
-    /// with `sync_now`, else by the next [`Shared::sync`]).
-    fn append(&self, entries: &[Entry], sync_now: bool) -> Result<(), LogStoreError> {
-        let journaled = {
+    /// with `sync_now`, else by the next [`Shared::sync`]). When the append left a journal
+    /// file behind, its rows are checkpointed afterwards: on a task of its own with
+    /// `background` (the caller returns at once), else here.
+    fn append(self: &Arc<Self>, entries: &[Entry], sync_now: bool, background: bool) -> Result<(), LogStoreError> {
+        let appended = {
             let mut journal = self.writing();
             self.append_locked(&mut journal, entries)?
         };
-        if sync_now && journaled {
+        if sync_now && appended != Appended::Checkpointed {
             self.sync()?;
         }
+        if appended == Appended::Switched {
+            if background {
+                self.spawn_checkpoint();
+            } else {
+                self.checkpoint_sealed()?;
+            }
+        }
         Ok(())
+    }
+
+    /// Runs [`Shared::checkpoint_sealed`] on a task of its own.
+    fn spawn_checkpoint(self: &Arc<Self>) {
+        let shared = Arc::clone(self);
+        crate::rt::spawn(async move {
+            match crate::rt::blocking(move || shared.checkpoint_sealed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "log checkpoint failed; the rows stay journaled"),
+                Err(error) => tracing::warn!(%error, "log checkpoint task failed; the rows stay journaled"),
+            }
+        });
     }
 
     /// An append run by the caller (an async worker) if no other write holds the log and
     /// no checkpoint is due: a few tens of microseconds of in-memory work and one write to
     /// the page cache, cheaper than a hop to a blocking thread. `None` when it would wait.
-    fn try_append_unsynced_now(&self, entries: &[Entry]) -> Option<Result<(), LogStoreError>> {
+    fn try_append_unsynced_now(self: &Arc<Self>, entries: &[Entry]) -> Option<Result<(), LogStoreError>> {
         let mut journal = match self.write_lock.try_lock() {
             Ok(guard) => guard,
             Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
-        // A due checkpoint, or an append over existing entries (which is one), fsyncs: that
-        // belongs on a blocking thread.
-        if journal.needs_checkpoint(0) || replaces_entries(&self.lock(), entries) {
+        // A full journal file (a switch or a checkpoint), or an append over existing
+        // entries (a checkpoint), fsyncs: that belongs on a blocking thread.
+        if journal.due() || replaces_entries(&self.lock(), entries) {
             return None;
         }
-        Some(self.append_locked(&mut journal, entries).map(|_| ()))
+        let appended = self.append_locked(&mut journal, entries);
+        drop(journal);
+        if let Ok(Appended::Switched) = appended {
+            // A record too large for the rest of the file switched files after all.
+            self.spawn_checkpoint();
+        }
+        Some(appended.map(|_| ()))
     }
 
     /// `append` for a caller holding the write lock. The rows go to the journal as one
-    /// record and stay pending in memory until the next checkpoint writes them to redb;
-    /// `Ok(true)` when that record still needs the journal's sync, `Ok(false)` when the
-    /// append was a checkpoint instead (a durable redb commit: the batch was too large for
-    /// a record, the journal was due, or the append replaces existing entries).
-    fn append_locked(&self, journal: &mut Journal, entries: &[Entry]) -> Result<bool, LogStoreError> {
-        let Some(first) = entries.first() else { return Ok(false) };
+    /// record and stay pending in memory until a checkpoint writes them to redb, or the
+    /// append is a checkpoint itself (a durable redb commit: the batch was too large for a
+    /// record, both journal files were full, or the append replaces existing entries).
+    fn append_locked(&self, journal: &mut Journal, entries: &[Entry]) -> Result<Appended, LogStoreError> {
+        let Some(first) = entries.first() else { return Ok(Appended::Checkpointed) };
         if entries.len() > MAX_BATCH_SIZE {
             return Err(LogStoreError::BatchTooLarge { count: entries.len(), max: MAX_BATCH_SIZE });
         }
@@ -417,14 +536,14 @@ impl Shared {
         // only after a change of leader).
         let mut checkpoint = None;
         if replaces_entries(&state, entries) {
-            let txn = self.begin_checkpoint()?;
+            let replacing = self.begin_checkpoint()?;
             {
-                let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
+                let mut table = replacing.txn.open_table(ENTRIES).map_err(redb_error)?;
                 self.tail().truncate_from(first.index());
                 remove_range(&mut table, first.index()..)?;
                 state.last = previous_entry(&table, first.index())?;
             }
-            checkpoint = Some(txn);
+            checkpoint = Some(replacing);
         }
         let mut prev_hash = match &state.last {
             Some((last, hash)) => {
@@ -455,37 +574,56 @@ impl Shared {
         let last_entry = &entries[entries.len() - 1];
         state.last = Some((last_entry.log_id, prev_hash));
         let record_bytes = journal::payload_len(rows.iter().map(|(_, row)| row.as_slice()));
-        let journaled = checkpoint.is_none() && !journal.needs_checkpoint(record_bytes);
-        if journaled {
-            journal.write(rows.iter().map(|(index, row)| (*index, row.as_slice())))?;
-            self.pending().extend(rows);
-        } else {
-            let txn = match checkpoint {
-                Some(txn) => txn,
-                None => self.begin_checkpoint()?,
-            };
-            {
-                let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
-                for (index, row) in &rows {
-                    table.insert(*index, row.as_slice()).map_err(redb_error)?;
+        let plan = match checkpoint {
+            Some(_) => Plan::Checkpoint,
+            None => journal.plan(record_bytes, self.durable_seq.load(Ordering::Acquire)),
+        };
+        let appended = match plan {
+            Plan::Record | Plan::SwitchThenRecord => {
+                let switched = plan == Plan::SwitchThenRecord;
+                if switched {
+                    let seq = journal.switch()?;
+                    let rows = self.pending().len();
+                    *self.sealed() = Some(Sealed { rows, seq });
                 }
+                journal.write(rows.iter().map(|(index, row)| (*index, row.as_slice())))?;
+                self.pending().extend(rows);
+                if switched { Appended::Switched } else { Appended::Journaled }
             }
-            store_committed(&txn, &mut state)?;
-            self.commit_checkpoint(txn, journal)?;
-        }
+            Plan::Checkpoint => {
+                let checkpoint = match checkpoint {
+                    Some(checkpoint) => checkpoint,
+                    None => self.begin_checkpoint()?,
+                };
+                {
+                    let mut table = checkpoint.txn.open_table(ENTRIES).map_err(redb_error)?;
+                    for (index, row) in &rows {
+                        table.insert(*index, row.as_slice()).map_err(redb_error)?;
+                    }
+                }
+                store_committed(&checkpoint.txn, &mut state)?;
+                self.commit_checkpoint(checkpoint, journal)?;
+                Appended::Checkpointed
+            }
+        };
         self.publish(state);
         let mut tail = self.tail();
         for (entry, size) in entries.iter().zip(sizes) {
             tail.push(entry.clone(), size);
         }
-        Ok(journaled)
+        Ok(appended)
     }
 
     /// The durability point of the whole system: one `fdatasync` of the journal, which
     /// makes every record written before it durable. Needs no write lock: appends go on
     /// while it runs.
     fn sync(&self) -> Result<(), LogStoreError> {
-        self.journal_file.sync()
+        // Usually only the current file has unsynced records; right after a switch the
+        // one left behind is synced already (see `Journal::switch`).
+        for file in &self.journal_files {
+            file.sync()?;
+        }
+        Ok(())
     }
 
     /// The group-commit queue, starting its flusher task on first use. The task holds only
@@ -569,13 +707,13 @@ impl Shared {
         let mut journal = self.writing();
         let mut state = self.lock().clone();
         self.tail().truncate_from(first_removed);
-        let txn = self.begin_checkpoint()?;
+        let checkpoint = self.begin_checkpoint()?;
         {
-            let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
+            let mut table = checkpoint.txn.open_table(ENTRIES).map_err(redb_error)?;
             remove_range(&mut table, first_removed..)?;
             state.last = previous_entry(&table, first_removed)?;
         }
-        self.commit_checkpoint(txn, &mut journal)?;
+        self.commit_checkpoint(checkpoint, &mut journal)?;
         self.publish(state);
         Ok(())
     }
@@ -587,8 +725,9 @@ impl Shared {
             return Ok(());
         }
         self.tail().purge_upto(upto.index);
-        let txn = self.begin_checkpoint()?;
+        let checkpoint = self.begin_checkpoint()?;
         {
+            let txn = &checkpoint.txn;
             let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
             let stored_hash = table.get(upto.index).map_err(redb_error)?.map(|row| row_hash(row.value()));
             let first_index = table.first().map_err(redb_error)?.map(|(key, _)| key.value());
@@ -608,16 +747,16 @@ impl Shared {
             let mut meta = txn.open_table(META).map_err(redb_error)?;
             write_meta(&mut meta, META_PURGED, &(upto, state.anchor))?;
         }
-        self.commit_checkpoint(txn, &mut journal)?;
+        self.commit_checkpoint(checkpoint, &mut journal)?;
         self.publish(state);
         Ok(())
     }
 
     fn save_vote(&self, vote: &Vote) -> Result<(), LogStoreError> {
         let mut journal = self.writing();
-        let txn = self.begin_checkpoint()?;
-        write_meta(&mut txn.open_table(META).map_err(redb_error)?, META_VOTE, vote)?;
-        self.commit_checkpoint(txn, &mut journal)?;
+        let checkpoint = self.begin_checkpoint()?;
+        write_meta(&mut checkpoint.txn.open_table(META).map_err(redb_error)?, META_VOTE, vote)?;
+        self.commit_checkpoint(checkpoint, &mut journal)?;
         self.lock().vote = Some(*vote);
         Ok(())
     }
@@ -637,6 +776,18 @@ fn commit_durable(txn: redb::WriteTransaction, journal: &mut Journal) -> Result<
     txn.commit().map_err(redb_error)?;
     journal.checkpointed();
     Ok(())
+}
+
+/// How an append was stored (see [`Shared::append_locked`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Appended {
+    /// As a journal record, durable once the journal is synced.
+    Journaled,
+    /// As a journal record in the other file; the rows before it are sealed for a
+    /// checkpoint off the write lock ([`Shared::checkpoint_sealed`]).
+    Switched,
+    /// In a durable redb commit.
+    Checkpointed,
 }
 
 /// Whether appending `entries` would replace entries the log holds (it starts at or before
@@ -759,7 +910,7 @@ async fn flush_loop(shared: Weak<Shared>, mut queue: mpsc::Receiver<IOFlushed<Ty
             }
             return;
         };
-        let result = blocking(&shared, Shared::sync).await.map_err(|error| error.to_string());
+        let result = blocking(&shared, |shared| shared.sync()).await.map_err(|error| error.to_string());
         let completed = waiting.len();
         for callback in waiting.drain(..) {
             callback.io_completed(result.clone().map_err(io::Error::other));
@@ -772,7 +923,7 @@ async fn flush_loop(shared: Weak<Shared>, mut queue: mpsc::Receiver<IOFlushed<Ty
 async fn blocking<T, F>(shared: &Arc<Shared>, work: F) -> Result<T, LogStoreError>
 where
     T: Send + 'static,
-    F: FnOnce(&Shared) -> Result<T, LogStoreError> + Send + 'static,
+    F: FnOnce(&Arc<Shared>) -> Result<T, LogStoreError> + Send + 'static,
 {
     let shared = Arc::clone(shared);
     crate::rt::blocking(move || work(&shared)).await.map_err(LogStoreError::Task)?
@@ -834,7 +985,7 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
         let inline = if group { self.shared.try_append_unsynced_now(&entries) } else { None };
         let result = match inline {
             Some(result) => result,
-            None => blocking(&self.shared, move |shared| shared.append(&entries, !group)).await,
+            None => blocking(&self.shared, move |shared| shared.append(&entries, !group, true)).await,
         };
         if let Err(error) = result {
             let message = error.to_string();
@@ -862,5 +1013,84 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         Ok(blocking(&self.shared, move |shared| shared.purge(log_id)).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::EntryPayload;
+
+    use super::*;
+
+    fn entry(index: u64) -> Entry {
+        Entry { log_id: LogId::new(1.into(), index), payload: EntryPayload::Blank }
+    }
+
+    /// Between a checkpoint's commit and its removal of the rows from memory, redb and the
+    /// pending rows both hold them: reads and verification take each row once.
+    #[test]
+    fn rows_both_committed_and_pending_are_read_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RedbLogStore::open(dir.path().join("log.redb")).expect("open");
+        let entries: Vec<Entry> = (1..=20).map(entry).collect();
+        store.append_entries(&entries[..10]).expect("append");
+        // A checkpoint of the first rows, committed but not yet released from memory.
+        {
+            let journal = store.shared.writing();
+            let rows = store.shared.pending().len();
+            *store.shared.sealed() = Some(Sealed { rows, seq: journal.last_seq() });
+        }
+        store.append_entries(&entries[10..]).expect("append more");
+        let shared = &store.shared;
+        let sealed = shared.sealed().expect("sealed");
+        let rows: Vec<(u64, Vec<u8>)> = shared.pending()[..sealed.rows].to_vec();
+        let txn = shared.db.begin_write().expect("begin");
+        {
+            let mut table = txn.open_table(ENTRIES).expect("table");
+            for (index, row) in &rows {
+                table.insert(*index, row.as_slice()).expect("insert");
+            }
+        }
+        txn.commit().expect("commit");
+        assert_eq!(shared.pending().len(), 20, "the committed rows are still pending too");
+        assert_eq!(store.read_entries(..).expect("read all"), entries);
+        assert_eq!(store.read_entries(5..15).expect("read across"), entries[4..14].to_vec());
+        let summary = store.verify().expect("verify");
+        assert_eq!((summary.entries, summary.last.map(|log_id| log_id.index)), (20, Some(20)));
+        // Finishing the checkpoint changes nothing a reader sees.
+        store.shared.checkpoint_sealed().expect("checkpoint");
+        assert_eq!(shared.pending().len(), 10);
+        assert_eq!(store.read_entries(..).expect("read all"), entries);
+        assert_eq!(store.verify().expect("verify").entries, 20);
+    }
+
+    fn stored_committed(store: &RedbLogStore) -> Option<LogId> {
+        let txn = store.shared.db.begin_read().expect("read");
+        let meta = txn.open_table(META).expect("meta");
+        read_meta::<Option<LogId>>(&meta, META_COMMITTED).expect("decode").flatten()
+    }
+
+    /// A checkpoint off the lock stores the committed log id, but never one past the rows
+    /// it commits.
+    #[test]
+    fn a_sealed_checkpoint_stores_the_committed_id_up_to_its_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RedbLogStore::open(dir.path().join("log.redb")).expect("open");
+        let entries: Vec<Entry> = (1..=20).map(entry).collect();
+        let seal = |store: &RedbLogStore| {
+            let journal = store.shared.writing();
+            let rows = store.shared.pending().len();
+            *store.shared.sealed() = Some(Sealed { rows, seq: journal.last_seq() });
+        };
+        store.append_entries(&entries[..10]).expect("append");
+        seal(&store);
+        store.append_entries(&entries[10..]).expect("append more");
+        store.shared.save_committed(Some(entry(15).log_id));
+        store.shared.checkpoint_sealed().expect("checkpoint");
+        assert_eq!(stored_committed(&store), Some(entry(10).log_id), "capped at the last committed row");
+        seal(&store);
+        store.shared.save_committed(Some(entry(17).log_id));
+        store.shared.checkpoint_sealed().expect("checkpoint");
+        assert_eq!(stored_committed(&store), Some(entry(17).log_id));
     }
 }
