@@ -397,6 +397,17 @@ mod tests {
         journal_paths(&dir.path().join("log.redb"))
     }
 
+    /// A journal whose first file is full: one record per index from 1.
+    fn with_full_first_file(dir: &tempfile::TempDir) -> ([PathBuf; 2], Journal) {
+        let paths = paths(dir);
+        let (mut journal, _) = Journal::open(&paths, 0).expect("open");
+        journal.checkpointed();
+        for index in 1..=JOURNAL_CHECKPOINT_RECORDS {
+            write(&mut journal, &rows(index, 1));
+        }
+        (paths, journal)
+    }
+
     fn seqs(records: &[JournalRecord]) -> Vec<u64> {
         records.iter().map(|record| record.seq).collect()
     }
@@ -445,12 +456,7 @@ mod tests {
     #[test]
     fn records_continue_across_a_switch_and_replay_from_both_files_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let paths = paths(&dir);
-        let (mut journal, _) = Journal::open(&paths, 0).expect("open");
-        journal.checkpointed();
-        for index in 1..=JOURNAL_CHECKPOINT_RECORDS {
-            write(&mut journal, &rows(index, 1));
-        }
+        let (paths, mut journal) = with_full_first_file(&dir);
         // The first file is full and the other holds nothing a commit lacks: switch.
         assert_eq!(journal.plan(10, 0), Plan::SwitchThenRecord);
         let sealed = journal.switch().expect("switch");
@@ -478,13 +484,10 @@ mod tests {
     #[test]
     fn a_full_file_checkpoints_under_the_lock_while_the_other_is_unsaved() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut journal, _) = Journal::open(&paths(&dir), 0).expect("open");
-        journal.checkpointed();
+        let (journal, _) = Journal::open(&paths(&dir), 0).expect("open");
         assert_eq!(journal.plan(100, 0), Plan::Record);
         assert_eq!(journal.plan(MAX_JOURNAL_RECORD + 1, 0), Plan::Checkpoint, "too large for a record");
-        for index in 0..JOURNAL_CHECKPOINT_RECORDS {
-            write(&mut journal, &rows(index + 1, 1));
-        }
+        let (_, mut journal) = with_full_first_file(&dir);
         assert!(journal.due());
         let sealed = journal.switch().expect("switch");
         assert!(!journal.due());
@@ -524,12 +527,7 @@ mod tests {
     #[test]
     fn a_torn_record_in_the_first_file_drops_the_second_files_records_after_the_gap() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let paths = paths(&dir);
-        let (mut journal, _) = Journal::open(&paths, 0).expect("open");
-        journal.checkpointed();
-        for index in 1..=JOURNAL_CHECKPOINT_RECORDS {
-            write(&mut journal, &rows(index, 1));
-        }
+        let (paths, mut journal) = with_full_first_file(&dir);
         let end = journal.offset;
         journal.switch().expect("switch");
         write(&mut journal, &rows(JOURNAL_CHECKPOINT_RECORDS + 1, 1));
