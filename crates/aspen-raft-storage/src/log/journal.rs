@@ -216,7 +216,16 @@ impl Journal {
     /// Whether the next append must run under the write lock with a durable commit or a
     /// file switch (the cheap path on the async worker skips those).
     pub fn due(&self) -> bool {
-        self.in_current >= JOURNAL_CHECKPOINT_RECORDS || self.offset >= JOURNAL_CHECKPOINT_BYTES
+        // A record is at least one byte: the current file is full for any of them.
+        self.full(1)
+    }
+
+    /// Whether the current file takes no record of `bytes` more: it holds its share of
+    /// records, or the record would take it past its share of bytes (an empty file takes
+    /// any record up to [`MAX_JOURNAL_RECORD`]).
+    fn full(&self, bytes: usize) -> bool {
+        self.in_current >= JOURNAL_CHECKPOINT_RECORDS
+            || (self.offset > 0 && self.offset + (bytes as u64) > JOURNAL_CHECKPOINT_BYTES)
     }
 
     /// What an append of about `bytes` of rows does, given that durable commits cover
@@ -225,9 +234,7 @@ impl Journal {
         if bytes > MAX_JOURNAL_RECORD {
             return Plan::Checkpoint;
         }
-        let full = self.in_current >= JOURNAL_CHECKPOINT_RECORDS
-            || (self.offset > 0 && self.offset + (bytes as u64) > JOURNAL_CHECKPOINT_BYTES);
-        if !full {
+        if !self.full(bytes) {
             Plan::Record
         } else if self.file_last_seq[1 - self.current] <= durable_seq {
             Plan::SwitchThenRecord

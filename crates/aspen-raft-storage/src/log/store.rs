@@ -579,16 +579,16 @@ impl Shared {
             None => journal.plan(record_bytes, self.durable_seq.load(Ordering::Acquire)),
         };
         let appended = match plan {
-            Plan::Record | Plan::SwitchThenRecord => {
-                let switched = plan == Plan::SwitchThenRecord;
-                if switched {
-                    let seq = journal.switch()?;
-                    let rows = self.pending().len();
-                    *self.sealed() = Some(Sealed { rows, seq });
-                }
-                journal.write(rows.iter().map(|(index, row)| (*index, row.as_slice())))?;
-                self.pending().extend(rows);
-                if switched { Appended::Switched } else { Appended::Journaled }
+            Plan::Record => {
+                self.journal_rows(journal, rows)?;
+                Appended::Journaled
+            }
+            Plan::SwitchThenRecord => {
+                let seq = journal.switch()?;
+                let sealed_rows = self.pending().len();
+                *self.sealed() = Some(Sealed { rows: sealed_rows, seq });
+                self.journal_rows(journal, rows)?;
+                Appended::Switched
             }
             Plan::Checkpoint => {
                 let checkpoint = match checkpoint {
@@ -612,6 +612,13 @@ impl Shared {
             tail.push(entry.clone(), size);
         }
         Ok(appended)
+    }
+
+    /// Writes `rows` as one journal record and keeps them pending until a checkpoint.
+    fn journal_rows(&self, journal: &mut Journal, rows: Vec<(u64, Vec<u8>)>) -> Result<(), LogStoreError> {
+        journal.write(rows.iter().map(|(index, row)| (*index, row.as_slice())))?;
+        self.pending().extend(rows);
+        Ok(())
     }
 
     /// The durability point of the whole system: one `fdatasync` of the journal, which
