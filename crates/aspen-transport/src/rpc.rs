@@ -5,6 +5,13 @@
 //! message of at most `MAX_RPC_MESSAGE_SIZE` bytes; every step runs under a timeout;
 //! connections are pooled per (peer, ALPN) and re-established when they die.
 //!
+//! A connection dies visibly when the peer closes it, but a peer that crashed sends no
+//! close, and once restarted it silently drops packets of the connection it no longer
+//! knows; QUIC alone would notice only at its idle timeout, cutting the peer off for that
+//! long. So each pooled connection is watched: a peer that sends nothing at all for
+//! [`PEER_SILENCE_LIMIT`] while a request to it waits is taken for gone, the connection is
+//! closed, and the next call dials afresh.
+//!
 //! Why not irpc: its message bound is a fixed 16 MiB and an oversized message tears down
 //! the shared connection; Aspen needs its own 10 MiB bound, checked before sending with a
 //! typed error and no collateral damage to other calls (see docs/adr/0002).
@@ -12,7 +19,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use aspen_api::limits::{MAX_CONCURRENT_CONNECTIONS, MAX_IDLE_LANES_PER_PEER, MAX_RPC_MESSAGE_SIZE};
@@ -39,6 +46,15 @@ pub const LANE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// server's [`LANE_IDLE_TIMEOUT`], so a reused lane is never one the server just ended.
 pub const LANE_REUSE_WINDOW: Duration = Duration::from_secs(30);
 
+/// A peer that sends no frame at all for this long while a request to it waits to be heard
+/// is taken for gone (crashed, paused, cut off, or restarted and no longer knowing the
+/// connection) and the connection is closed. A live peer acknowledges a request within a
+/// round trip plus its ack delay (25 ms), however long it takes to answer, so this is
+/// generous even on a loaded machine.
+pub const PEER_SILENCE_LIMIT: Duration = Duration::from_secs(2);
+/// How often each pooled connection is checked for a silent peer.
+const SILENCE_CHECK_PERIOD: Duration = Duration::from_millis(500);
+
 /// Bytes of the length prefix in front of every frame.
 const FRAME_HEADER_SIZE: usize = 4;
 /// Most bytes a frame body's buffer grows by per read.
@@ -47,21 +63,87 @@ const FRAME_READ_CHUNK: usize = 64 * 1024;
 const RESET_TOO_LARGE: u32 = 413;
 /// Connection close code when the node is at its connection limit.
 const CLOSE_BUSY: u32 = 503;
+/// Connection close code for a peer that went silent.
+const CLOSE_SILENT: u32 = 408;
 
 type PoolKey = (EndpointId, &'static [u8]);
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A pooled connection, watched for a peer gone silent.
+struct WatchedConnection {
+    connection: Connection,
+    /// While a request waits to be heard: when it was sent and how many frames the
+    /// connection had received by then. Cleared once any frame arrives after that.
+    unheard: Mutex<Option<(Instant, u64)>>,
+}
+
+impl WatchedConnection {
+    /// Frames received from the peer that prove it still holds the connection: datagrams
+    /// alone do not, since a restarted peer answers packets of a connection it no longer
+    /// knows (with stateless resets that fail authentication here), while only the peer
+    /// that holds the keys sends frames that decrypt: acknowledgements, pings, stream data.
+    fn received(&self) -> u64 {
+        let frames = self.connection.stats().frame_rx;
+        frames.acks + frames.path_acks + frames.ping + frames.stream + frames.max_data + frames.max_stream_data
+    }
+
+    /// Notes that a request is about to be sent. The oldest unheard request is the one
+    /// watched; a frame received since it was sent means it was heard, and this one is next.
+    fn request_sent(&self) {
+        let received = self.received();
+        let mut unheard = lock(&self.unheard);
+        match *unheard {
+            Some((_, before)) if before == received => {}
+            _ => *unheard = Some((Instant::now(), received)),
+        }
+    }
+
+    /// How long the peer has sent nothing while a request waited to be heard, if it has.
+    fn silent_for(&self) -> Option<Duration> {
+        let mut unheard = lock(&self.unheard);
+        let (since, received) = (*unheard)?;
+        if self.received() > received {
+            *unheard = None;
+            return None;
+        }
+        Some(since.elapsed())
+    }
+}
+
+/// Closes `watched`'s connection once its peer has been silent for [`PEER_SILENCE_LIMIT`];
+/// ends when the connection closes or leaves the pool and every lane on it is gone.
+async fn close_when_silent(watched: Weak<WatchedConnection>, peer: String) {
+    loop {
+        tokio::time::sleep(SILENCE_CHECK_PERIOD).await;
+        let Some(watched) = watched.upgrade() else { return };
+        if watched.connection.close_reason().is_some() {
+            return;
+        }
+        if let Some(silent) = watched.silent_for()
+            && silent >= PEER_SILENCE_LIMIT
+        {
+            tracing::warn!(peer, silent_ms = silent.as_millis() as u64, "peer went silent; closing the connection");
+            watched.connection.close(VarInt::from_u32(CLOSE_SILENT), b"peer silent");
+            return;
+        }
+    }
+}
 
 /// One bi-stream carrying sequential request/reply exchanges.
 struct Lane {
     send: SendStream,
     recv: RecvStream,
-    /// `Connection::stable_id` of the connection the streams belong to.
-    connection_id: usize,
+    /// The connection the streams belong to.
+    connection: Arc<WatchedConnection>,
     idle_since: Instant,
 }
 
 /// A pooled connection and its idle lanes (most recently used last).
 struct PoolEntry {
-    connection: Connection,
+    connection: Arc<WatchedConnection>,
     idle: Vec<Lane>,
 }
 
@@ -149,13 +231,16 @@ impl RpcClient {
         &self.endpoint
     }
 
-    fn lock_pool(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, PoolEntry>> {
-        self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock_pool(&self) -> MutexGuard<'_, HashMap<PoolKey, PoolEntry>> {
+        lock(&self.pool)
     }
 
-    fn pooled(&self, key: &PoolKey) -> Option<Connection> {
+    fn pooled(&self, key: &PoolKey) -> Option<Arc<WatchedConnection>> {
         let pool = self.lock_pool();
-        pool.get(key).map(|entry| &entry.connection).filter(|connection| connection.close_reason().is_none()).cloned()
+        pool.get(key)
+            .map(|entry| &entry.connection)
+            .filter(|watched| watched.connection.close_reason().is_none())
+            .cloned()
     }
 
     fn forget(&self, key: &PoolKey) {
@@ -166,7 +251,7 @@ impl RpcClient {
     fn take_idle_lane(&self, key: &PoolKey) -> Option<Lane> {
         let mut pool = self.lock_pool();
         let entry = pool.get_mut(key)?;
-        if entry.connection.close_reason().is_some() {
+        if entry.connection.connection.close_reason().is_some() {
             pool.remove(key);
             return None;
         }
@@ -179,7 +264,7 @@ impl RpcClient {
     fn return_lane(&self, key: PoolKey, mut lane: Lane) {
         let mut pool = self.lock_pool();
         let Some(entry) = pool.get_mut(&key) else { return };
-        if entry.connection.stable_id() != lane.connection_id || entry.idle.len() >= MAX_IDLE_LANES_PER_PEER {
+        if !Arc::ptr_eq(&entry.connection, &lane.connection) || entry.idle.len() >= MAX_IDLE_LANES_PER_PEER {
             return;
         }
         lane.idle_since = Instant::now();
@@ -193,9 +278,18 @@ impl RpcClient {
 
     /// Connects to `peer` on `alpn` (or reuses the pooled connection), without a request.
     pub async fn connect(&self, peer: &PeerAddr, alpn: &'static [u8]) -> Result<Connection, TransportError> {
+        Ok(self.watched_connection(peer, alpn).await?.connection.clone())
+    }
+
+    /// The pooled connection to `peer` on `alpn`, or a new one (then watched for silence).
+    async fn watched_connection(
+        &self,
+        peer: &PeerAddr,
+        alpn: &'static [u8],
+    ) -> Result<Arc<WatchedConnection>, TransportError> {
         let key = (peer.id, alpn);
-        if let Some(connection) = self.pooled(&key) {
-            return Ok(connection);
+        if let Some(watched) = self.pooled(&key) {
+            return Ok(watched);
         }
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint.connect(peer.endpoint_addr(), alpn))
             .await
@@ -204,8 +298,10 @@ impl RpcClient {
                 after_ms: CONNECT_TIMEOUT.as_millis() as u64,
             })?
             .map_err(|error| TransportError::Connect { peer: peer.short(), reason: error.to_string() })?;
-        self.lock_pool().insert(key, PoolEntry { connection: connection.clone(), idle: Vec::new() });
-        Ok(connection)
+        let watched = Arc::new(WatchedConnection { connection, unheard: Mutex::new(None) });
+        tokio::spawn(close_when_silent(Arc::downgrade(&watched), peer.short()));
+        self.lock_pool().insert(key, PoolEntry { connection: Arc::clone(&watched), idle: Vec::new() });
+        Ok(watched)
     }
 
     /// A lane to `peer`: an idle pooled one, or a new stream.
@@ -218,11 +314,11 @@ impl RpcClient {
         // nothing was sent yet, so one retry on a fresh connection is always safe.
         let mut attempt = 0;
         loop {
-            let connection = self.connect(peer, alpn).await?;
-            let opened = tokio::time::timeout(STREAM_OPEN_TIMEOUT, connection.open_bi()).await;
+            let watched = self.watched_connection(peer, alpn).await?;
+            let opened = tokio::time::timeout(STREAM_OPEN_TIMEOUT, watched.connection.open_bi()).await;
             match opened {
                 Ok(Ok((send, recv))) => {
-                    return Ok(Lane { send, recv, connection_id: connection.stable_id(), idle_since: Instant::now() });
+                    return Ok(Lane { send, recv, connection: watched, idle_since: Instant::now() });
                 }
                 Ok(Err(error)) if attempt == 0 => {
                     tracing::debug!(peer = %peer.short(), %error, "pooled connection is dead; reconnecting");
@@ -258,6 +354,7 @@ impl RpcClient {
         let stream_error = |reason: String| TransportError::Stream { peer: peer.short(), reason };
         // A failed or timed-out exchange drops the lane (its stream is finished, never
         // reused), so a late reply can never be read as the answer to a later request.
+        lane.connection.request_sent();
         let exchange = async {
             lane.send.write_all(&frame).await.map_err(|error| stream_error(error.to_string()))?;
             let size = match read_frame_header(&mut lane.recv).await {
@@ -281,7 +378,7 @@ impl RpcClient {
     pub fn close_all(&self) {
         let mut pool = self.lock_pool();
         for (_, entry) in pool.drain() {
-            entry.connection.close(VarInt::from_u32(0), b"closing");
+            entry.connection.connection.close(VarInt::from_u32(0), b"closing");
         }
     }
 }
