@@ -1,7 +1,8 @@
 //! Real processes: three aspen-node binaries on loopback driven by the aspen-cli binary.
 //! One node is SIGKILLed while writes go on, then all of them; after a restart from their
 //! data dirs every acknowledged write is there. A client that stays connected through a
-//! node's crash and restart reaches it again within seconds, and so does the leader.
+//! node's crash and restart reaches it again within seconds; so does the leader, to a
+//! follower restarted or frozen (SIGSTOP) and thawed.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use aspen_transport::rpc::PEER_SILENCE_LIMIT;
 use common::{CLI, node_binary};
 const SECRET: &str = "e2e-cluster-secret";
 const TOKEN: &str = "e2e-token";
@@ -59,6 +61,13 @@ impl NodeProcess {
             child.kill().expect("SIGKILL");
             child.wait().expect("reap");
         }
+    }
+
+    /// Sends `signal` (a `kill` signal name such as `STOP`) to the running node.
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("a running node").id().to_string();
+        let status = Command::new("kill").args([&format!("-{signal}"), &pid]).status().expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid}");
     }
 
     fn addr(&self) -> String {
@@ -224,17 +233,33 @@ fn a_restarted_follower_catches_up_within_seconds() {
         follower.start(&node_bin);
         let restarted = Instant::now();
         client.put("follower/after", "2").await.expect("put while a follower restarts");
-        loop {
-            let get = cli(&follower.addr(), &["--json", "kv", "get", "--stale", "follower/after"]);
-            if get.status.success() {
-                let body: serde_json::Value = serde_json::from_slice(&get.stdout).expect("get json");
-                assert_eq!(body["kv"]["value"].as_str(), Some("2"), "node {}", follower.id);
-                break;
-            }
-            let took = restarted.elapsed();
-            assert!(took < RECONNECT_BOUND, "follower {} has not caught up {took:?} after its restart", follower.id);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_for_stale_value(follower, "follower/after", "2", restarted, "its restart");
+
+        // Frozen (SIGSTOP) for longer than the silence limit: the leader gives up the
+        // connection meanwhile, and the follower, thawed, is caught up again just as soon.
+        follower.signal("STOP");
+        client.put("follower/frozen", "3").await.expect("put while a follower is frozen");
+        tokio::time::sleep(PEER_SILENCE_LIMIT * 2).await;
+        client.put("follower/frozen", "4").await.expect("put while a follower is frozen");
+        follower.signal("CONT");
+        wait_for_stale_value(follower, "follower/frozen", "4", Instant::now(), "SIGCONT");
         client.close().await;
     });
+}
+
+/// Polls `node` alone with stale reads until `key` holds `value`, failing once
+/// [`RECONNECT_BOUND`] has passed since `since` (`event`).
+fn wait_for_stale_value(node: &NodeProcess, key: &str, value: &str, since: Instant, event: &str) {
+    loop {
+        let get = cli(&node.addr(), &["--json", "kv", "get", "--stale", key]);
+        if get.status.success() {
+            let body: serde_json::Value = serde_json::from_slice(&get.stdout).expect("get json");
+            if body["kv"]["value"].as_str() == Some(value) {
+                return;
+            }
+        }
+        let took = since.elapsed();
+        assert!(took < RECONNECT_BOUND, "node {} has not caught up on {key} {took:?} after {event}", node.id);
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
