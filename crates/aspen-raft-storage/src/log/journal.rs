@@ -116,6 +116,12 @@ impl JournalFile {
         Ok(())
     }
 
+    /// Whether the last sync covered every write made to this file.
+    #[cfg(test)]
+    pub(crate) fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire) >= self.written.load(Ordering::Acquire)
+    }
+
     fn write_at(&self, bytes: &[u8], offset: u64) -> Result<(), LogStoreError> {
         self.file.write_all_at(bytes, offset).map_err(|error| journal_error(&self.path, error))?;
         self.written.fetch_add(1, Ordering::AcqRel);
