@@ -1111,8 +1111,7 @@ mod tests {
     }
 
     /// A follower's append returns only once its record is durable (it syncs on the
-    /// calling worker), with its callback fired; a leader's returns before the fsync and
-    /// leaves it to the flusher.
+    /// calling worker, or on a blocking thread when the log is busy), and its callback fires.
     #[test]
     fn a_follower_append_is_synced_when_it_returns() {
         use openraft::type_config::TypeConfigExt;
