@@ -2,9 +2,11 @@
 //! sender's authenticated endpoint id; requests without a valid proof are refused, logged,
 //! and never reach consensus.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
+use aspen_api::limits::MAX_PEERS;
 use aspen_api::{ClusterNode, NodeId};
 use aspen_consensus::{HealthTracker, RaftNode, RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
 use aspen_transport::auth::{cluster_proof, verify_cluster_proof};
@@ -38,6 +40,39 @@ pub enum RaftEnvelopeReply {
     Denied(String),
 }
 
+/// Most membership addresses [`ParsedAddrs`] keeps; past it the cache starts over.
+const MAX_PARSED_ADDRS: usize = MAX_PEERS * 2;
+
+/// Each target's membership address as recorded and as parsed: parsing decompresses the
+/// endpoint's ed25519 key, too costly to repeat on every heartbeat and append.
+#[derive(Default)]
+struct ParsedAddrs {
+    entries: Mutex<HashMap<NodeId, (String, PeerAddr)>>,
+}
+
+impl ParsedAddrs {
+    /// `text` (the address recorded for `target`) parsed, once per distinct string.
+    fn get(&self, target: NodeId, text: &str) -> Result<PeerAddr, TransportError> {
+        let mut entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((seen, addr)) = entries.get(&target)
+            && seen == text
+        {
+            return Ok(addr.clone());
+        }
+        let addr: PeerAddr = text.parse()?;
+        if entries.len() >= MAX_PARSED_ADDRS {
+            entries.clear();
+        }
+        entries.insert(target, (text.to_string(), addr.clone()));
+        Ok(addr)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
+    }
+}
+
 /// Sends Raft RPCs to peers over iroh.
 pub struct IrohRaftClient {
     rpc: RpcClient,
@@ -45,6 +80,7 @@ pub struct IrohRaftClient {
     health: Arc<HealthTracker>,
     book: Arc<AddressBook>,
     metrics: Arc<Metrics>,
+    parsed: ParsedAddrs,
 }
 
 impl IrohRaftClient {
@@ -58,7 +94,7 @@ impl IrohRaftClient {
         metrics: Arc<Metrics>,
     ) -> Self {
         let proof = cluster_proof(secret, &rpc.endpoint().id());
-        IrohRaftClient { rpc, proof, health, book, metrics }
+        IrohRaftClient { rpc, proof, health, book, metrics, parsed: ParsedAddrs::default() }
     }
 }
 
@@ -80,7 +116,7 @@ fn failure(node: NodeId, error: TransportError) -> RpcFailure {
 
 impl RaftRpcClient for IrohRaftClient {
     async fn call(&self, target: NodeId, node: &ClusterNode, request: RaftRpc) -> Result<RaftRpcReply, RpcFailure> {
-        let recorded: PeerAddr = node.addr.parse().map_err(|error| failure(target, error))?;
+        let recorded = self.parsed.get(target, &node.addr).map_err(|error| failure(target, error))?;
         // A gossiped address is fresher than the one recorded when the node joined, but only
         // for the same identity: node ids are unique per cluster, endpoint ids everywhere.
         let peer = match self.book.get(target) {
@@ -134,5 +170,40 @@ impl RpcHandler for RaftService {
     fn reject(&self, peer: EndpointId, error: TransportError) -> RaftEnvelopeReply {
         tracing::warn!(peer = %peer.fmt_short(), %error, "refused a malformed Raft RPC");
         RaftEnvelopeReply::Denied(error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aspen_transport::SecretKey;
+
+    fn text_of(seed: u8, port: u16) -> String {
+        let id = SecretKey::from_bytes(&[seed; 32]).public();
+        PeerAddr { id, addrs: vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))] }.to_string()
+    }
+
+    #[test]
+    fn parsed_addrs_follow_the_recorded_string() {
+        let cache = ParsedAddrs::default();
+        let first = cache.get(1, &text_of(1, 7000)).expect("valid address");
+        assert_eq!(first.addrs, vec![std::net::SocketAddr::from(([127, 0, 0, 1], 7000))]);
+        assert_eq!(cache.get(1, &text_of(1, 7000)).expect("cached"), first);
+        // A node that moved gets its new address, not the cached one.
+        let moved = cache.get(1, &text_of(1, 7001)).expect("valid address");
+        assert_eq!(moved.addrs, vec![std::net::SocketAddr::from(([127, 0, 0, 1], 7001))]);
+        // A malformed recorded address is an error, every time, and is not cached.
+        assert!(cache.get(2, "not-an-address").is_err());
+        assert!(cache.get(2, "not-an-address").is_err());
+        assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn parsed_addrs_stay_bounded() {
+        let cache = ParsedAddrs::default();
+        for node in 0..(MAX_PARSED_ADDRS as u64 * 3) {
+            cache.get(node, &text_of(node as u8, 7000)).expect("valid address");
+            assert!(cache.len() <= MAX_PARSED_ADDRS);
+        }
     }
 }
