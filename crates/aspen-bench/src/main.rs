@@ -257,10 +257,17 @@ async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
     let fsyncs_per_sec = baseline_fsyncs_per_sec(&fsync_before, Some(&fsync_after));
     let mut rows = Vec::new();
     for (index, step) in plan.iter().enumerate() {
-        let aspen = Measurement::merge(runs.remove(&(index, System::Aspen)).unwrap_or_default());
-        let etcd = Measurement::merge(runs.remove(&(index, System::Etcd)).unwrap_or_default());
+        let aspen_runs = runs.remove(&(index, System::Aspen)).unwrap_or_default();
+        let etcd_runs = runs.remove(&(index, System::Etcd)).unwrap_or_default();
+        let rounds = |runs: &[RowRun]| runs.iter().map(|run| run.measurement.ops_per_sec).collect::<Vec<_>>();
+        let (aspen_rounds, etcd_rounds) = (rounds(&aspen_runs), rounds(&etcd_runs));
+        let aspen = Measurement::merge(aspen_runs);
+        let etcd = Measurement::merge(etcd_runs);
         let row_rate = row_fsyncs.remove(&index).and_then(|rates| rates.into_iter().reduce(f64::max));
-        rows.push(Comparison::new(step.workload, step.clients, aspen, etcd, row_rate));
+        rows.push(
+            Comparison::new(step.workload, step.clients, aspen, etcd, row_rate)
+                .with_rounds(&aspen_rounds, &etcd_rounds),
+        );
     }
     let report = Report {
         settings: Settings {

@@ -57,6 +57,9 @@ pub struct Comparison {
     pub etcd: Measurement,
     /// Aspen ops/s divided by etcd ops/s (`None` when etcd completed nothing).
     pub ops_ratio: Option<f64>,
+    /// The same ratio for each A/B round on its own, in round order: their spread shows
+    /// how much of a row's ratio is this machine's drift.
+    pub round_ratios: Vec<Option<f64>>,
     /// Write-only workloads: the disk's fsync rate probed just before this row.
     pub fsyncs_per_sec: Option<f64>,
     /// Write-only workloads: the perfect batcher's ops/s at this concurrency and fsync rate.
@@ -76,8 +79,28 @@ impl Comparison {
         let ops_ratio = (etcd.ops_per_sec > 0.0).then(|| aspen.ops_per_sec / etcd.ops_per_sec);
         let fsyncs_per_sec = fsyncs_per_sec.filter(|_| workload.writes_only());
         let batcher_bound_ops_per_sec = fsyncs_per_sec.map(|rate| perfect_batcher_ops_per_sec(clients, rate));
-        Comparison { workload, clients, aspen, etcd, ops_ratio, fsyncs_per_sec, batcher_bound_ops_per_sec }
+        Comparison {
+            workload,
+            clients,
+            aspen,
+            etcd,
+            ops_ratio,
+            round_ratios: Vec::new(),
+            fsyncs_per_sec,
+            batcher_bound_ops_per_sec,
+        }
     }
+
+    /// Adds the per-round ratios from each round's ops/s (`aspen[i]` and `etcd[i]` ran in
+    /// round `i`; a round only one system has is left out).
+    pub fn with_rounds(mut self, aspen: &[f64], etcd: &[f64]) -> Self {
+        self.round_ratios = aspen.iter().zip(etcd).map(|(aspen, etcd)| (*etcd > 0.0).then(|| aspen / etcd)).collect();
+        self
+    }
+}
+
+fn ratio(ratio: Option<f64>) -> String {
+    ratio.map_or("-".into(), |ratio| format!("{ratio:.2}"))
 }
 
 /// A workload left out, and why.
@@ -136,15 +159,12 @@ fn cas_won(measurement: &Measurement) -> String {
 
 /// The markdown table of one workload's rows.
 pub fn workload_table(workload: Workload, rows: &[&Comparison]) -> String {
-    let mut header = vec![
-        "clients",
-        "Aspen ops/s",
-        "etcd ops/s",
-        "Aspen/etcd",
-        "Aspen p50 / p99 / p99.9 ms",
-        "etcd p50 / p99 / p99.9 ms",
-        "errors Aspen / etcd",
-    ];
+    let mut header = vec!["clients", "Aspen ops/s", "etcd ops/s", "Aspen/etcd"];
+    let per_round = rows.iter().any(|row| row.round_ratios.len() > 1);
+    if per_round {
+        header.push("Aspen/etcd per round");
+    }
+    header.extend(["Aspen p50 / p99 / p99.9 ms", "etcd p50 / p99 / p99.9 ms", "errors Aspen / etcd"]);
     if workload.writes_only() {
         header.extend(["disk fsyncs/s", "perfect batcher ops/s", "Aspen of bound", "etcd of bound"]);
     }
@@ -157,11 +177,16 @@ pub fn workload_table(workload: Workload, rows: &[&Comparison]) -> String {
             row.clients.to_string(),
             format!("{:.0}", row.aspen.ops_per_sec),
             format!("{:.0}", row.etcd.ops_per_sec),
-            row.ops_ratio.map_or("-".into(), |ratio| format!("{ratio:.2}")),
+            ratio(row.ops_ratio),
+        ];
+        if per_round {
+            cells.push(row.round_ratios.iter().map(|round| ratio(*round)).collect::<Vec<_>>().join(" / "));
+        }
+        cells.extend([
             latencies(&row.aspen),
             latencies(&row.etcd),
             format!("{} / {}", row.aspen.errors, row.etcd.errors),
-        ];
+        ]);
         if workload.writes_only() {
             let bound = row.batcher_bound_ops_per_sec.unwrap_or(0.0);
             cells.extend([
@@ -315,6 +340,39 @@ mod tests {
         assert!(table.ends_with("| 10 | 640 | 16% | 16% | 25% / 50% |\n"), "{table}");
         let unprobed = Comparison::new(Workload::Put, 1, measured(1.0, 1, 0, None), measured(1.0, 1, 0, None), None);
         assert!(workload_table(Workload::Put, &[&unprobed]).ends_with("| - | 0 | - | - |\n"));
+    }
+
+    #[test]
+    fn several_rounds_add_a_per_round_ratio_column() {
+        let two = Comparison::new(
+            Workload::GetLinearizable,
+            16,
+            measured(3000.0, 500, 0, None),
+            measured(2000.0, 900, 0, None),
+            None,
+        )
+        .with_rounds(&[2000.0, 4000.0, 10.0], &[2000.0, 2000.0, 0.0]);
+        assert_eq!(two.round_ratios, vec![Some(1.0), Some(2.0), None]);
+        let table = workload_table(Workload::GetLinearizable, &[&two]);
+        assert!(
+            table.starts_with("| clients | Aspen ops/s | etcd ops/s | Aspen/etcd | Aspen/etcd per round | Aspen p50"),
+            "{table}"
+        );
+        assert!(
+            table.ends_with(
+                "| 16 | 3000 | 2000 | 1.50 | 1.00 / 2.00 / - | 0.50 / 1.00 / 1.50 | 0.90 / 1.80 / 2.70 | 0 / 0 |\n"
+            ),
+            "{table}"
+        );
+        let one = Comparison::new(
+            Workload::GetLinearizable,
+            16,
+            measured(3000.0, 500, 0, None),
+            measured(2000.0, 900, 0, None),
+            None,
+        )
+        .with_rounds(&[3000.0], &[2000.0]);
+        assert!(!workload_table(Workload::GetLinearizable, &[&one]).contains("per round"), "one round: no column");
     }
 
     #[test]
