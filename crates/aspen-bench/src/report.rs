@@ -76,7 +76,7 @@ impl Comparison {
         etcd: Measurement,
         fsyncs_per_sec: Option<f64>,
     ) -> Self {
-        let ops_ratio = (etcd.ops_per_sec > 0.0).then(|| aspen.ops_per_sec / etcd.ops_per_sec);
+        let ops_ratio = ops_ratio(aspen.ops_per_sec, etcd.ops_per_sec);
         let fsyncs_per_sec = fsyncs_per_sec.filter(|_| workload.writes_only());
         let batcher_bound_ops_per_sec = fsyncs_per_sec.map(|rate| perfect_batcher_ops_per_sec(clients, rate));
         Comparison {
@@ -94,9 +94,14 @@ impl Comparison {
     /// Adds the per-round ratios from each round's ops/s (`aspen[i]` and `etcd[i]` ran in
     /// round `i`; a round only one system has is left out).
     pub fn with_rounds(mut self, aspen: &[f64], etcd: &[f64]) -> Self {
-        self.round_ratios = aspen.iter().zip(etcd).map(|(aspen, etcd)| (*etcd > 0.0).then(|| aspen / etcd)).collect();
+        self.round_ratios = aspen.iter().zip(etcd).map(|(aspen, etcd)| ops_ratio(*aspen, *etcd)).collect();
         self
     }
+}
+
+/// Aspen ops/s over etcd ops/s, `None` when etcd completed nothing.
+fn ops_ratio(aspen: f64, etcd: f64) -> Option<f64> {
+    (etcd > 0.0).then(|| aspen / etcd)
 }
 
 fn ratio(ratio: Option<f64>) -> String {
@@ -344,14 +349,14 @@ mod tests {
 
     #[test]
     fn several_rounds_add_a_per_round_ratio_column() {
-        let two = Comparison::new(
+        let merged = Comparison::new(
             Workload::GetLinearizable,
             16,
             measured(3000.0, 500, 0, None),
             measured(2000.0, 900, 0, None),
             None,
-        )
-        .with_rounds(&[2000.0, 4000.0, 10.0], &[2000.0, 2000.0, 0.0]);
+        );
+        let two = merged.clone().with_rounds(&[2000.0, 4000.0, 10.0], &[2000.0, 2000.0, 0.0]);
         assert_eq!(two.round_ratios, vec![Some(1.0), Some(2.0), None]);
         let table = workload_table(Workload::GetLinearizable, &[&two]);
         assert!(
@@ -364,14 +369,7 @@ mod tests {
             ),
             "{table}"
         );
-        let one = Comparison::new(
-            Workload::GetLinearizable,
-            16,
-            measured(3000.0, 500, 0, None),
-            measured(2000.0, 900, 0, None),
-            None,
-        )
-        .with_rounds(&[3000.0], &[2000.0]);
+        let one = merged.with_rounds(&[3000.0], &[2000.0]);
         assert!(!workload_table(Workload::GetLinearizable, &[&one]).contains("per round"), "one round: no column");
     }
 
