@@ -7,16 +7,19 @@
 #![deny(missing_docs)]
 
 pub mod cluster;
+pub mod confirm;
 pub mod error;
 pub mod kv;
 pub mod limits;
 pub mod protocol;
 pub mod retry;
+pub mod rounds;
 pub mod sql;
 pub mod store;
 pub mod txn;
 
 pub use cluster::{ClockDrift, ClusterNode, ClusterStatus, Liveness, NodeId, NodeRole, PeerHealth};
+pub use confirm::{LeaderStamp, StampedGet, TermReply};
 pub use error::{ApplyError, ClusterError, KvError, ValidationError};
 pub use kv::{
     GetRequest, GetResponse, KeyRange, KeyValue, LeaseId, MAX_LEASE_ID, ReadConsistency, Revision, ScanRequest,

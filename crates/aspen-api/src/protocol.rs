@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{ClusterNode, ClusterStatus, NodeId};
+use crate::confirm::{StampedGet, TermReply};
 use crate::error::{ClusterError, KvError};
 use crate::kv::{GetRequest, GetResponse, ScanRequest, ScanResponse, WriteCommand, WriteResponse};
 use crate::sql::{SqlRequest, SqlResponse};
@@ -49,6 +50,11 @@ pub enum ClientRequest {
     TriggerSnapshot,
     /// Hand leadership to a node.
     TransferLeader(NodeId),
+    /// Read one key on the leader and return a stamp the client confirms with `Term`
+    /// replies from other voters (client-confirmed linearizable read, ADR 0004).
+    StampedGet(GetRequest),
+    /// This node's current term, read inside its Raft core.
+    Term,
 }
 
 /// A node's answer.
@@ -72,4 +78,8 @@ pub enum ClientResponse {
     Unauthorized(String),
     /// The request could not be decoded or was too large; nothing was done.
     Rejected(String),
+    /// Answer to `StampedGet`.
+    StampedGet(Result<StampedGet, KvError>),
+    /// Answer to `Term`.
+    Term(Result<TermReply, KvError>),
 }

@@ -3,22 +3,29 @@
 //! client token, follows leader redirects for cluster operations, and retries only what is
 //! safe to retry: reads always, writes only when they certainly were not applied.
 //!
+//! Linearizable gets are confirmed by the client (ADR 0004): the read goes to the leader
+//! and, at the same time, a term check to enough other voters; if they confirm the
+//! leader's stamp the read is linearizable one network round trip sooner than a ReadIndex
+//! round run by the leader. Any doubt (no stamp, a newer term, a voter that does not
+//! answer, a membership change) falls back to the leader's own ReadIndex round.
+//!
 //! Architecture invariant: depends on aspen-api and aspen-transport only, never on
 //! consensus or storage.
 
 pub mod txn_syntax;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aspen_api::retry::{self, AttemptFailure, RETRY_PAUSE, RetryAction};
+use aspen_api::rounds::SharedRounds;
 use aspen_api::{
     ClientEnvelope, ClientRequest, ClientResponse, ClusterError, ClusterNode, ClusterStatus, GetRequest, GetResponse,
-    KeyRange, KvError, NodeId, ReadConsistency, ScanRequest, ScanResponse, SqlRequest, SqlResponse, TxnRequest,
-    TxnResponse, WriteCommand, WriteResponse,
+    KeyRange, KvError, LeaderStamp, NodeId, ReadConsistency, ScanRequest, ScanResponse, SqlRequest, SqlResponse,
+    StampedGet, TermReply, TxnRequest, TxnResponse, WriteCommand, WriteResponse,
 };
 use aspen_transport::{CLIENT_ALPN, PeerAddr, RpcClient, SecretKey, TransportError, bind_endpoint};
 
@@ -27,6 +34,13 @@ pub use aspen_api::retry::DEFAULT_RETRY_DEADLINE;
 const CLOSE_GRACE: Duration = Duration::from_millis(250);
 /// Most nodes a client is configured with.
 pub const MAX_CLIENT_PEERS: usize = aspen_api::limits::MAX_PEERS;
+/// Longest a client-confirmed read waits for a voter's term before it falls back to the
+/// leader's own ReadIndex round.
+pub const TERM_CONFIRM_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long a voter that did not confirm a read is asked no more, when others can be.
+const SUSPECT_FOR: Duration = Duration::from_secs(10);
+/// Shortest pause between two status calls made to learn whom to ask.
+const READ_QUORUM_RELEARN: Duration = Duration::from_secs(1);
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +93,37 @@ async fn first_to_connect(rpc: &Arc<RpcClient>, peers: &[PeerAddr]) -> usize {
     first.recv().await.unwrap_or(0)
 }
 
+/// Whom a client-confirmed read goes to.
+struct ReadQuorum {
+    /// The leader, as last seen, and the voter sets of its membership (term unknown).
+    shape: LeaderStamp,
+    leader: PeerAddr,
+    /// The voters whose terms are asked, with their addresses.
+    ask: Vec<(NodeId, PeerAddr)>,
+    /// Term rounds, shared by the reads that began before each round.
+    terms: SharedRounds<Arc<Vec<TermReply>>>,
+}
+
+/// What the client knows about whom to ask.
+#[derive(Default)]
+struct QuorumCache {
+    current: Option<Arc<ReadQuorum>>,
+    /// When the last status call was made.
+    learned_at: Option<Instant>,
+    /// Voters that recently failed to confirm, and until when they are passed over.
+    suspects: BTreeMap<NodeId, Instant>,
+}
+
+/// How this client's linearizable gets completed, since it connected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadPaths {
+    /// Confirmed by the client: the leader's stamp and the voters' terms (ADR 0004).
+    pub confirmed: u64,
+    /// Through a ReadIndex round run by a node (no stamp could be confirmed, or the
+    /// client has confirmed reads off).
+    pub read_index: u64,
+}
+
 /// A connection to an Aspen cluster.
 pub struct AspenClient {
     rpc: Arc<RpcClient>,
@@ -87,6 +132,11 @@ pub struct AspenClient {
     /// Index of the node that answered last; calls start there.
     preferred: AtomicUsize,
     retry_deadline: Duration,
+    /// Client-confirmed linearizable gets (ADR 0004); off: every one is a leader ReadIndex round.
+    confirmed_reads: bool,
+    quorum: Mutex<QuorumCache>,
+    confirmed_gets: AtomicU64,
+    read_index_gets: AtomicU64,
 }
 
 impl AspenClient {
@@ -99,7 +149,17 @@ impl AspenClient {
         let endpoint = bind_endpoint(SecretKey::generate(), bind, Vec::new()).await.map_err(ClientError::Endpoint)?;
         let rpc = Arc::new(RpcClient::new(endpoint));
         let preferred = AtomicUsize::new(first_to_connect(&rpc, &peers).await);
-        Ok(AspenClient { rpc, peers, token: token.into(), preferred, retry_deadline: DEFAULT_RETRY_DEADLINE })
+        Ok(AspenClient {
+            rpc,
+            peers,
+            token: token.into(),
+            preferred,
+            retry_deadline: DEFAULT_RETRY_DEADLINE,
+            confirmed_reads: true,
+            quorum: Mutex::new(QuorumCache::default()),
+            confirmed_gets: AtomicU64::new(0),
+            read_index_gets: AtomicU64::new(0),
+        })
     }
 
     /// Parses comma- or whitespace-separated node addresses.
@@ -113,6 +173,21 @@ impl AspenClient {
     /// Sets how long calls retry through elections and unreachable nodes.
     pub fn with_retry_deadline(mut self, deadline: Duration) -> Self {
         self.retry_deadline = deadline;
+        self
+    }
+
+    /// How this client's linearizable gets completed so far.
+    pub fn read_paths(&self) -> ReadPaths {
+        ReadPaths {
+            confirmed: self.confirmed_gets.load(Ordering::Relaxed),
+            read_index: self.read_index_gets.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Turns client-confirmed linearizable gets on (the default) or off; off, every
+    /// linearizable get waits for the leader's own ReadIndex round.
+    pub fn with_confirmed_reads(mut self, on: bool) -> Self {
+        self.confirmed_reads = on;
         self
     }
 
@@ -179,11 +254,103 @@ impl AspenClient {
 
     /// Reads one key with the given consistency.
     pub async fn get_with(&self, request: GetRequest) -> Result<GetResponse, ClientError> {
+        if self.confirmed_reads
+            && request.consistency == ReadConsistency::Linearizable
+            && let Some(response) = self.confirmed_get(&request).await
+        {
+            return Ok(response);
+        }
+        if request.consistency == ReadConsistency::Linearizable {
+            self.read_index_gets.fetch_add(1, Ordering::Relaxed);
+        }
         self.call(ClientRequest::Get(request), true, |response| match response {
             ClientResponse::Get(result) => Ok(result?),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         })
         .await
+    }
+
+    /// A client-confirmed linearizable get (ADR 0004), or `None` when it cannot be
+    /// confirmed and the caller must take the leader's ReadIndex path.
+    async fn confirmed_get(&self, request: &GetRequest) -> Option<GetResponse> {
+        let quorum = self.read_quorum().await?;
+        let read = self.call_node(&quorum.leader, ClientRequest::StampedGet(request.clone()));
+        let terms = quorum.terms.run(|| self.term_round(&quorum));
+        let (read, terms) = tokio::join!(read, terms);
+        let stamped: StampedGet = match read {
+            Ok(ClientResponse::StampedGet(Ok(stamped))) => stamped,
+            outcome => {
+                tracing::debug!(?outcome, "stamped read failed; relearning the leader");
+                self.forget_quorum(None);
+                return None;
+            }
+        };
+        let Some(stamp) = stamped.stamp else {
+            // The node ran a ReadIndex round itself.
+            self.read_index_gets.fetch_add(1, Ordering::Relaxed);
+            return Some(stamped.response);
+        };
+        let replies = terms.ok()?;
+        if stamp.leader == quorum.shape.leader && stamp.confirmed_by(&replies) {
+            self.confirmed_gets.fetch_add(1, Ordering::Relaxed);
+            return Some(stamped.response);
+        }
+        let silent = quorum.ask.iter().map(|(id, _)| *id).find(|id| !replies.iter().any(|reply| reply.node == *id));
+        tracing::debug!(?stamp, ?replies, "read not confirmed; falling back to the leader's ReadIndex");
+        self.forget_quorum(silent);
+        None
+    }
+
+    /// Asks every chosen voter for its term, each for at most `TERM_CONFIRM_TIMEOUT`.
+    async fn term_round(&self, quorum: &ReadQuorum) -> Result<Arc<Vec<TermReply>>, KvError> {
+        let calls = quorum.ask.iter().map(|(id, addr)| async move {
+            let call = tokio::time::timeout(TERM_CONFIRM_TIMEOUT, self.call_node(addr, ClientRequest::Term));
+            match call.await {
+                Ok(Ok(ClientResponse::Term(Ok(reply)))) if reply.node == *id => Some(reply),
+                _ => None,
+            }
+        });
+        Ok(Arc::new(futures::future::join_all(calls).await.into_iter().flatten().collect()))
+    }
+
+    fn quorum_cache(&self) -> MutexGuard<'_, QuorumCache> {
+        self.quorum.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Drops the cached quorum after a read it could not confirm; `silent` (a voter that
+    /// did not answer) is passed over for a while.
+    fn forget_quorum(&self, silent: Option<NodeId>) {
+        let mut cache = self.quorum_cache();
+        cache.current = None;
+        if let Some(id) = silent {
+            cache.suspects.insert(id, Instant::now() + SUSPECT_FOR);
+        }
+    }
+
+    /// Whom to ask: cached, else learned from a node's status (at most once per
+    /// `READ_QUORUM_RELEARN`); `None` while nothing usable is known.
+    async fn read_quorum(&self) -> Option<Arc<ReadQuorum>> {
+        {
+            let mut cache = self.quorum_cache();
+            if let Some(quorum) = &cache.current {
+                return Some(Arc::clone(quorum));
+            }
+            if cache.learned_at.is_some_and(|at| at.elapsed() < READ_QUORUM_RELEARN) {
+                return None;
+            }
+            cache.learned_at = Some(Instant::now());
+        }
+        let peer = self.peers[self.preferred.load(Ordering::Relaxed) % self.peers.len()].clone();
+        let status = match self.call_node(&peer, ClientRequest::Status).await {
+            Ok(ClientResponse::Status(Ok(status))) => status,
+            _ => return None,
+        };
+        let mut cache = self.quorum_cache();
+        let now = Instant::now();
+        cache.suspects.retain(|_, until| *until > now);
+        let quorum = Arc::new(read_quorum_from(&status, &cache.suspects)?);
+        cache.current = Some(Arc::clone(&quorum));
+        Some(quorum)
     }
 
     /// Reads a range.
@@ -314,4 +481,20 @@ impl AspenClient {
         self.rpc.close_all();
         let _ = tokio::time::timeout(CLOSE_GRACE, self.rpc.endpoint().close()).await;
     }
+}
+
+/// Whom to ask for reads confirmed against `status`'s leader: the fewest other voters that
+/// make a majority with it, passing over `suspects` while others can stand in.
+fn read_quorum_from(status: &ClusterStatus, suspects: &BTreeMap<NodeId, Instant>) -> Option<ReadQuorum> {
+    let leader_id = status.leader?;
+    let addr = |id: NodeId| -> Option<PeerAddr> {
+        status.nodes.iter().find(|node| node.id == id).and_then(|node| node.addr.parse().ok())
+    };
+    let shape = LeaderStamp { leader: leader_id, term: u64::MAX, voters: vec![status.voters.clone()] };
+    let needed = shape.followers_to_ask().len();
+    let (trusted, suspected): (Vec<NodeId>, Vec<NodeId>) =
+        status.voters.iter().copied().filter(|id| *id != leader_id).partition(|id| !suspects.contains_key(id));
+    let ask =
+        trusted.into_iter().chain(suspected).take(needed).map(|id| Some((id, addr(id)?))).collect::<Option<_>>()?;
+    Some(ReadQuorum { leader: addr(leader_id)?, shape, ask, terms: SharedRounds::default() })
 }

@@ -12,7 +12,6 @@ mod errors;
 pub mod health;
 pub mod network;
 pub mod node;
-mod read_batch;
 pub mod rpc;
 
 pub use config::ConsensusConfig;

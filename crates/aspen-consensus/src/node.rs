@@ -6,10 +6,11 @@ use std::future::Future;
 use std::sync::Arc;
 
 use aspen_api::limits::MAX_PEERS;
+use aspen_api::rounds::SharedRounds;
 use aspen_api::{
     ClusterController, ClusterError, ClusterNode, ClusterStatus, GetRequest, GetResponse, KeyValueStore, KvError,
-    NodeId, NodeRole, ReadConsistency, ScanRequest, ScanResponse, SqlRequest, SqlResponse, WriteCommand, WriteResponse,
-    validate_key,
+    LeaderStamp, NodeId, NodeRole, ReadConsistency, ScanRequest, ScanResponse, SqlRequest, SqlResponse, StampedGet,
+    TermReply, WriteCommand, WriteResponse, validate_key,
 };
 use aspen_raft_storage::rt;
 use aspen_raft_storage::state_machine::Snapshot;
@@ -24,7 +25,6 @@ use crate::config::ConsensusConfig;
 use crate::errors::{cluster_write_error, not_leader};
 use crate::health::HealthTracker;
 use crate::network::NetworkFactory;
-use crate::read_batch::ReadBatcher;
 use crate::rpc::{RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
 
 /// Failures starting a node.
@@ -64,7 +64,9 @@ struct Inner<C> {
     rpc: Arc<C>,
     health: Arc<HealthTracker>,
     writes: mpsc::Sender<PendingWrite>,
-    reads: ReadBatcher,
+    reads: SharedRounds<u64>,
+    /// Leader checks for client-confirmed reads, shared like ReadIndex rounds.
+    stamps: SharedRounds<Option<(LeaderStamp, u64)>>,
     snapshot_inbox: Mutex<Option<SnapshotInbox>>,
 }
 
@@ -100,7 +102,8 @@ impl<C: RaftRpcClient> RaftNode<C> {
             rpc,
             health,
             writes,
-            reads: ReadBatcher::default(),
+            reads: SharedRounds::default(),
+            stamps: SharedRounds::default(),
             snapshot_inbox: Mutex::new(None),
         };
         Ok(RaftNode { inner: Arc::new(inner) })
@@ -180,7 +183,6 @@ impl<C: RaftRpcClient> RaftNode<C> {
         if self.leader().is_some_and(|(leader, _)| leader != self.id()) {
             return Ok(());
         }
-        let timeout = self.inner.config.read_timeout;
         let read_index = match self.leader() {
             Some((leader, _)) if leader == self.id() => match self.local_read_index().await {
                 Ok(_) => return Ok(()),
@@ -189,19 +191,14 @@ impl<C: RaftRpcClient> RaftNode<C> {
             },
             _ => self.remote_read_index().await?,
         };
-        self.inner
-            .raft
-            .wait(Some(timeout))
-            .applied_index_at_least(Some(read_index), "read index")
-            .await
-            .map_err(|_| KvError::Timeout { after_ms: timeout.as_millis() as u64 })?;
+        self.applied_at_least(read_index).await?;
         Ok(())
     }
 
     /// On the leader: confirms leadership with a quorum and waits for the read point.
-    /// Concurrent reads share confirmation rounds (see `read_batch`).
+    /// Concurrent reads share confirmation rounds (see `aspen_api::rounds`).
     async fn local_read_index(&self) -> Result<u64, KvError> {
-        self.inner.reads.read_index(|| self.confirm_leadership()).await
+        self.inner.reads.run(|| self.confirm_leadership()).await
     }
 
     /// One ReadIndex round: a quorum confirms this node still leads, and the state machine
@@ -213,6 +210,67 @@ impl<C: RaftRpcClient> RaftNode<C> {
             Err(RaftError::APIError(error)) => Err(KvError::Unavailable(error.to_string())),
             Err(RaftError::Fatal(fatal)) => Err(KvError::Unavailable(fatal.to_string())),
         }
+    }
+
+    /// This node's current term, read inside the Raft core, so it is at least the term of
+    /// any vote this node granted before the call (ADR 0004).
+    pub async fn term(&self) -> Result<TermReply, KvError> {
+        let node = self.id();
+        let term = self
+            .inner
+            .raft
+            .with_raft_state(|state| state.vote_ref().leader_id.term)
+            .await
+            .map_err(|fatal| KvError::Unavailable(fatal.to_string()))?;
+        Ok(TermReply { node, term })
+    }
+
+    /// A read on the leader that the client confirms (ADR 0004): with a stamp when this node
+    /// leads and has committed an entry of its term, else after a full ReadIndex round.
+    pub async fn get_stamped(&self, request: GetRequest) -> Result<StampedGet, KvError> {
+        validate_key(&request.key)?;
+        let Some((stamp, read_index)) = self.inner.stamps.run(|| self.leader_stamp()).await? else {
+            let request = GetRequest { consistency: ReadConsistency::Linearizable, ..request };
+            return Ok(StampedGet { response: self.get(request).await?, stamp: None });
+        };
+        self.applied_at_least(read_index).await?;
+        let request = GetRequest { consistency: ReadConsistency::Stale, ..request };
+        Ok(StampedGet { response: self.get(request).await?, stamp: Some(stamp) })
+    }
+
+    /// Waits (at most the read timeout) until the state machine has applied `index`.
+    async fn applied_at_least(&self, index: u64) -> Result<(), KvError> {
+        let timeout = self.inner.config.read_timeout;
+        self.inner
+            .raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "read index")
+            .await
+            .map(|_| ())
+            .map_err(|_| KvError::Timeout { after_ms: timeout.as_millis() as u64 })
+    }
+
+    /// Inside the Raft core: if this node is the elected leader of its term and has
+    /// committed an entry of that term (so everything committed before the term is too),
+    /// its stamp and commit index; `None` otherwise.
+    async fn leader_stamp(&self) -> Result<Option<(LeaderStamp, u64)>, KvError> {
+        let id = self.id();
+        self.inner
+            .raft
+            .with_raft_state(move |state| {
+                let vote = state.vote_ref();
+                let term = vote.leader_id.term;
+                let leads =
+                    state.server_state == ServerState::Leader && vote.committed && vote.leader_id.voted_for == id;
+                let committed = state.local_committed()?;
+                if !leads || committed.leader_id.term != term {
+                    return None;
+                }
+                let voters = state.membership_state.effective().get_joint_config().clone();
+                Some((LeaderStamp { leader: id, term, voters }, committed.index))
+            })
+            .await
+            .map_err(|fatal| KvError::Unavailable(fatal.to_string()))
     }
 
     async fn remote_read_index(&self) -> Result<u64, KvError> {

@@ -52,6 +52,10 @@ impl RpcHandler for ClientService {
             ClientRequest::Remove(id) => ClientResponse::Cluster(node.remove(id).await),
             ClientRequest::TriggerSnapshot => ClientResponse::Cluster(node.trigger_snapshot().await),
             ClientRequest::TransferLeader(id) => ClientResponse::Cluster(node.transfer_leader(id).await),
+            ClientRequest::StampedGet(request) => {
+                ClientResponse::StampedGet(metrics.reads.time(node.get_stamped(request)).await)
+            }
+            ClientRequest::Term => ClientResponse::Term(node.term().await),
         }
     }
 

@@ -145,6 +145,52 @@ async fn writes_through_any_node_are_linearizable_on_every_node() {
     assert!(text.contains("aspen_raft_rpcs_latency_seconds_bucket{le=\"0.001\"}"), "{text}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn linearizable_gets_are_confirmed_by_the_client_and_survive_a_lost_follower() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut nodes = start_cluster(root.path(), 3).await;
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    let leader_id = wait_for_leader(&all).await;
+    let leader = nodes.iter().find(|node| node.id == leader_id).expect("leader node").addr();
+    // Like the benchmark: each client knows only the leader and learns the voters.
+    let only_leader = || async { AspenClient::connect(vec![leader.clone()], TOKEN).await.expect("client") };
+    let writer = only_leader().await;
+    let reader = only_leader().await;
+    for round in 0..20 {
+        writer.put("k", format!("v{round}")).await.expect("put");
+        let got = reader.get("k").await.expect("get");
+        assert_eq!(got.kv.map(|kv| kv.value), Some(format!("v{round}").into_bytes()), "read after write {round}");
+    }
+    let paths = reader.read_paths();
+    assert!(paths.confirmed >= 19, "reads should be confirmed by the client: {paths:?}");
+
+    // Stop the follower the client asks (the lowest-numbered one). Reads stay correct: the
+    // next one falls back to the leader's ReadIndex round, later ones ask the other follower.
+    let asked = nodes.iter().map(|node| node.id).find(|id| *id != leader_id).expect("a follower");
+    let asked = nodes.iter_mut().find(|node| node.id == asked).expect("follower");
+    asked.stop().await;
+    writer.put("k", "after").await.expect("put with one follower down");
+    let before = reader.read_paths();
+    let mut stood_in = false;
+    for _ in 0..60 {
+        let got = reader.get("k").await.expect("get with one follower down");
+        assert_eq!(got.kv.map(|kv| kv.value), Some(b"after".to_vec()));
+        if reader.read_paths().confirmed > before.confirmed {
+            stood_in = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = reader.read_paths();
+    assert!(after.read_index > before.read_index, "the first read after the loss fell back: {after:?}");
+    assert!(stood_in, "the other follower never confirmed a read: {after:?}");
+
+    // Off: every linearizable get is a ReadIndex round on the node.
+    let plain = only_leader().await.with_confirmed_reads(false);
+    assert_eq!(plain.get("k").await.expect("get").kv.map(|kv| kv.value), Some(b"after".to_vec()));
+    assert_eq!(plain.read_paths(), aspen_client::ReadPaths { confirmed: 0, read_index: 1 });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_served_over_http() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

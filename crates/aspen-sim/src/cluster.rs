@@ -199,6 +199,8 @@ async fn handle_client(node: &RaftNode<SimRaftClient>, request: ClientRequest) -
         ClientRequest::Get(request) => ClientResponse::Get(node.get(request).await),
         ClientRequest::Scan(request) => ClientResponse::Scan(node.scan(request).await),
         ClientRequest::Write(command) => ClientResponse::Write(node.write(command).await),
+        ClientRequest::StampedGet(request) => ClientResponse::StampedGet(node.get_stamped(request).await),
+        ClientRequest::Term => ClientResponse::Term(node.term().await),
         other => ClientResponse::Rejected(format!("not served by the simulator: {other:?}")),
     }
 }

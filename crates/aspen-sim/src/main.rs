@@ -194,7 +194,13 @@ mod sim_main {
 
     pub fn main() -> Result<()> {
         let args = Args::parse();
-        let built_bug = if cfg!(feature = "bug-stale-read") { Some("stale-read") } else { None };
+        let built_bug = if cfg!(feature = "bug-stale-read") {
+            Some("stale-read")
+        } else if cfg!(feature = "bug-unconfirmed-read") {
+            Some("unconfirmed-read")
+        } else {
+            None
+        };
         if args.bug.as_deref() != built_bug {
             bail!("--bug {:?} does not match this build ({built_bug:?}); use `cargo xtask sim`", args.bug);
         }

@@ -1,55 +1,63 @@
-//! ReadIndex batching: concurrent linearizable reads share one leadership confirmation.
+//! Shared rounds: concurrent linearizable reads share one confirmation round.
 //!
 //! A read may use a quorum confirmation only if the confirmation started after the read
 //! arrived. So while one round runs, newcomers wait; when it ends, one of them drives the
 //! next round for everyone waiting at that moment. With one reader at a time there is no
 //! hand-off at all: the reader runs its own round on its own task. Under load, N waiting
-//! reads cost one round (one message to the Raft core, one linearizer) instead of N.
+//! reads cost one round instead of N. Nodes share their ReadIndex rounds and leader checks
+//! this way, clients their term confirmations (ADR 0004). Runtime-free: the channels are
+//! `futures-channel`'s.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Mutex;
 
-use aspen_api::KvError;
-use tokio::sync::oneshot;
+use futures_channel::oneshot;
 
-/// Most reads waiting for the next round; more are refused with a typed error rather than
+use crate::error::KvError;
+
+/// Most reads waiting for the next round of one `SharedRounds`; more are refused with a typed error rather than
 /// queued without bound.
 pub const MAX_WAITING_READS: usize = 4096;
 
 /// What a waiting read is told.
-enum Turn {
+enum Turn<T> {
     /// The round that covered this read ended with this read index (or error).
-    Done(Result<u64, KvError>),
+    Done(Result<T, KvError>),
     /// This read drives the next round, for itself and everyone waiting then.
     Drive,
 }
 
-#[derive(Default)]
-struct State {
+struct State<T> {
     /// A round is running (or a waiter was told to drive the next one).
     driving: bool,
     /// Reads that arrived while a round ran, oldest first.
-    waiting: VecDeque<oneshot::Sender<Turn>>,
+    waiting: VecDeque<oneshot::Sender<Turn<T>>>,
 }
 
-/// Shares read-index rounds between concurrent reads.
-#[derive(Default)]
-pub struct ReadBatcher {
-    state: Mutex<State>,
+/// Shares confirmation rounds between concurrent reads; a round yields a `T` (a read
+/// index, a leader's stamp, a set of term replies).
+pub struct SharedRounds<T> {
+    state: Mutex<State<T>>,
 }
 
-impl ReadBatcher {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+impl<T> Default for SharedRounds<T> {
+    fn default() -> Self {
+        SharedRounds { state: Mutex::new(State { driving: false, waiting: VecDeque::new() }) }
+    }
+}
+
+impl<T: Clone> SharedRounds<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A read index that is safe for a read arriving now: from a round started after this
-    /// call, run by `round` (here or on another reader's task).
-    pub async fn read_index<F, Fut>(&self, round: F) -> Result<u64, KvError>
+    /// The result of a round started after this call, run by `round` (here or on another
+    /// reader's task): what a read arriving now may rely on.
+    pub async fn run<F, Fut>(&self, round: F) -> Result<T, KvError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<u64, KvError>>,
+        Fut: Future<Output = Result<T, KvError>>,
     {
         let waiting = {
             let mut state = self.lock();
@@ -86,7 +94,7 @@ impl ReadBatcher {
     }
 
     /// Ends a round: hands the next one to the oldest live waiter, or stops driving.
-    fn hand_off(&self, unfinished: Vec<oneshot::Sender<Turn>>) {
+    fn hand_off(&self, unfinished: Vec<oneshot::Sender<Turn<T>>>) {
         let mut state = self.lock();
         // Reads of an abandoned round go first: they have waited longest.
         for waiter in unfinished.into_iter().rev() {
@@ -103,16 +111,16 @@ impl ReadBatcher {
 
 /// A read waiting for its turn. If it is dropped after being told to drive but before it
 /// could act on it, it passes the turn on; otherwise every later read would wait forever.
-struct Waiter<'a> {
-    batcher: &'a ReadBatcher,
-    receiver: oneshot::Receiver<Turn>,
+struct Waiter<'a, T: Clone> {
+    batcher: &'a SharedRounds<T>,
+    receiver: oneshot::Receiver<Turn<T>>,
 }
 
-impl Drop for Waiter<'_> {
+impl<T: Clone> Drop for Waiter<'_, T> {
     fn drop(&mut self) {
         // After `close`, no turn can arrive any more; one that arrived before is still there.
         self.receiver.close();
-        if let Ok(Turn::Drive) = self.receiver.try_recv() {
+        if let Ok(Some(Turn::Drive)) = self.receiver.try_recv() {
             self.batcher.hand_off(Vec::new());
         }
     }
@@ -120,12 +128,12 @@ impl Drop for Waiter<'_> {
 
 /// The running round; dropping it (normally, or because the driver's future was dropped
 /// mid-round) always passes the turn on, so waiters never hang.
-struct Round<'a> {
-    batcher: &'a ReadBatcher,
-    batch: Vec<oneshot::Sender<Turn>>,
+struct Round<'a, T: Clone> {
+    batcher: &'a SharedRounds<T>,
+    batch: Vec<oneshot::Sender<Turn<T>>>,
 }
 
-impl Drop for Round<'_> {
+impl<T: Clone> Drop for Round<'_, T> {
     fn drop(&mut self) {
         self.batcher.hand_off(std::mem::take(&mut self.batch));
     }
@@ -148,17 +156,17 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_reads_share_rounds_that_started_after_they_arrived() {
-        let batcher = Arc::new(ReadBatcher::default());
+        let batcher = Arc::new(SharedRounds::<u64>::default());
         let rounds = Arc::new(AtomicU64::new(0));
         // One reader alone runs its own round.
-        assert_eq!(batcher.read_index(|| counted_round(&rounds)).await.expect("alone"), 1);
+        assert_eq!(batcher.run(|| counted_round(&rounds)).await.expect("alone"), 1);
         let mut reads = Vec::new();
         for _ in 0..64 {
             let batcher = Arc::clone(&batcher);
             let rounds = Arc::clone(&rounds);
             reads.push(tokio::spawn(async move {
                 let started_before = rounds.load(Ordering::SeqCst);
-                let index = batcher.read_index(|| counted_round(&rounds)).await.expect("read");
+                let index = batcher.run(|| counted_round(&rounds)).await.expect("read");
                 (started_before, index)
             }));
         }
@@ -174,13 +182,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn errors_reach_the_whole_batch_and_an_abandoned_round_hands_off() {
-        let batcher = Arc::new(ReadBatcher::default());
+        let batcher = Arc::new(SharedRounds::<u64>::default());
         // A driver whose future is dropped mid-round.
         let stuck = {
             let batcher = Arc::clone(&batcher);
             tokio::spawn(async move {
                 batcher
-                    .read_index(|| async {
+                    .run(|| async {
                         tokio::time::sleep(Duration::from_secs(3600)).await;
                         Ok(0)
                     })
@@ -190,7 +198,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let waiter = {
             let batcher = Arc::clone(&batcher);
-            tokio::spawn(async move { batcher.read_index(|| async { Ok(7) }).await })
+            tokio::spawn(async move { batcher.run(|| async { Ok(7) }).await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         stuck.abort();
@@ -204,7 +212,7 @@ mod tests {
             let release = Arc::clone(&release);
             tokio::spawn(async move {
                 batcher
-                    .read_index(|| async move {
+                    .run(|| async move {
                         release.notified().await;
                         Ok(1)
                     })
@@ -212,12 +220,12 @@ mod tests {
             })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let mut first = Box::pin(batcher.read_index(|| async { Ok(2) }));
+        let mut first = Box::pin(batcher.run(|| async { Ok(2) }));
         // Polled once (it queues), then never again until it is dropped.
         assert!(tokio::time::timeout(Duration::from_millis(1), &mut first).await.is_err());
         let second = {
             let batcher = Arc::clone(&batcher);
-            tokio::spawn(async move { batcher.read_index(|| async { Ok(3) }).await })
+            tokio::spawn(async move { batcher.run(|| async { Ok(3) }).await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         release.notify_one();
@@ -235,7 +243,7 @@ mod tests {
         let mut reads = Vec::new();
         for _ in 0..8 {
             let batcher = Arc::clone(&batcher);
-            reads.push(tokio::spawn(async move { batcher.read_index(failing).await }));
+            reads.push(tokio::spawn(async move { batcher.run(failing).await }));
         }
         for read in reads {
             assert!(matches!(read.await.expect("join"), Err(KvError::NotLeader { leader: Some(2), .. })));
