@@ -3,8 +3,8 @@
 //! A ReadIndex read is a leader read plus a quorum confirming, after the read began, that
 //! no newer term exists. The leader usually gathers that quorum itself, one network round
 //! trip after the client's request arrives. Here the client gathers it, in parallel with the
-//! read: it sends [`ClientRequest::StampedGet`](crate::ClientRequest::StampedGet) to the
-//! leader and [`ClientRequest::Term`](crate::ClientRequest::Term) to enough other voters at
+//! read: it sends [`ClientRequest::StampedGet`](crate::ClientRequest::StampedGet) (or
+//! `StampedScan`) to the leader and [`ClientRequest::Term`](crate::ClientRequest::Term) to enough other voters at
 //! the same time. The leader checks, inside its Raft core, that it leads `term` and has
 //! committed an entry of that term, serves the read at its commit index and returns a
 //! [`LeaderStamp`]. Each other voter reports its current term, also read inside its Raft
@@ -18,7 +18,6 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::NodeId;
-use crate::kv::GetResponse;
 use crate::limits::MAX_PEERS;
 
 /// What a leader attaches to a read it served for the client to confirm.
@@ -41,11 +40,11 @@ pub struct TermReply {
     pub term: u64,
 }
 
-/// The answer to a stamped get.
+/// The answer to a stamped read (a get or a scan).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StampedGet {
+pub struct Stamped<T> {
     /// The read.
-    pub response: GetResponse,
+    pub response: T,
     /// `Some`: linearizable once confirmed by the client. `None`: the node ran a full
     /// ReadIndex round itself (it could not stamp the read), so it is linearizable as is.
     pub stamp: Option<LeaderStamp>,

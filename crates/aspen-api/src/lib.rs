@@ -19,7 +19,7 @@ pub mod store;
 pub mod txn;
 
 pub use cluster::{ClockDrift, ClusterNode, ClusterStatus, Liveness, NodeId, NodeRole, PeerHealth};
-pub use confirm::{LeaderStamp, StampedGet, TermReply};
+pub use confirm::{LeaderStamp, Stamped, TermReply};
 pub use error::{ApplyError, ClusterError, KvError, ValidationError};
 pub use kv::{
     GetRequest, GetResponse, KeyRange, KeyValue, LeaseId, MAX_LEASE_ID, ReadConsistency, Revision, ScanRequest,

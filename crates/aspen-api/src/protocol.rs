@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{ClusterNode, ClusterStatus, NodeId};
-use crate::confirm::{StampedGet, TermReply};
+use crate::confirm::{Stamped, TermReply};
 use crate::error::{ClusterError, KvError};
 use crate::kv::{GetRequest, GetResponse, ScanRequest, ScanResponse, WriteCommand, WriteResponse};
 use crate::sql::{SqlRequest, SqlResponse};
@@ -55,6 +55,8 @@ pub enum ClientRequest {
     StampedGet(GetRequest),
     /// This node's current term, read inside its Raft core.
     Term,
+    /// Read a range on the leader, stamped like `StampedGet`.
+    StampedScan(ScanRequest),
 }
 
 /// A node's answer.
@@ -79,7 +81,27 @@ pub enum ClientResponse {
     /// The request could not be decoded or was too large; nothing was done.
     Rejected(String),
     /// Answer to `StampedGet`.
-    StampedGet(Result<StampedGet, KvError>),
+    StampedGet(Result<Stamped<GetResponse>, KvError>),
     /// Answer to `Term`.
     Term(Result<TermReply, KvError>),
+    /// Answer to `StampedScan`.
+    StampedScan(Result<Stamped<ScanResponse>, KvError>),
+}
+
+impl ClientResponse {
+    /// The answer to a `StampedGet`, or `None` for anything else (an error, a refusal).
+    pub fn into_stamped_get(self) -> Option<Stamped<GetResponse>> {
+        match self {
+            ClientResponse::StampedGet(Ok(stamped)) => Some(stamped),
+            _ => None,
+        }
+    }
+
+    /// The answer to a `StampedScan`, or `None` for anything else.
+    pub fn into_stamped_scan(self) -> Option<Stamped<ScanResponse>> {
+        match self {
+            ClientResponse::StampedScan(Ok(stamped)) => Some(stamped),
+            _ => None,
+        }
+    }
 }

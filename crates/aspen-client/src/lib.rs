@@ -25,7 +25,7 @@ use aspen_api::rounds::SharedRounds;
 use aspen_api::{
     ClientEnvelope, ClientRequest, ClientResponse, ClusterError, ClusterNode, ClusterStatus, GetRequest, GetResponse,
     KeyRange, KvError, LeaderStamp, NodeId, ReadConsistency, ScanRequest, ScanResponse, SqlRequest, SqlResponse,
-    StampedGet, TermReply, TxnRequest, TxnResponse, WriteCommand, WriteResponse,
+    Stamped, TermReply, TxnRequest, TxnResponse, WriteCommand, WriteResponse,
 };
 use aspen_transport::{CLIENT_ALPN, PeerAddr, RpcClient, SecretKey, TransportError, bind_endpoint};
 
@@ -114,7 +114,7 @@ struct QuorumCache {
     suspects: BTreeMap<NodeId, Instant>,
 }
 
-/// How this client's linearizable gets completed, since it connected.
+/// How this client's linearizable gets and scans completed, since it connected.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReadPaths {
     /// Confirmed by the client: the leader's stamp and the voters' terms (ADR 0004).
@@ -135,8 +135,8 @@ pub struct AspenClient {
     /// Client-confirmed linearizable gets (ADR 0004); off: every one is a leader ReadIndex round.
     confirmed_reads: bool,
     quorum: Mutex<QuorumCache>,
-    confirmed_gets: AtomicU64,
-    read_index_gets: AtomicU64,
+    confirmed_count: AtomicU64,
+    read_index_count: AtomicU64,
 }
 
 impl AspenClient {
@@ -157,8 +157,8 @@ impl AspenClient {
             retry_deadline: DEFAULT_RETRY_DEADLINE,
             confirmed_reads: true,
             quorum: Mutex::new(QuorumCache::default()),
-            confirmed_gets: AtomicU64::new(0),
-            read_index_gets: AtomicU64::new(0),
+            confirmed_count: AtomicU64::new(0),
+            read_index_count: AtomicU64::new(0),
         })
     }
 
@@ -176,16 +176,16 @@ impl AspenClient {
         self
     }
 
-    /// How this client's linearizable gets completed so far.
+    /// How this client's linearizable gets and scans completed so far.
     pub fn read_paths(&self) -> ReadPaths {
         ReadPaths {
-            confirmed: self.confirmed_gets.load(Ordering::Relaxed),
-            read_index: self.read_index_gets.load(Ordering::Relaxed),
+            confirmed: self.confirmed_count.load(Ordering::Relaxed),
+            read_index: self.read_index_count.load(Ordering::Relaxed),
         }
     }
 
-    /// Turns client-confirmed linearizable gets on (the default) or off; off, every
-    /// linearizable get waits for the leader's own ReadIndex round.
+    /// Turns client-confirmed linearizable gets and scans on (the default) or off; off,
+    /// every linearizable read waits for the node's own ReadIndex round.
     pub fn with_confirmed_reads(mut self, on: bool) -> Self {
         self.confirmed_reads = on;
         self
@@ -256,12 +256,13 @@ impl AspenClient {
     pub async fn get_with(&self, request: GetRequest) -> Result<GetResponse, ClientError> {
         if self.confirmed_reads
             && request.consistency == ReadConsistency::Linearizable
-            && let Some(response) = self.confirmed_get(&request).await
+            && let Some(response) =
+                self.confirmed_read(ClientRequest::StampedGet(request.clone()), ClientResponse::into_stamped_get).await
         {
             return Ok(response);
         }
         if request.consistency == ReadConsistency::Linearizable {
-            self.read_index_gets.fetch_add(1, Ordering::Relaxed);
+            self.read_index_count.fetch_add(1, Ordering::Relaxed);
         }
         self.call(ClientRequest::Get(request), true, |response| match response {
             ClientResponse::Get(result) => Ok(result?),
@@ -270,29 +271,33 @@ impl AspenClient {
         .await
     }
 
-    /// A client-confirmed linearizable get (ADR 0004), or `None` when it cannot be
+    /// A client-confirmed linearizable read (ADR 0004), or `None` when it cannot be
     /// confirmed and the caller must take the leader's ReadIndex path.
-    async fn confirmed_get(&self, request: &GetRequest) -> Option<GetResponse> {
+    async fn confirmed_read<T>(
+        &self,
+        request: ClientRequest,
+        unpack: fn(ClientResponse) -> Option<Stamped<T>>,
+    ) -> Option<T> {
         let quorum = self.read_quorum().await?;
-        let read = self.call_node(&quorum.leader, ClientRequest::StampedGet(request.clone()));
+        let read = self.call_node(&quorum.leader, request);
         let terms = quorum.terms.run(|| self.term_round(&quorum));
         let (read, terms) = tokio::join!(read, terms);
-        let stamped: StampedGet = match read {
-            Ok(ClientResponse::StampedGet(Ok(stamped))) => stamped,
+        let stamped = match read.map(unpack) {
+            Ok(Some(stamped)) => stamped,
             outcome => {
-                tracing::debug!(?outcome, "stamped read failed; relearning the leader");
+                tracing::debug!(failed = ?outcome.err(), "stamped read failed; relearning the leader");
                 self.forget_quorum(None);
                 return None;
             }
         };
         let Some(stamp) = stamped.stamp else {
             // The node ran a ReadIndex round itself.
-            self.read_index_gets.fetch_add(1, Ordering::Relaxed);
+            self.read_index_count.fetch_add(1, Ordering::Relaxed);
             return Some(stamped.response);
         };
         let replies = terms.ok()?;
         if stamp.leader == quorum.shape.leader && stamp.confirmed_by(&replies) {
-            self.confirmed_gets.fetch_add(1, Ordering::Relaxed);
+            self.confirmed_count.fetch_add(1, Ordering::Relaxed);
             return Some(stamped.response);
         }
         let silent = quorum.ask.iter().map(|(id, _)| *id).find(|id| !replies.iter().any(|reply| reply.node == *id));
@@ -355,6 +360,17 @@ impl AspenClient {
 
     /// Reads a range.
     pub async fn scan(&self, request: ScanRequest) -> Result<ScanResponse, ClientError> {
+        if self.confirmed_reads
+            && request.consistency == ReadConsistency::Linearizable
+            && let Some(response) = self
+                .confirmed_read(ClientRequest::StampedScan(request.clone()), ClientResponse::into_stamped_scan)
+                .await
+        {
+            return Ok(response);
+        }
+        if request.consistency == ReadConsistency::Linearizable {
+            self.read_index_count.fetch_add(1, Ordering::Relaxed);
+        }
         self.call(ClientRequest::Scan(request), true, |response| match response {
             ClientResponse::Scan(result) => Ok(result?),
             other => Err(ClientError::Protocol(format!("{other:?}"))),

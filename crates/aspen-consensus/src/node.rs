@@ -9,7 +9,7 @@ use aspen_api::limits::MAX_PEERS;
 use aspen_api::rounds::SharedRounds;
 use aspen_api::{
     ClusterController, ClusterError, ClusterNode, ClusterStatus, GetRequest, GetResponse, KeyValueStore, KvError,
-    LeaderStamp, NodeId, NodeRole, ReadConsistency, ScanRequest, ScanResponse, SqlRequest, SqlResponse, StampedGet,
+    LeaderStamp, NodeId, NodeRole, ReadConsistency, ScanRequest, ScanResponse, SqlRequest, SqlResponse, Stamped,
     TermReply, WriteCommand, WriteResponse, validate_key,
 };
 use aspen_raft_storage::rt;
@@ -227,15 +227,29 @@ impl<C: RaftRpcClient> RaftNode<C> {
 
     /// A read on the leader that the client confirms (ADR 0004): with a stamp when this node
     /// leads and has committed an entry of its term, else after a full ReadIndex round.
-    pub async fn get_stamped(&self, request: GetRequest) -> Result<StampedGet, KvError> {
+    pub async fn get_stamped(&self, request: GetRequest) -> Result<Stamped<GetResponse>, KvError> {
         validate_key(&request.key)?;
+        self.stamped(|consistency| self.get(GetRequest { consistency, ..request })).await
+    }
+
+    /// A scan on the leader that the client confirms, like [`RaftNode::get_stamped`].
+    pub async fn scan_stamped(&self, request: ScanRequest) -> Result<Stamped<ScanResponse>, KvError> {
+        request.validate()?;
+        self.stamped(|consistency| self.scan(ScanRequest { consistency, ..request })).await
+    }
+
+    /// Runs `read` stale after the leader check, or linearizable (a full ReadIndex round)
+    /// when this node cannot stamp.
+    async fn stamped<T, F, Fut>(&self, read: F) -> Result<Stamped<T>, KvError>
+    where
+        F: FnOnce(ReadConsistency) -> Fut,
+        Fut: Future<Output = Result<T, KvError>>,
+    {
         let Some((stamp, read_index)) = self.inner.stamps.run(|| self.leader_stamp()).await? else {
-            let request = GetRequest { consistency: ReadConsistency::Linearizable, ..request };
-            return Ok(StampedGet { response: self.get(request).await?, stamp: None });
+            return Ok(Stamped { response: read(ReadConsistency::Linearizable).await?, stamp: None });
         };
         self.applied_at_least(read_index).await?;
-        let request = GetRequest { consistency: ReadConsistency::Stale, ..request };
-        Ok(StampedGet { response: self.get(request).await?, stamp: Some(stamp) })
+        Ok(Stamped { response: read(ReadConsistency::Stale).await?, stamp: Some(stamp) })
     }
 
     /// Waits (at most the read timeout) until the state machine has applied `index`.

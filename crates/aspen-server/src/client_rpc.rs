@@ -56,6 +56,9 @@ impl RpcHandler for ClientService {
                 ClientResponse::StampedGet(metrics.reads.time(node.get_stamped(request)).await)
             }
             ClientRequest::Term => ClientResponse::Term(node.term().await),
+            ClientRequest::StampedScan(request) => {
+                ClientResponse::StampedScan(metrics.reads.time(node.scan_stamped(request)).await)
+            }
         }
     }
 

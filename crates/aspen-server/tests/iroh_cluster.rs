@@ -108,7 +108,8 @@ async fn writes_through_any_node_are_linearizable_on_every_node() {
         single.put(format!("from-{}", node.id), "v").await.expect("put through this node");
     }
     for node in &nodes {
-        let single = client(&[node]).await;
+        // Each node serves the reads itself (ReadIndex, through the leader on followers).
+        let single = client(&[node]).await.with_confirmed_reads(false);
         for writer in 1..=3 {
             let got = single.get(format!("from-{writer}")).await.expect("get");
             assert_eq!(
@@ -163,6 +164,17 @@ async fn linearizable_gets_are_confirmed_by_the_client_and_survive_a_lost_follow
     }
     let paths = reader.read_paths();
     assert!(paths.confirmed >= 19, "reads should be confirmed by the client: {paths:?}");
+    let scan = ScanRequest {
+        range: aspen_api::KeyRange::prefix("k"),
+        limit: 0,
+        keys_only: false,
+        count_only: false,
+        after: None,
+        consistency: ReadConsistency::Linearizable,
+    };
+    let scanned = reader.scan(scan).await.expect("scan");
+    assert_eq!(scanned.kvs.iter().map(|kv| kv.value.clone()).collect::<Vec<_>>(), vec![b"v19".to_vec()]);
+    assert_eq!(reader.read_paths().confirmed, paths.confirmed + 1, "the scan is confirmed too");
 
     // Stop the follower the client asks (the lowest-numbered one). Reads stay correct: the
     // next one falls back to the leader's ReadIndex round, later ones ask the other follower.
@@ -344,7 +356,9 @@ async fn lagging_node_catches_up_through_a_snapshot_streamed_over_iroh() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let restarted = restarted.expect("node 3 restarts");
-    let reader = AspenClient::connect(vec![restarted.addr().clone()], TOKEN).await.expect("client");
+    // Served by node 3 itself (not confirmed at the leader), so node 3 must catch up first.
+    let reader =
+        AspenClient::connect(vec![restarted.addr().clone()], TOKEN).await.expect("client").with_confirmed_reads(false);
     let scan = reader.scan(ScanRequest::prefix(b"lag/".to_vec(), 0)).await.expect("linearizable scan on node 3");
     assert_eq!(scan.kvs.len(), 120);
     assert!(restarted.node().metrics().snapshot.is_some(), "node 3 installed a snapshot");

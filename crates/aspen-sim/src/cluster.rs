@@ -201,6 +201,7 @@ async fn handle_client(node: &RaftNode<SimRaftClient>, request: ClientRequest) -
         ClientRequest::Write(command) => ClientResponse::Write(node.write(command).await),
         ClientRequest::StampedGet(request) => ClientResponse::StampedGet(node.get_stamped(request).await),
         ClientRequest::Term => ClientResponse::Term(node.term().await),
+        ClientRequest::StampedScan(request) => ClientResponse::StampedScan(node.scan_stamped(request).await),
         other => ClientResponse::Rejected(format!("not served by the simulator: {other:?}")),
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use aspen_api::retry::{self, AttemptFailure, RETRY_PAUSE, RetryAction};
 use aspen_api::{
     ClientRequest, ClientResponse, Compare, CompareOp, CompareTarget, GetRequest, KeyRange, KvError, NodeId,
-    ReadConsistency, ScanRequest, TermReply, TxnOp, TxnRequest, WriteCommand, WriteResponse,
+    ReadConsistency, ScanRequest, Stamped, TermReply, TxnOp, TxnRequest, WriteCommand, WriteResponse,
 };
 use aspen_checker::{Input, Operation, Output};
 
@@ -196,16 +196,29 @@ impl SimClient {
         }
     }
 
-    /// A client-confirmed linearizable get (ADR 0004), as aspen-client makes it: a stamped
-    /// read at the last confirmed leader (else the preferred node) and, sent at the same
-    /// time, a term check at every other node. Recorded only when the voters confirm the
-    /// stamp (or the node ran a ReadIndex round itself and sent none); else it is a read the
-    /// client would retry the slow way.
+    /// A client-confirmed linearizable get (ADR 0004).
     async fn confirmed_get(&mut self, key: Vec<u8>) {
         let call = now_ns();
+        if let Some(response) =
+            self.confirmed(ClientRequest::StampedGet(get(&key)), ClientResponse::into_stamped_get).await
+        {
+            self.record(key, call, Input::Get, Some(Output::Value(response.kv.map(|kv| kv.value))));
+        }
+    }
+
+    /// A client-confirmed read as aspen-client makes it: the stamped read at the last
+    /// confirmed leader (else the preferred node) and, sent at the same time, a term check
+    /// at every other node. The response only when the voters confirm the stamp (or the
+    /// node ran a ReadIndex round itself and sent none); else the client would retry the
+    /// slow way.
+    async fn confirmed<T: std::fmt::Debug>(
+        &mut self,
+        request: ClientRequest,
+        unpack: fn(ClientResponse) -> Option<Stamped<T>>,
+    ) -> Option<T> {
         let target = self.stamp_leader.unwrap_or(self.nodes[self.preferred % self.nodes.len()]);
         let others: Vec<NodeId> = self.nodes.iter().copied().filter(|id| *id != target).collect();
-        let read = self.attempt(target, ClientRequest::StampedGet(get(&key)));
+        let read = self.attempt(target, request);
         let terms = futures::future::join_all(others.iter().map(|id| self.attempt(*id, ClientRequest::Term)));
         let (read, terms) = futures::join!(read, terms);
         let replies: Vec<TermReply> = terms
@@ -215,12 +228,10 @@ impl SimClient {
                 _ => None,
             })
             .collect();
-        let stamped = match read {
-            Some(ClientResponse::StampedGet(Ok(stamped))) => stamped,
-            other => {
-                self.stamp_leader = None;
-                return self.note(&format!("stamped read failed: {other:?}"));
-            }
+        let Some(stamped) = read.and_then(unpack) else {
+            self.stamp_leader = None;
+            self.note("stamped read failed");
+            return None;
         };
         let confirmed = match &stamped.stamp {
             None => true,
@@ -232,12 +243,11 @@ impl SimClient {
             (Some(stamp), true) => Some(stamp.leader),
             _ => None,
         };
-        if confirmed {
-            let value = stamped.response.kv.map(|kv| kv.value);
-            self.record(key, call, Input::Get, Some(Output::Value(value)));
-        } else {
+        if !confirmed {
             self.note(&format!("stamped read not confirmed: {:?} by {replies:?}", stamped.stamp));
+            return None;
         }
+        Some(stamped.response)
     }
 
     /// One request to one node, once; `None` if it got no decodable reply.
@@ -261,9 +271,16 @@ impl SimClient {
             consistency: ReadConsistency::Linearizable,
         };
         let call = now_ns();
-        if let CallResult::Done(ClientResponse::Scan(Ok(response))) =
-            self.call(ClientRequest::Scan(request), true).await
-        {
+        // Half the scans are client-confirmed (ADR 0004), the others ReadIndex on the node.
+        let response = if madsim::rand::random::<bool>() {
+            self.confirmed(ClientRequest::StampedScan(request), ClientResponse::into_stamped_scan).await
+        } else {
+            match self.call(ClientRequest::Scan(request), true).await {
+                CallResult::Done(ClientResponse::Scan(Ok(response))) => Some(response),
+                _ => None,
+            }
+        };
+        if let Some(response) = response {
             for index in 0..self.keys {
                 let key = key_name(index);
                 let value = response.kvs.iter().find(|kv| kv.key == key).map(|kv| kv.value.clone());
