@@ -16,7 +16,7 @@ pub mod txn_syntax;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,11 @@ pub const TERM_CONFIRM_TIMEOUT: Duration = Duration::from_millis(250);
 const SUSPECT_FOR: Duration = Duration::from_secs(10);
 /// Shortest pause between two status calls made to learn whom to ask.
 const READ_QUORUM_RELEARN: Duration = Duration::from_secs(1);
+/// Longest pause between them: it doubles after each stamped read that could not reach the
+/// leader (a leader address this client cannot dial costs one failed read per pause).
+const MAX_READ_QUORUM_RELEARN: Duration = Duration::from_secs(32);
+/// Longest a stamped read waits for the leader before the client falls back.
+pub const STAMPED_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -102,14 +107,18 @@ struct ReadQuorum {
     ask: Vec<(NodeId, PeerAddr)>,
     /// Term rounds, shared by the reads that began before each round.
     terms: SharedRounds<Arc<Vec<TermReply>>>,
+    /// Whether a read was confirmed through this quorum yet.
+    confirmed_once: AtomicBool,
 }
 
 /// What the client knows about whom to ask.
 #[derive(Default)]
 struct QuorumCache {
     current: Option<Arc<ReadQuorum>>,
-    /// When the last status call was made.
-    learned_at: Option<Instant>,
+    /// No status call to learn whom to ask before this.
+    relearn_after: Option<Instant>,
+    /// Stamped reads in a row that could not reach the leader.
+    unreachable: u32,
     /// Voters that recently failed to confirm, and until when they are passed over.
     suspects: BTreeMap<NodeId, Instant>,
 }
@@ -279,14 +288,21 @@ impl AspenClient {
         unpack: fn(ClientResponse) -> Option<Stamped<T>>,
     ) -> Option<T> {
         let quorum = self.read_quorum().await?;
-        let read = self.call_node(&quorum.leader, request);
+        let read = tokio::time::timeout(STAMPED_READ_TIMEOUT, self.call_node(&quorum.leader, request));
         let terms = quorum.terms.run(|| self.term_round(&quorum));
         let (read, terms) = tokio::join!(read, terms);
-        let stamped = match read.map(unpack) {
-            Ok(Some(stamped)) => stamped,
+        let stamped = match read {
+            Ok(Ok(response)) => match unpack(response) {
+                Some(stamped) => stamped,
+                None => {
+                    tracing::debug!("stamped read refused; relearning the leader");
+                    self.forget_quorum(None);
+                    return None;
+                }
+            },
             outcome => {
-                tracing::debug!(failed = ?outcome.err(), "stamped read failed; relearning the leader");
-                self.forget_quorum(None);
+                tracing::debug!(failed = ?outcome.ok().map(Result::err), "leader unreachable for a stamped read");
+                self.leader_unreachable();
                 return None;
             }
         };
@@ -298,6 +314,10 @@ impl AspenClient {
         let replies = terms.ok()?;
         if stamp.leader == quorum.shape.leader && stamp.confirmed_by(&replies) {
             self.confirmed_count.fetch_add(1, Ordering::Relaxed);
+            if !quorum.confirmed_once.swap(true, Ordering::Relaxed) {
+                // This leader is reachable: relearn at the base pace again.
+                self.quorum_cache().unreachable = 0;
+            }
             return Some(stamped.response);
         }
         let silent = quorum.ask.iter().map(|(id, _)| *id).find(|id| !replies.iter().any(|reply| reply.node == *id));
@@ -332,18 +352,30 @@ impl AspenClient {
         }
     }
 
+    /// Drops the cached quorum after a stamped read that could not reach the leader, and
+    /// waits twice as long as last time before relearning.
+    fn leader_unreachable(&self) {
+        let mut cache = self.quorum_cache();
+        cache.current = None;
+        cache.unreachable = cache.unreachable.saturating_add(1);
+        let pause = READ_QUORUM_RELEARN.saturating_mul(1 << cache.unreachable.min(6)).min(MAX_READ_QUORUM_RELEARN);
+        cache.relearn_after = Some(Instant::now() + pause);
+    }
+
     /// Whom to ask: cached, else learned from a node's status (at most once per
-    /// `READ_QUORUM_RELEARN`); `None` while nothing usable is known.
+    /// `READ_QUORUM_RELEARN`, less often after unreachable leaders); `None` while nothing
+    /// usable is known.
     async fn read_quorum(&self) -> Option<Arc<ReadQuorum>> {
         {
             let mut cache = self.quorum_cache();
             if let Some(quorum) = &cache.current {
                 return Some(Arc::clone(quorum));
             }
-            if cache.learned_at.is_some_and(|at| at.elapsed() < READ_QUORUM_RELEARN) {
+            let now = Instant::now();
+            if cache.relearn_after.is_some_and(|after| now < after) {
                 return None;
             }
-            cache.learned_at = Some(Instant::now());
+            cache.relearn_after = Some(now + READ_QUORUM_RELEARN);
         }
         let peer = self.peers[self.preferred.load(Ordering::Relaxed) % self.peers.len()].clone();
         let status = match self.call_node(&peer, ClientRequest::Status).await {
@@ -512,5 +544,11 @@ fn read_quorum_from(status: &ClusterStatus, suspects: &BTreeMap<NodeId, Instant>
         status.voters.iter().copied().filter(|id| *id != leader_id).partition(|id| !suspects.contains_key(id));
     let ask =
         trusted.into_iter().chain(suspected).take(needed).map(|id| Some((id, addr(id)?))).collect::<Option<_>>()?;
-    Some(ReadQuorum { leader: addr(leader_id)?, shape, ask, terms: SharedRounds::default() })
+    Some(ReadQuorum {
+        leader: addr(leader_id)?,
+        shape,
+        ask,
+        terms: SharedRounds::default(),
+        confirmed_once: AtomicBool::new(false),
+    })
 }

@@ -146,8 +146,23 @@ async fn writes_through_any_node_are_linearizable_on_every_node() {
     assert!(text.contains("aspen_raft_rpcs_latency_seconds_bucket{le=\"0.001\"}"), "{text}");
 }
 
+/// Reads "k" (which must hold `expected` every time) up to `attempts` times, 50 ms apart,
+/// until one read is confirmed by the client; whether one was.
+async fn read_until_confirmed(client: &AspenClient, expected: &[u8], attempts: usize) -> bool {
+    let before = client.read_paths().confirmed;
+    for _ in 0..attempts {
+        let got = client.get("k").await.expect("get");
+        assert_eq!(got.kv.map(|kv| kv.value), Some(expected.to_vec()));
+        if client.read_paths().confirmed > before {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn linearizable_gets_are_confirmed_by_the_client_and_survive_a_lost_follower() {
+async fn linearizable_reads_are_confirmed_by_the_client_and_survive_lost_nodes() {
     let root = tempfile::tempdir().expect("tempdir");
     let mut nodes = start_cluster(root.path(), 3).await;
     let all: Vec<&TestNode> = nodes.iter().collect();
@@ -178,21 +193,12 @@ async fn linearizable_gets_are_confirmed_by_the_client_and_survive_a_lost_follow
 
     // Stop the follower the client asks (the lowest-numbered one). Reads stay correct: the
     // next one falls back to the leader's ReadIndex round, later ones ask the other follower.
-    let asked = nodes.iter().map(|node| node.id).find(|id| *id != leader_id).expect("a follower");
-    let asked = nodes.iter_mut().find(|node| node.id == asked).expect("follower");
+    let asked_id = nodes.iter().map(|node| node.id).find(|id| *id != leader_id).expect("a follower");
+    let asked = nodes.iter_mut().find(|node| node.id == asked_id).expect("follower");
     asked.stop().await;
     writer.put("k", "after").await.expect("put with one follower down");
     let before = reader.read_paths();
-    let mut stood_in = false;
-    for _ in 0..60 {
-        let got = reader.get("k").await.expect("get with one follower down");
-        assert_eq!(got.kv.map(|kv| kv.value), Some(b"after".to_vec()));
-        if reader.read_paths().confirmed > before.confirmed {
-            stood_in = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let stood_in = read_until_confirmed(&reader, b"after", 60).await;
     let after = reader.read_paths();
     assert!(after.read_index > before.read_index, "the first read after the loss fell back: {after:?}");
     assert!(stood_in, "the other follower never confirmed a read: {after:?}");
@@ -201,6 +207,22 @@ async fn linearizable_gets_are_confirmed_by_the_client_and_survive_a_lost_follow
     let plain = only_leader().await.with_confirmed_reads(false);
     assert_eq!(plain.get("k").await.expect("get").kv.map(|kv| kv.value), Some(b"after".to_vec()));
     assert_eq!(plain.read_paths(), aspen_client::ReadPaths { confirmed: 0, read_index: 1 });
+
+    // Leader loss: the follower comes back, the leader stops; a client that knows every node
+    // reads through the new leader, the slow way at first, then confirmed there again.
+    nodes.iter_mut().find(|node| node.id == asked_id).expect("follower").restart().await;
+    let everyone = client(&nodes.iter().collect::<Vec<_>>()).await;
+    everyone.put("k", "before-failover").await.expect("put with all three up");
+    assert_eq!(everyone.get("k").await.expect("get").kv.map(|kv| kv.value), Some(b"before-failover".to_vec()));
+    nodes.iter_mut().find(|node| node.id == leader_id).expect("leader").stop().await;
+    let survivors: Vec<&TestNode> = nodes.iter().filter(|node| node.id != leader_id).collect();
+    wait_for_leader(&survivors).await;
+    everyone.put("k", "after-failover").await.expect("put after failover");
+    assert!(
+        read_until_confirmed(&everyone, b"after-failover", 200).await,
+        "reads were never confirmed at the new leader: {:?}",
+        everyone.read_paths()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
