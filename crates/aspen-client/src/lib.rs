@@ -100,8 +100,8 @@ async fn first_to_connect(rpc: &Arc<RpcClient>, peers: &[PeerAddr]) -> usize {
 
 /// Whom a client-confirmed read goes to.
 struct ReadQuorum {
-    /// The leader, as last seen, and the voter sets of its membership (term unknown).
-    shape: LeaderStamp,
+    /// The leader as last seen, and its address.
+    leader_id: NodeId,
     leader: PeerAddr,
     /// The voters whose terms are asked, with their addresses.
     ask: Vec<(NodeId, PeerAddr)>,
@@ -263,21 +263,38 @@ impl AspenClient {
 
     /// Reads one key with the given consistency.
     pub async fn get_with(&self, request: GetRequest) -> Result<GetResponse, ClientError> {
-        if self.confirmed_reads
-            && request.consistency == ReadConsistency::Linearizable
-            && let Some(response) =
-                self.confirmed_read(ClientRequest::StampedGet(request.clone()), ClientResponse::into_stamped_get).await
+        let stamped = || ClientRequest::StampedGet(request.clone());
+        if let Some(response) =
+            self.linearizable_read(request.consistency, stamped, ClientResponse::into_stamped_get).await
         {
             return Ok(response);
-        }
-        if request.consistency == ReadConsistency::Linearizable {
-            self.read_index_count.fetch_add(1, Ordering::Relaxed);
         }
         self.call(ClientRequest::Get(request), true, |response| match response {
             ClientResponse::Get(result) => Ok(result?),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         })
         .await
+    }
+
+    /// For a linearizable read with confirmed reads on: the client-confirmed answer, if it
+    /// could be confirmed. `None` means the caller sends the plain request, which (when
+    /// linearizable) a node answers after its own ReadIndex round; it is counted as such.
+    async fn linearizable_read<T>(
+        &self,
+        consistency: ReadConsistency,
+        stamped: impl FnOnce() -> ClientRequest,
+        unpack: fn(ClientResponse) -> Option<Stamped<T>>,
+    ) -> Option<T> {
+        if consistency != ReadConsistency::Linearizable {
+            return None;
+        }
+        if self.confirmed_reads
+            && let Some(response) = self.confirmed_read(stamped(), unpack).await
+        {
+            return Some(response);
+        }
+        self.read_index_count.fetch_add(1, Ordering::Relaxed);
+        None
     }
 
     /// A client-confirmed linearizable read (ADR 0004), or `None` when it cannot be
@@ -312,7 +329,7 @@ impl AspenClient {
             return Some(stamped.response);
         };
         let replies = terms.ok()?;
-        if stamp.leader == quorum.shape.leader && stamp.confirmed_by(&replies) {
+        if stamp.leader == quorum.leader_id && stamp.confirmed_by(&replies) {
             self.confirmed_count.fetch_add(1, Ordering::Relaxed);
             if !quorum.confirmed_once.swap(true, Ordering::Relaxed) {
                 // This leader is reachable: relearn at the base pace again.
@@ -392,16 +409,11 @@ impl AspenClient {
 
     /// Reads a range.
     pub async fn scan(&self, request: ScanRequest) -> Result<ScanResponse, ClientError> {
-        if self.confirmed_reads
-            && request.consistency == ReadConsistency::Linearizable
-            && let Some(response) = self
-                .confirmed_read(ClientRequest::StampedScan(request.clone()), ClientResponse::into_stamped_scan)
-                .await
+        let stamped = || ClientRequest::StampedScan(request.clone());
+        if let Some(response) =
+            self.linearizable_read(request.consistency, stamped, ClientResponse::into_stamped_scan).await
         {
             return Ok(response);
-        }
-        if request.consistency == ReadConsistency::Linearizable {
-            self.read_index_count.fetch_add(1, Ordering::Relaxed);
         }
         self.call(ClientRequest::Scan(request), true, |response| match response {
             ClientResponse::Scan(result) => Ok(result?),
@@ -538,15 +550,15 @@ fn read_quorum_from(status: &ClusterStatus, suspects: &BTreeMap<NodeId, Instant>
     let addr = |id: NodeId| -> Option<PeerAddr> {
         status.nodes.iter().find(|node| node.id == id).and_then(|node| node.addr.parse().ok())
     };
-    let shape = LeaderStamp { leader: leader_id, term: u64::MAX, voters: vec![status.voters.clone()] };
-    let needed = shape.followers_to_ask().len();
+    let needed =
+        LeaderStamp { leader: leader_id, term: 0, voters: vec![status.voters.clone()] }.followers_to_ask().len();
     let (trusted, suspected): (Vec<NodeId>, Vec<NodeId>) =
         status.voters.iter().copied().filter(|id| *id != leader_id).partition(|id| !suspects.contains_key(id));
     let ask =
         trusted.into_iter().chain(suspected).take(needed).map(|id| Some((id, addr(id)?))).collect::<Option<_>>()?;
     Some(ReadQuorum {
+        leader_id,
         leader: addr(leader_id)?,
-        shape,
         ask,
         terms: SharedRounds::default(),
         confirmed_once: AtomicBool::new(false),

@@ -211,7 +211,7 @@ impl SimClient {
     /// at every other node. The response only when the voters confirm the stamp (or the
     /// node ran a ReadIndex round itself and sent none); else the client would retry the
     /// slow way.
-    async fn confirmed<T: std::fmt::Debug>(
+    async fn confirmed<T>(
         &mut self,
         request: ClientRequest,
         unpack: fn(ClientResponse) -> Option<Stamped<T>>,
