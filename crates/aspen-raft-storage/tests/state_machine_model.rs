@@ -4,10 +4,11 @@
 
 mod common;
 
-use aspen_api::{KeyValue, ScanRequest};
-use aspen_raft_storage::{EntryResponse, SqliteStateMachine};
+use aspen_api::{KeyValue, ScanRequest, WriteCommand};
+use aspen_raft_storage::{Entry, EntryResponse, SqliteStateMachine};
 use common::model::Model;
-use common::{Op, blank, normal};
+use common::{Op, blank, log_id, normal};
+use openraft::{EntryPayload, Membership};
 
 fn contents(state_machine: &SqliteStateMachine) -> Vec<KeyValue> {
     let response = state_machine.reader().scan(&ScanRequest::prefix(Vec::new(), 0)).expect("scan everything");
@@ -86,4 +87,30 @@ fn reopened_state_machine_keeps_its_data_and_position() {
         assert_eq!(reopened.applied_state_now(), applied);
         assert_eq!(contents(&reopened), model.kvs.values().cloned().collect::<Vec<_>>());
     });
+}
+
+/// The membership row is written only by applies that carry a membership entry; applies
+/// after it leave it in place, and a reopened store still knows the last membership.
+#[test]
+fn reopened_state_machine_keeps_the_last_membership() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let put = |index: u64| {
+        normal(1, index, WriteCommand::Put { key: format!("k{index}").into_bytes(), value: vec![1], lease: None })
+    };
+    let membership = |index: u64, voters: &[u64]| Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Membership(Membership::new_with_defaults(vec![voters.iter().copied().collect()], [])),
+    };
+    let applied = {
+        let state_machine = SqliteStateMachine::open(dir.path()).expect("open");
+        state_machine.apply_entries(&[blank(1, 1), membership(2, &[1])]).expect("apply");
+        state_machine.apply_entries(&[put(3), put(4)]).expect("apply");
+        state_machine.apply_entries(&[put(5), membership(6, &[1, 2, 3]), put(7)]).expect("apply");
+        state_machine.apply_entries(&[put(8)]).expect("apply");
+        state_machine.applied_state_now()
+    };
+    assert_eq!(applied.membership.log_id(), &Some(log_id(1, 6)));
+    assert_eq!(applied.last_applied, Some(log_id(1, 8)));
+    let reopened = SqliteStateMachine::open(dir.path()).expect("reopen");
+    assert_eq!(reopened.applied_state_now(), applied);
 }

@@ -250,6 +250,7 @@ impl Shared {
         let mut applied = writer.applied.clone();
         let txn = writer.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut responses = Vec::with_capacity(entries.len());
+        let mut membership_changed = false;
         for entry in entries {
             let index = entry.log_id.index;
             let response = match &entry.payload {
@@ -257,13 +258,14 @@ impl Shared {
                 EntryPayload::Normal(command) => EntryResponse::Write(apply::apply_command(&txn, index, command)?),
                 EntryPayload::Membership(membership) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
+                    membership_changed = true;
                     EntryResponse::NoOp
                 }
             };
             applied.last_applied = Some(entry.log_id);
             responses.push(response);
         }
-        meta::write_applied(&txn, &applied)?;
+        meta::write_applied(&txn, &applied, membership_changed)?;
         txn.commit()?;
         writer.applied = applied;
         Ok(responses)
