@@ -37,8 +37,9 @@ CREATE VIEW IF NOT EXISTS kv AS
 /// put rewrites at least one b-tree page, and the WAL takes whole pages, so this is the
 /// state machine's write cost per key: 2 KiB still holds a record of up to 488 bytes on
 /// its leaf (a 256 B value and its key), where 1 KiB would spill such a record into an
-/// overflow page. Same-run A/B against 4 KiB, put x16 Aspen/etcd per round: 1.57, 1.50,
-/// 1.40, 1.26, 1.52, 1.43, 1.52, 1.45 -> 1.58, 1.60, 1.51, 1.52, 1.53, 1.48, 1.54, 1.77.
+/// overflow page. Same-run A/B against 4 KiB, put x16 Aspen/etcd: mean 1.46 -> 1.57 over 8
+/// rounds each, 1.43 in 6 later rounds: a few percent at most on this noisy host, for half
+/// the bytes SQLite writes per put.
 pub const PAGE_SIZE: u32 = 2048;
 
 /// Prepares the writer connection: WAL so readers never block the writer, and
