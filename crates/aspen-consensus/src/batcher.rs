@@ -52,6 +52,10 @@ pub async fn run(
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
     let mut carry: Option<PendingWrite> = None;
     loop {
+        // The slot comes first and the group second: writes that arrive while every slot
+        // is busy wait in the queue and all join the next group, instead of that group
+        // being fixed at whatever was queued when its first write came.
+        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { return };
         let first = match carry.take() {
             Some(write) => write,
             None => match queue.recv().await {
@@ -75,7 +79,6 @@ pub async fn run(
                 group.push(next);
             }
         }
-        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { return };
         let raft = raft.clone();
         rt::spawn(async move {
             propose(&raft, group, write_timeout).await;

@@ -180,6 +180,53 @@ async fn concurrent_writes_are_batched_into_fewer_entries() {
     assert_eq!(scan.kvs.len(), writes as usize);
 }
 
+/// One write batch in flight, and elections slow enough that a short stall of the leader's
+/// replication changes no leader.
+fn one_batch_in_flight_config(id: NodeId) -> ConsensusConfig {
+    let mut config = fast_config(id);
+    config.election_timeout_min_ms = 3000;
+    config.election_timeout_max_ms = 4000;
+    config.max_batches_in_flight = 1;
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_arriving_while_every_batch_slot_is_busy_join_one_entry() {
+    let cluster = Cluster::new(one_batch_in_flight_config);
+    cluster.start_initialized(&[1, 2, 3]).await;
+    let leader_id = cluster.wait_for_leader(&[1, 2, 3]).await;
+    let leader = cluster.node(leader_id);
+    let followers: Vec<NodeId> = [1, 2, 3].into_iter().filter(|id| *id != leader_id).collect();
+    let before = leader.metrics().last_log_index.unwrap_or(0);
+
+    // The leader cannot reach its followers, so the first write holds the only slot.
+    cluster.router.down.lock().expect("lock").extend(followers.iter().copied());
+    let spawn_put = |key: &'static str| {
+        let leader = leader.clone();
+        tokio::spawn(async move { leader.write(put(key, "v")).await })
+    };
+    let mut tasks = vec![spawn_put("held/a")];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Writes that arrive at different times while the slot is busy all wait for it, and
+    // then go out together: "b" must not be grouped alone just because it came first.
+    tasks.push(spawn_put("held/b"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tasks.push(spawn_put("held/c"));
+    tasks.push(spawn_put("held/d"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(tasks.iter().all(|task| !task.is_finished()), "a write committed without a follower");
+    cluster.router.down.lock().expect("lock").clear();
+
+    for task in tasks {
+        assert!(matches!(task.await.expect("join"), Ok(WriteResponse::Put { .. })));
+    }
+    assert_eq!(leader.metrics().current_leader, Some(leader_id), "the stall changed the leader");
+    let entries = leader.metrics().last_log_index.unwrap_or(0) - before;
+    assert_eq!(entries, 2, "expected one entry for the first write and one for the three that waited");
+    let scan = leader.scan(ScanRequest::prefix(b"held/".to_vec(), 0)).await.expect("scan");
+    assert_eq!(scan.kvs.len(), 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_crash_loses_no_acknowledged_write_and_old_leader_catches_up() {
     let cluster = Cluster::new(fast_config);
