@@ -200,7 +200,7 @@ async fn writes_arriving_while_every_batch_slot_is_busy_join_one_entry() {
     let before = leader.metrics().last_log_index.unwrap_or(0);
 
     // The leader cannot reach its followers, so the first write holds the only slot.
-    cluster.router.down.lock().expect("lock").extend(followers.iter().copied());
+    cluster.router.down.lock().expect("lock").extend(followers);
     let spawn_put = |key: &'static str| {
         let leader = leader.clone();
         tokio::spawn(async move { leader.write(put(key, "v")).await })

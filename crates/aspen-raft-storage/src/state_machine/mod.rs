@@ -41,9 +41,9 @@ pub const DB_FILE: &str = "state.db";
 /// WAL size (pages) after which a checkpoint starts, without fsync ([`Durability::Unsynced`]):
 /// 8 MiB at the 2 KiB [`schema::PAGE_SIZE`], 16 MiB in a file made with 4 KiB pages. A
 /// checkpoint copies each page once however many frames hold it, so a longer WAL copies
-/// fewer pages per write (same-run A/B against 1024: put x16 5311/5623 -> 5624/5929 ops/s). The async apply starts it in the background (a
-/// connection of its own, PASSIVE: it never blocks applies or reads); the synchronous
-/// `apply_entries` runs it on the writer.
+/// fewer pages per write (same-run A/B against 1024: put x16 5311/5623 -> 5624/5929
+/// ops/s). The async apply starts it in the background (a connection of its own, PASSIVE:
+/// it never blocks applies or reads); the synchronous `apply_entries` runs it on the writer.
 pub const CHECKPOINT_WAL_PAGES: u64 = 4096;
 /// The same for [`Durability::Synced`], where a checkpoint fsyncs the WAL and then the
 /// database: 2 MiB at 2 KiB pages, 4 MiB at 4 KiB. At 16 MiB the write p99 doubled: its
