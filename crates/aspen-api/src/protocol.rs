@@ -1,4 +1,4 @@
-//! The client protocol: what a client sends to any node (ALPN `aspen-client/2`) and what
+//! The client protocol: what a client sends to any node (ALPN `aspen-client/3`) and what
 //! comes back. Every request carries the client token configured on the node.
 
 use std::collections::BTreeSet;

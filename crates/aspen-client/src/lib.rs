@@ -1,5 +1,6 @@
 //! A Rust client for Aspen. Connects to any node by its address (`<endpoint-id>@<ip:port>`
-//! or a ticket), sends requests over iroh QUIC (ALPN `aspen-client/2`) with the cluster's
+//! or a ticket), sends requests over iroh QUIC (ALPN `aspen-client/3`, all
+//! of a client's concurrent requests to one node multiplexed on one stream) with the cluster's
 //! client token, follows leader redirects for cluster operations, and retries only what is
 //! safe to retry: reads always, writes only when they certainly were not applied.
 //!
@@ -203,7 +204,7 @@ impl AspenClient {
     /// Sends one request to one node.
     pub async fn call_node(&self, peer: &PeerAddr, request: ClientRequest) -> Result<ClientResponse, ClientError> {
         let envelope = ClientEnvelope { token: self.token.clone(), request };
-        match self.rpc.call(peer, CLIENT_ALPN, &envelope).await {
+        match self.rpc.call_muxed(peer, CLIENT_ALPN, &envelope).await {
             Ok(ClientResponse::Unauthorized(reason)) => Err(ClientError::Unauthorized(reason)),
             Ok(ClientResponse::Rejected(reason)) => Err(ClientError::Rejected(reason)),
             Ok(response) => Ok(response),

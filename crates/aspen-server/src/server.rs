@@ -8,7 +8,7 @@ use aspen_consensus::{HealthTracker, RaftNode};
 use aspen_raft_storage::{RedbLogStore, SqliteStateMachine};
 use aspen_transport::EndpointId;
 use aspen_transport::{
-    CLIENT_ALPN, MemoryLookup, PeerAddr, RAFT_ALPN, RpcClient, RpcProtocol, bind_endpoint_with_lookup,
+    CLIENT_ALPN, MemoryLookup, MuxProtocol, PeerAddr, RAFT_ALPN, RpcClient, RpcProtocol, bind_endpoint_with_lookup,
     load_or_create_secret_key,
 };
 use iroh::protocol::Router;
@@ -144,7 +144,7 @@ impl Server {
         let client_service = ClientService::new(node.clone(), config.client_token.clone(), Arc::clone(&metrics));
         let router = Router::builder(endpoint)
             .accept(RAFT_ALPN, RpcProtocol::new(Arc::new(raft_service)))
-            .accept(CLIENT_ALPN, RpcProtocol::new(Arc::new(client_service)))
+            .accept(CLIENT_ALPN, MuxProtocol::new(Arc::new(client_service)))
             .accept(iroh_gossip::ALPN, gossip.clone())
             .spawn();
 

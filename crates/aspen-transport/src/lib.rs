@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod endpoint;
 pub mod error;
+pub mod mux;
 pub mod peer;
 pub mod rpc;
 
@@ -16,10 +17,11 @@ pub use endpoint::{InternetServices, bind_endpoint, bind_endpoint_with_lookup, l
 pub use error::TransportError;
 pub use iroh::address_lookup::MemoryLookup;
 pub use iroh::{Endpoint, EndpointId, SecretKey};
+pub use mux::MuxProtocol;
 pub use peer::PeerAddr;
 pub use rpc::{RpcClient, RpcHandler, RpcProtocol};
 
 /// ALPN of the Raft RPC protocol between nodes.
 pub const RAFT_ALPN: &[u8] = b"aspen-raft/2";
 /// ALPN of the client RPC protocol.
-pub const CLIENT_ALPN: &[u8] = b"aspen-client/2";
+pub const CLIENT_ALPN: &[u8] = b"aspen-client/3";

@@ -28,9 +28,10 @@ use iroh::protocol::{AcceptError, ProtocolHandler};
 use iroh::{Endpoint, EndpointId};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::TransportError;
+use crate::mux::MuxSession;
 use crate::peer::PeerAddr;
 
 /// Longest wait for a connection.
@@ -68,7 +69,7 @@ const CLOSE_SILENT: u32 = 408;
 
 type PoolKey = (EndpointId, &'static [u8]);
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -141,10 +142,12 @@ struct Lane {
     idle_since: Instant,
 }
 
-/// A pooled connection and its idle lanes (most recently used last).
+/// A pooled connection, its idle lanes (most recently used last) and its multiplexed
+/// stream, once a call used one.
 struct PoolEntry {
     connection: Arc<WatchedConnection>,
     idle: Vec<Lane>,
+    mux: Option<Arc<MuxSession>>,
 }
 
 /// Sends requests to peers over pooled connections and lanes.
@@ -152,6 +155,9 @@ pub struct RpcClient {
     endpoint: Endpoint,
     pool: Mutex<HashMap<PoolKey, PoolEntry>>,
     read_timeout: Duration,
+    /// Held while a multiplexed stream is being opened, so that callers arriving together
+    /// open one stream, not one each.
+    mux_opening: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for RpcClient {
@@ -218,12 +224,12 @@ async fn read_frame_body(recv: &mut RecvStream, size: usize) -> Result<Vec<u8>, 
 impl RpcClient {
     /// A client sending from `endpoint`.
     pub fn new(endpoint: Endpoint) -> Self {
-        RpcClient { endpoint, pool: Mutex::new(HashMap::new()), read_timeout: READ_TIMEOUT }
+        RpcClient::with_read_timeout(endpoint, READ_TIMEOUT)
     }
 
     /// A client with a custom reply timeout (for long operations such as snapshot installs).
     pub fn with_read_timeout(endpoint: Endpoint, read_timeout: Duration) -> Self {
-        RpcClient { endpoint, pool: Mutex::new(HashMap::new()), read_timeout }
+        RpcClient { endpoint, pool: Mutex::new(HashMap::new()), read_timeout, mux_opening: tokio::sync::Mutex::new(()) }
     }
 
     /// The endpoint requests are sent from.
@@ -300,7 +306,7 @@ impl RpcClient {
             .map_err(|error| TransportError::Connect { peer: peer.short(), reason: error.to_string() })?;
         let watched = Arc::new(WatchedConnection { connection, unheard: Mutex::new(None) });
         tokio::spawn(close_when_silent(Arc::downgrade(&watched), peer.short()));
-        self.lock_pool().insert(key, PoolEntry { connection: Arc::clone(&watched), idle: Vec::new() });
+        self.lock_pool().insert(key, PoolEntry { connection: Arc::clone(&watched), idle: Vec::new(), mux: None });
         Ok(watched)
     }
 
@@ -310,6 +316,17 @@ impl RpcClient {
         if let Some(lane) = self.take_idle_lane(&key) {
             return Ok(lane);
         }
+        let (connection, send, recv) = self.open_stream(peer, alpn).await?;
+        Ok(Lane { send, recv, connection, idle_since: Instant::now() })
+    }
+
+    /// Opens a bi-stream to `peer` on `alpn`, on the pooled connection or a new one.
+    async fn open_stream(
+        &self,
+        peer: &PeerAddr,
+        alpn: &'static [u8],
+    ) -> Result<(Arc<WatchedConnection>, SendStream, RecvStream), TransportError> {
+        let key = (peer.id, alpn);
         // A pooled connection may have died since last use; opening a stream tells, and
         // nothing was sent yet, so one retry on a fresh connection is always safe.
         let mut attempt = 0;
@@ -317,9 +334,7 @@ impl RpcClient {
             let watched = self.watched_connection(peer, alpn).await?;
             let opened = tokio::time::timeout(STREAM_OPEN_TIMEOUT, watched.connection.open_bi()).await;
             match opened {
-                Ok(Ok((send, recv))) => {
-                    return Ok(Lane { send, recv, connection: watched, idle_since: Instant::now() });
-                }
+                Ok(Ok((send, recv))) => return Ok((watched, send, recv)),
                 Ok(Err(error)) if attempt == 0 => {
                     tracing::debug!(peer = %peer.short(), %error, "pooled connection is dead; reconnecting");
                     self.forget(&key);
@@ -374,6 +389,67 @@ impl RpcClient {
         postcard::from_bytes(&reply).map_err(|error| TransportError::Codec(error.to_string()))
     }
 
+    /// The pooled multiplexed stream for `key`, if it and its connection still work.
+    fn pooled_mux(&self, key: &PoolKey) -> Option<(Arc<WatchedConnection>, Arc<MuxSession>)> {
+        let pool = self.lock_pool();
+        let entry = pool.get(key)?;
+        let session = entry.mux.as_ref()?;
+        if entry.connection.connection.close_reason().is_some() || session.is_broken() {
+            return None;
+        }
+        Some((Arc::clone(&entry.connection), Arc::clone(session)))
+    }
+
+    /// The multiplexed stream to `peer` on `alpn`: the pooled one while it works, or a new
+    /// one (on a new connection if the pooled one died).
+    async fn mux_session(
+        &self,
+        peer: &PeerAddr,
+        alpn: &'static [u8],
+    ) -> Result<(Arc<WatchedConnection>, Arc<MuxSession>), TransportError> {
+        let key = (peer.id, alpn);
+        if let Some(found) = self.pooled_mux(&key) {
+            return Ok(found);
+        }
+        let _opening = self.mux_opening.lock().await;
+        if let Some(found) = self.pooled_mux(&key) {
+            return Ok(found);
+        }
+        let (watched, send, recv) = self.open_stream(peer, alpn).await?;
+        let session = MuxSession::start(send, recv, peer.short());
+        if let Some(entry) = self.lock_pool().get_mut(&key)
+            && Arc::ptr_eq(&entry.connection, &watched)
+        {
+            entry.mux = Some(Arc::clone(&session));
+        }
+        Ok((watched, session))
+    }
+
+    /// Sends `request` to `peer` on `alpn` over the connection's multiplexed stream (see
+    /// [`crate::mux`]) and decodes the reply; the server must serve `alpn` with a
+    /// [`crate::mux::MuxProtocol`]. Many calls may wait on the stream at once.
+    pub async fn call_muxed<Req, Resp>(
+        &self,
+        peer: &PeerAddr,
+        alpn: &'static [u8],
+        request: &Req,
+    ) -> Result<Resp, TransportError>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+    {
+        let (watched, session) = self.mux_session(peer, alpn).await?;
+        let exchange = async {
+            watched.request_sent();
+            let mut claim = session.send(request).await?;
+            claim.reply(&session).await
+        };
+        let reply = tokio::time::timeout(self.read_timeout, exchange).await.map_err(|_| {
+            TransportError::ReadTimeout { peer: peer.short(), after_ms: self.read_timeout.as_millis() as u64 }
+        })??;
+        postcard::from_bytes(&reply).map_err(|error| TransportError::Codec(error.to_string()))
+    }
+
     /// Closes every pooled connection.
     pub fn close_all(&self) {
         let mut pool = self.lock_pool();
@@ -400,42 +476,73 @@ pub trait RpcHandler: Send + Sync + 'static {
 /// Serves an [`RpcHandler`] as an iroh protocol, with connection and message bounds.
 pub struct RpcProtocol<H> {
     handler: Arc<H>,
-    connections: Arc<Semaphore>,
+    connections: ConnectionLimit,
 }
 
 impl<H> RpcProtocol<H> {
     /// Serves `handler`, accepting at most `MAX_CONCURRENT_CONNECTIONS` connections at once.
     pub fn new(handler: Arc<H>) -> Self {
-        RpcProtocol { handler, connections: Arc::new(Semaphore::new(MAX_CONCURRENT_CONNECTIONS)) }
+        RpcProtocol { handler, connections: ConnectionLimit::default() }
     }
 }
 
 impl<H> fmt::Debug for RpcProtocol<H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RpcProtocol").field("free_connections", &self.connections.available_permits()).finish()
+        f.debug_struct("RpcProtocol").field("free_connections", &self.connections.free()).finish()
     }
 }
 
 impl<H: RpcHandler> ProtocolHandler for RpcProtocol<H> {
     async fn accept(&self, connection: Connection) -> Result<(), AcceptError> {
         let peer = connection.remote_id();
-        let Ok(_permit) = Arc::clone(&self.connections).try_acquire_owned() else {
-            tracing::warn!(peer = %peer.fmt_short(), "connection limit reached; refusing");
-            connection.close(VarInt::from_u32(CLOSE_BUSY), b"too many connections");
-            return Ok(());
-        };
-        loop {
-            let (send, recv) = match connection.accept_bi().await {
-                Ok(streams) => streams,
-                Err(ConnectionError::ApplicationClosed(_) | ConnectionError::LocallyClosed) => return Ok(()),
-                Err(error) => {
-                    tracing::debug!(peer = %peer.fmt_short(), %error, "connection ended");
-                    return Ok(());
-                }
-            };
-            // Streams are bounded per connection by the QUIC config
-            // (MAX_STREAMS_PER_CONNECTION), so these tasks are bounded too.
+        let Some(_permit) = self.connections.admit(&connection) else { return Ok(()) };
+        accept_streams(&connection, |send, recv| {
             tokio::spawn(serve_lane(Arc::clone(&self.handler), peer, send, recv));
+        })
+        .await;
+        Ok(())
+    }
+}
+
+/// Admits at most `MAX_CONCURRENT_CONNECTIONS` connections at once.
+pub(crate) struct ConnectionLimit(Arc<Semaphore>);
+
+impl Default for ConnectionLimit {
+    fn default() -> Self {
+        ConnectionLimit(Arc::new(Semaphore::new(MAX_CONCURRENT_CONNECTIONS)))
+    }
+}
+
+impl ConnectionLimit {
+    /// How many more connections would be admitted now.
+    pub(crate) fn free(&self) -> usize {
+        self.0.available_permits()
+    }
+
+    /// A place for `connection`, held until dropped, or `None` once the connection has been
+    /// closed as refused.
+    pub(crate) fn admit(&self, connection: &Connection) -> Option<OwnedSemaphorePermit> {
+        let permit = Arc::clone(&self.0).try_acquire_owned().ok();
+        if permit.is_none() {
+            tracing::warn!(peer = %connection.remote_id().fmt_short(), "connection limit reached; refusing");
+            connection.close(VarInt::from_u32(CLOSE_BUSY), b"too many connections");
+        }
+        permit
+    }
+}
+
+/// Hands every bi-stream the peer opens on `connection` to `serve` until the connection ends.
+/// Streams are bounded per connection by the QUIC config (MAX_STREAMS_PER_CONNECTION), so
+/// whatever `serve` spawns per stream is bounded too.
+pub(crate) async fn accept_streams(connection: &Connection, mut serve: impl FnMut(SendStream, RecvStream)) {
+    loop {
+        match connection.accept_bi().await {
+            Ok((send, recv)) => serve(send, recv),
+            Err(ConnectionError::ApplicationClosed(_) | ConnectionError::LocallyClosed) => return,
+            Err(error) => {
+                tracing::debug!(peer = %connection.remote_id().fmt_short(), %error, "connection ended");
+                return;
+            }
         }
     }
 }
