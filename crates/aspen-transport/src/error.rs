@@ -78,6 +78,14 @@ pub enum TransportError {
     /// A message could not be encoded or decoded.
     #[error("malformed message: {0}")]
     Codec(String),
+    /// The request was not sent: the stream it would have gone on had already failed.
+    #[error("not sent to {peer}: {reason}")]
+    NotSent {
+        /// The peer.
+        peer: String,
+        /// Why the stream failed.
+        reason: String,
+    },
 }
 
 impl TransportError {
@@ -90,6 +98,7 @@ impl TransportError {
                 | TransportError::OpenTimeout { .. }
                 | TransportError::InvalidPeerAddr { .. }
                 | TransportError::MessageTooLarge { .. }
+                | TransportError::NotSent { .. }
         )
     }
 }

@@ -167,18 +167,19 @@ impl MuxSession {
         let slot = Arc::clone(&self.slots)
             .acquire_owned()
             .await
-            .map_err(|_| TransportError::Stream { peer: self.peer.clone(), reason: "session closed".into() })?;
+            .map_err(|_| TransportError::NotSent { peer: self.peer.clone(), reason: "session closed".into() })?;
         let (tx, reply) = oneshot::channel();
         {
             let mut pending = lock(&self.pending);
             if let Some(error) = &pending.broken {
-                return Err(error.clone());
+                return Err(TransportError::NotSent { peer: self.peer.clone(), reason: error.to_string() });
             }
             pending.waiting.insert(id, tx);
         }
         let claim = ReplySlot { id, reply, pending: Arc::clone(&self.pending), _slot: slot };
         if self.outbox.send(frame).await.is_err() {
-            return Err(TransportError::Stream { peer: self.peer.clone(), reason: "the stream's writer ended".into() });
+            let reason = "the stream's writer ended".to_string();
+            return Err(TransportError::NotSent { peer: self.peer.clone(), reason });
         }
         Ok(claim)
     }
