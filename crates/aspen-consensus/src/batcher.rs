@@ -2,6 +2,7 @@
 //! one apply transaction) carries many writes. This is where write throughput comes from.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aspen_api::limits::{MAX_BATCH_SIZE, MAX_VALUE_SIZE};
@@ -9,7 +10,7 @@ use aspen_api::{ApplyError, KvError, WriteCommand, WriteResponse};
 use aspen_raft_storage::rt;
 use aspen_raft_storage::{EntryResponse, SqliteStateMachine, TypeConfig};
 use openraft::Raft;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::errors::client_write_error;
 
@@ -26,6 +27,49 @@ pub struct PendingWrite {
     pub command: WriteCommand,
     /// Where its result goes.
     pub reply: oneshot::Sender<Result<WriteResponse, KvError>>,
+}
+
+/// The proposal slots shared by the batcher and the direct path.
+pub struct Proposals {
+    slots: Arc<Semaphore>,
+    /// Entries proposed and not yet answered.
+    proposing: AtomicUsize,
+}
+
+/// A proposal in flight: holds its slot and counts in `proposing` until dropped.
+pub struct Proposing<'a> {
+    proposals: &'a Proposals,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Drop for Proposing<'_> {
+    fn drop(&mut self) {
+        self.proposals.proposing.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Proposals {
+    /// At most `max_in_flight` entries proposed at once.
+    pub fn new(max_in_flight: usize) -> Arc<Proposals> {
+        Arc::new(Proposals { slots: Arc::new(Semaphore::new(max_in_flight)), proposing: AtomicUsize::new(0) })
+    }
+
+    fn start(&self, slot: OwnedSemaphorePermit) -> Proposing<'_> {
+        self.proposing.fetch_add(1, Ordering::AcqRel);
+        Proposing { proposals: self, _slot: slot }
+    }
+
+    /// A slot for a write to be proposed straight from its caller's task, skipping the
+    /// batcher's two task hand-offs, when it could share an entry with nothing: no write is
+    /// queued (`queue_empty`) and no entry is being proposed. A lone client's writes take
+    /// this path; concurrent ones find a proposal in flight and queue up to be grouped.
+    pub fn try_direct(&self, queue_empty: bool) -> Option<Proposing<'_>> {
+        if !queue_empty || self.proposing.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        let slot = Arc::clone(&self.slots).try_acquire_owned().ok()?;
+        Some(self.start(slot))
+    }
 }
 
 fn payload_bytes(command: &WriteCommand) -> usize {
@@ -46,16 +90,15 @@ fn payload_bytes(command: &WriteCommand) -> usize {
 pub async fn run(
     raft: AspenRaft,
     mut queue: mpsc::Receiver<PendingWrite>,
-    max_in_flight: usize,
+    proposals: Arc<Proposals>,
     write_timeout: Duration,
 ) {
-    let in_flight = Arc::new(Semaphore::new(max_in_flight));
     let mut carry: Option<PendingWrite> = None;
     loop {
         // The slot comes first and the group second: writes that arrive while every slot
         // is busy wait in the queue and all join the next group, instead of that group
         // being fixed at whatever was queued when its first write came.
-        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { return };
+        let Ok(slot) = Arc::clone(&proposals.slots).acquire_owned().await else { return };
         let first = match carry.take() {
             Some(write) => write,
             None => match queue.recv().await {
@@ -79,11 +122,24 @@ pub async fn run(
                 group.push(next);
             }
         }
-        let raft = raft.clone();
+        let (raft, proposals) = (raft.clone(), Arc::clone(&proposals));
         rt::spawn(async move {
+            let _proposing = proposals.start(slot);
             propose(&raft, group, write_timeout).await;
-            drop(permit);
         });
+    }
+}
+
+/// Proposes one write as an entry of its own and waits for its result.
+pub async fn propose_one(
+    raft: &AspenRaft,
+    command: WriteCommand,
+    write_timeout: Duration,
+) -> Result<WriteResponse, KvError> {
+    match rt::timeout(write_timeout, raft.client_write(command)).await {
+        Ok(Ok(response)) => entry_result(response.data),
+        Ok(Err(error)) => Err(client_write_error(error)),
+        Err(_) => Err(KvError::Timeout { after_ms: write_timeout.as_millis() as u64 }),
     }
 }
 
@@ -91,12 +147,7 @@ async fn propose(raft: &AspenRaft, mut group: Vec<PendingWrite>, write_timeout: 
     let timed_out = || KvError::Timeout { after_ms: write_timeout.as_millis() as u64 };
     if group.len() == 1 {
         let Some(write) = group.pop() else { return };
-        let result = match rt::timeout(write_timeout, raft.client_write(write.command)).await {
-            Ok(Ok(response)) => entry_result(response.data),
-            Ok(Err(error)) => Err(client_write_error(error)),
-            Err(_) => Err(timed_out()),
-        };
-        let _ = write.reply.send(result);
+        let _ = write.reply.send(propose_one(raft, write.command, write_timeout).await);
         return;
     }
     let (commands, replies): (Vec<_>, Vec<_>) = group.into_iter().map(|write| (write.command, write.reply)).unzip();
@@ -129,5 +180,29 @@ fn entry_result(response: EntryResponse) -> Result<WriteResponse, KvError> {
     match response {
         EntryResponse::Write(result) => result.map_err(|error: ApplyError| KvError::Apply(error)),
         EntryResponse::NoOp => Err(KvError::Storage("write entry produced no response".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_direct_path_is_taken_only_when_nothing_is_queued_or_proposed() {
+        let proposals = Proposals::new(2);
+        assert!(proposals.try_direct(false).is_none(), "writes are queued: group with them");
+        let first = proposals.try_direct(true).expect("idle: a lone write goes straight to Raft");
+        assert!(proposals.try_direct(true).is_none(), "an entry is being proposed: queue up to be grouped");
+        drop(first);
+        assert_eq!(proposals.proposing.load(Ordering::Acquire), 0);
+
+        // The batcher's slots count too: with every slot taken there is no direct path.
+        let held: Vec<_> = (0..2).map(|_| Arc::clone(&proposals.slots).try_acquire_owned().expect("slot")).collect();
+        assert!(proposals.try_direct(true).is_none(), "no free slot");
+        drop(held);
+        let direct = proposals.try_direct(true).expect("slots free again");
+        assert_eq!(proposals.slots.available_permits(), 1, "the direct write holds a slot");
+        drop(direct);
+        assert_eq!(proposals.slots.available_permits(), 2);
     }
 }

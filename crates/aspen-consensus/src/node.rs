@@ -20,7 +20,7 @@ use openraft::error::{InitializeError, LinearizableReadError, RaftError};
 use openraft::{ChangeMembers, RaftMetrics, ReadPolicy, ServerState};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use crate::batcher::{self, AspenRaft, PendingWrite};
+use crate::batcher::{self, AspenRaft, PendingWrite, Proposals};
 use crate::config::ConsensusConfig;
 use crate::errors::{cluster_write_error, not_leader};
 use crate::health::HealthTracker;
@@ -64,6 +64,7 @@ struct Inner<C> {
     rpc: Arc<C>,
     health: Arc<HealthTracker>,
     writes: mpsc::Sender<PendingWrite>,
+    proposals: Arc<Proposals>,
     reads: SharedRounds<u64>,
     /// Leader checks for client-confirmed reads, shared like ReadIndex rounds.
     stamps: SharedRounds<Option<(LeaderStamp, u64)>>,
@@ -93,7 +94,8 @@ impl<C: RaftRpcClient> RaftNode<C> {
         .map_err(|error| StartError::Raft(error.to_string()))?;
         rt::spawn(track_role(raft.metrics(), leader_switch));
         let (writes, queue) = mpsc::channel(config.max_pending_writes);
-        rt::spawn(batcher::run(raft.clone(), queue, config.max_batches_in_flight, config.write_timeout));
+        let proposals = Proposals::new(config.max_batches_in_flight);
+        rt::spawn(batcher::run(raft.clone(), queue, Arc::clone(&proposals), config.write_timeout));
         let inner = Inner {
             config,
             raft,
@@ -102,6 +104,7 @@ impl<C: RaftRpcClient> RaftNode<C> {
             rpc,
             health,
             writes,
+            proposals,
             reads: SharedRounds::default(),
             stamps: SharedRounds::default(),
             snapshot_inbox: Mutex::new(None),
@@ -156,9 +159,14 @@ impl<C: RaftRpcClient> RaftNode<C> {
         })
     }
 
-    /// Proposes a write on this node (which must lead), through the batcher.
+    /// Proposes a write on this node (which must lead), through the batcher, or directly
+    /// when there is nothing to group it with.
     async fn propose(&self, command: WriteCommand) -> Result<WriteResponse, KvError> {
         let timeout = self.inner.config.write_timeout;
+        let queue_empty = self.inner.writes.capacity() == self.inner.writes.max_capacity();
+        if let Some(_proposing) = self.inner.proposals.try_direct(queue_empty) {
+            return batcher::propose_one(&self.inner.raft, command, timeout).await;
+        }
         let after_ms = timeout.as_millis() as u64;
         let (reply, result) = oneshot::channel();
         rt::timeout(timeout, self.inner.writes.send(PendingWrite { command, reply }))
