@@ -31,7 +31,7 @@ use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::error::TransportError;
-use crate::rpc::{ConnectionLimit, RpcHandler, accept_streams, lock};
+use crate::rpc::{ConnectionLimit, RpcHandler, accept_streams, answer, encode_with_header, lock};
 
 /// Most requests waiting for their reply on one multiplexed stream, on either side.
 pub const MAX_MUX_IN_FLIGHT: usize = 1024;
@@ -47,13 +47,7 @@ const RESET_TOO_LARGE: u32 = 413;
 /// Encodes `message` as a multiplexed frame with request id `id`, refusing one over
 /// `MAX_RPC_MESSAGE_SIZE` before anything is sent.
 pub fn encode_mux_frame<T: Serialize>(id: u64, message: &T) -> Result<Vec<u8>, TransportError> {
-    let mut frame = postcard::to_extend(message, vec![0; MUX_HEADER_SIZE])
-        .map_err(|error| TransportError::Codec(error.to_string()))?;
-    let size = frame.len() - MUX_HEADER_SIZE;
-    if size > MAX_RPC_MESSAGE_SIZE {
-        return Err(TransportError::MessageTooLarge { size, max: MAX_RPC_MESSAGE_SIZE });
-    }
-    frame[..4].copy_from_slice(&(size as u32).to_le_bytes());
+    let mut frame = encode_with_header(message, MUX_HEADER_SIZE)?;
     frame[4..MUX_HEADER_SIZE].copy_from_slice(&id.to_le_bytes());
     Ok(frame)
 }
@@ -282,24 +276,9 @@ impl<H: RpcHandler> ProtocolHandler for MuxProtocol<H> {
     }
 }
 
-/// Encodes `reply` to request `id`, or the handler's rejection if it is too large.
-fn reply_frame<H: RpcHandler>(handler: &H, peer: EndpointId, id: u64, reply: &H::Response) -> Option<Vec<u8>> {
-    match encode_mux_frame(id, reply) {
-        Ok(frame) => Some(frame),
-        Err(error) => encode_mux_frame(id, &handler.reject(peer, error)).ok(),
-    }
-}
-
 /// Handles one request body.
 async fn handle<H: RpcHandler>(handler: &H, peer: EndpointId, id: u64, body: Vec<u8>) -> Option<Vec<u8>> {
-    let reply = match postcard::from_bytes::<H::Request>(&body) {
-        Ok(request) => handler.handle(peer, request).await,
-        Err(error) => {
-            tracing::warn!(peer = %peer.fmt_short(), %error, "malformed request");
-            handler.reject(peer, TransportError::Codec(error.to_string()))
-        }
-    };
-    reply_frame(handler, peer, id, &reply)
+    answer(handler, peer, &body, |reply| encode_mux_frame(id, reply)).await
 }
 
 /// Serves one multiplexed stream: runs up to [`MAX_MUX_IN_FLIGHT`] requests at once on this

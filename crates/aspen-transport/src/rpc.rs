@@ -169,14 +169,43 @@ impl fmt::Debug for RpcClient {
 /// Encodes `message` as one frame (length prefix and postcard bytes), refusing one over
 /// `MAX_RPC_MESSAGE_SIZE` before anything is sent.
 fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, TransportError> {
-    let mut frame = postcard::to_extend(message, vec![0; FRAME_HEADER_SIZE])
-        .map_err(|error| TransportError::Codec(error.to_string()))?;
-    let size = frame.len() - FRAME_HEADER_SIZE;
+    encode_with_header(message, FRAME_HEADER_SIZE)
+}
+
+/// Encodes `message` behind a `header`-byte header whose first four bytes get the body's
+/// little-endian length (the caller fills in the rest), refusing a body over
+/// `MAX_RPC_MESSAGE_SIZE` before anything is sent.
+pub(crate) fn encode_with_header<T: Serialize>(message: &T, header: usize) -> Result<Vec<u8>, TransportError> {
+    let mut frame =
+        postcard::to_extend(message, vec![0; header]).map_err(|error| TransportError::Codec(error.to_string()))?;
+    let size = frame.len() - header;
     if size > MAX_RPC_MESSAGE_SIZE {
         return Err(TransportError::MessageTooLarge { size, max: MAX_RPC_MESSAGE_SIZE });
     }
     frame[..FRAME_HEADER_SIZE].copy_from_slice(&(size as u32).to_le_bytes());
     Ok(frame)
+}
+
+/// Decodes one request body, has `handler` answer it and encodes the reply with `encode`;
+/// a body that does not decode or a reply too large to send gets the handler's rejection
+/// instead. `None` if not even the rejection encodes.
+pub(crate) async fn answer<H: RpcHandler>(
+    handler: &H,
+    peer: EndpointId,
+    body: &[u8],
+    encode: impl Fn(&H::Response) -> Result<Vec<u8>, TransportError> + Send,
+) -> Option<Vec<u8>> {
+    let reply = match postcard::from_bytes::<H::Request>(body) {
+        Ok(request) => handler.handle(peer, request).await,
+        Err(error) => {
+            tracing::warn!(peer = %peer.fmt_short(), %error, "malformed request");
+            handler.reject(peer, TransportError::Codec(error.to_string()))
+        }
+    };
+    match encode(&reply) {
+        Ok(frame) => Some(frame),
+        Err(error) => encode(&handler.reject(peer, error)).ok(),
+    }
 }
 
 /// Why a frame could not be read.
@@ -582,20 +611,7 @@ async fn serve_lane<H: RpcHandler>(handler: Arc<H>, peer: EndpointId, mut send: 
                 return;
             }
         };
-        let reply = match postcard::from_bytes::<H::Request>(&body) {
-            Ok(request) => handler.handle(peer, request).await,
-            Err(error) => {
-                tracing::warn!(peer = %peer.fmt_short(), %error, "malformed request");
-                handler.reject(peer, TransportError::Codec(error.to_string()))
-            }
-        };
-        let frame = match encode_frame(&reply) {
-            Ok(frame) => frame,
-            Err(error) => match encode_frame(&handler.reject(peer, error)) {
-                Ok(frame) => frame,
-                Err(_) => return,
-            },
-        };
+        let Some(frame) = answer(&*handler, peer, &body, encode_frame).await else { return };
         if send.write_all(&frame).await.is_err() {
             return;
         }
