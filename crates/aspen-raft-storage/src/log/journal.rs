@@ -50,8 +50,15 @@ use crate::error::LogStoreError;
 /// fills before the other is checkpointed. Under the simulator 16, so that its short runs
 /// switch files, checkpoint off the lock, fall back and crash in between often.
 pub const JOURNAL_CHECKPOINT_RECORDS: u64 = if cfg!(madsim) { 16 } else { 256 };
-/// Bytes in one file after which appends move to the other.
-pub const JOURNAL_CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
+/// Most bytes of records in one file before appends move to the other. Each file's share is
+/// drawn anew at every switch between half this and this ([`Journal::switch`]), from a
+/// sequence seeded by the journal's path, so that the nodes of a cluster, which journal the
+/// same entries, do not all checkpoint at the same moment. A checkpoint is a durable redb
+/// commit of the file's rows; on a shared disk three simultaneous ones (at 256 records,
+/// about 8 MB each under 256 clients) took 64-200 ms and held every node's journal
+/// fdatasync for 25-50 ms, so the quorum was slow together: a 50-130 ms write stall about
+/// once a second. Under the simulator the share is fixed (records bind first there anyway).
+pub const JOURNAL_CHECKPOINT_BYTES: u64 = 2 * 1024 * 1024;
 /// Largest record; a larger append is committed durably to redb directly instead.
 pub const MAX_JOURNAL_RECORD: usize = 4 * 1024 * 1024;
 /// How far ahead of its records a file is extended with zeros at a time. Smaller steps
@@ -168,8 +175,20 @@ pub(crate) struct Journal {
     file_last_seq: [u64; 2],
     /// Records written to the current file since it started over.
     in_current: u64,
+    /// Bytes of records the current file takes ([`JOURNAL_CHECKPOINT_BYTES`]).
+    share: u64,
+    /// State of the sequence the shares are drawn from.
+    share_seed: u64,
     /// Reused encoding buffer.
     buffer: Vec<u8>,
+}
+
+/// A nonzero seed for a journal's shares from its path: different on every node.
+fn seed_of(path: &Path) -> u64 {
+    let hash = blake3::hash(path.as_os_str().as_encoded_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&hash.as_bytes()[..8]);
+    u64::from_le_bytes(bytes) | 1
 }
 
 fn journal_error(path: &Path, error: impl std::fmt::Display) -> LogStoreError {
@@ -195,7 +214,7 @@ impl Journal {
         let records = merge_runs(runs, checkpointed_seq, &paths[0])?;
         let last_seq = records.last().map_or(checkpointed_seq, |record| record.seq);
         let allocated = [files[0].len()?, files[1].len()?];
-        let journal = Journal {
+        let mut journal = Journal {
             files,
             current: 0,
             offset: 0,
@@ -204,8 +223,11 @@ impl Journal {
             // Until the caller's checkpoint, the replayed records count as unsaved.
             file_last_seq: [last_seq, last_seq],
             in_current: records.len() as u64,
+            share: JOURNAL_CHECKPOINT_BYTES,
+            share_seed: seed_of(&paths[0]),
             buffer: Vec::new(),
         };
+        journal.share = journal.next_share();
         Ok((journal, records))
     }
 
@@ -230,8 +252,22 @@ impl Journal {
     /// records, or the record would take it past its share of bytes (an empty file takes
     /// any record up to [`MAX_JOURNAL_RECORD`]).
     fn full(&self, bytes: usize) -> bool {
-        self.in_current >= JOURNAL_CHECKPOINT_RECORDS
-            || (self.offset > 0 && self.offset + (bytes as u64) > JOURNAL_CHECKPOINT_BYTES)
+        self.in_current >= JOURNAL_CHECKPOINT_RECORDS || (self.offset > 0 && self.offset + (bytes as u64) > self.share)
+    }
+
+    /// The next file's share of bytes: between half of [`JOURNAL_CHECKPOINT_BYTES`] and all
+    /// of it (all of it under the simulator, whose runs must not depend on paths).
+    fn next_share(&mut self) -> u64 {
+        if cfg!(madsim) {
+            return JOURNAL_CHECKPOINT_BYTES;
+        }
+        // xorshift64*: enough to spread shares; nothing depends on its quality.
+        self.share_seed ^= self.share_seed >> 12;
+        self.share_seed ^= self.share_seed << 25;
+        self.share_seed ^= self.share_seed >> 27;
+        let drawn = self.share_seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let half = JOURNAL_CHECKPOINT_BYTES / 2;
+        half + drawn % (half + 1)
     }
 
     /// What an append of about `bytes` of rows does, given that durable commits cover
@@ -259,6 +295,7 @@ impl Journal {
         self.current = 1 - self.current;
         self.offset = 0;
         self.in_current = 0;
+        self.share = self.next_share();
         self.file_last_seq[self.current] = 0;
         Ok(self.last_seq)
     }
@@ -582,6 +619,47 @@ mod tests {
         write(&mut journal, &rows(4, 1));
         assert_eq!(len(&path), 2 * JOURNAL_GROW_STEP);
         assert_eq!(len(&paths[1]), 0, "the second file is not written before a switch");
+    }
+
+    /// Record payload bytes that keep each record's size exact: `index | length | row`.
+    fn sized_row(index: u64, record_bytes: usize) -> Vec<(u64, Vec<u8>)> {
+        vec![(index, vec![1u8; record_bytes - HEADER_LEN - ROW_HEADER_LEN])]
+    }
+
+    /// The bytes written to the current file when it switched, for each of `switches` files.
+    fn fill_bytes(path: &Path, switches: usize) -> Vec<u64> {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("node dir");
+        let paths = journal_paths(path);
+        let (mut journal, _) = Journal::open(&paths, 0).expect("open");
+        let mut filled = Vec::new();
+        let mut index = 1;
+        while filled.len() < switches {
+            let record = sized_row(index, 16 * 1024);
+            let bytes = record[0].1.len() + ROW_HEADER_LEN;
+            if journal.full(bytes) {
+                filled.push(journal.offset);
+                journal.switch().expect("switch");
+                journal.checkpointed();
+            }
+            write(&mut journal, &record);
+            index += 1;
+        }
+        filled
+    }
+
+    #[test]
+    fn each_file_takes_a_share_of_bytes_that_differs_between_nodes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node_a = fill_bytes(&dir.path().join("a").join("log.redb"), 8);
+        let node_b = fill_bytes(&dir.path().join("b").join("log.redb"), 8);
+        for filled in node_a.iter().chain(&node_b) {
+            // Records of 16 KiB stop within one record of the share, which is at least half
+            // the limit and at most all of it.
+            assert!(*filled + 16 * 1024 > JOURNAL_CHECKPOINT_BYTES / 2, "{filled} under half the limit");
+            assert!(*filled <= JOURNAL_CHECKPOINT_BYTES, "{filled} over the limit");
+        }
+        assert!(node_a.windows(2).any(|pair| pair[0] != pair[1]), "shares vary from file to file: {node_a:?}");
+        assert_ne!(node_a, node_b, "two nodes journaling the same records switch at different points");
     }
 
     #[test]
