@@ -80,6 +80,12 @@ struct Args {
     /// Print the report as JSON instead of markdown.
     #[arg(long)]
     json: bool,
+    /// Also write every row's requests, one `end_us,latency_us` line each (microseconds
+    /// since the row started, after a `# <row start, Unix microseconds>` line), to
+    /// `<workload>-x<clients>-<system>-r<round>.csv` in this directory: for lining up slow
+    /// requests with node logs and disk activity.
+    #[arg(long)]
+    timeline_dir: Option<PathBuf>,
 }
 
 impl Args {
@@ -235,6 +241,9 @@ async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
                 } else {
                     bar.println(line)
                 }
+                if let Some(dir) = &args.timeline_dir {
+                    write_timeline(dir, step, system, round, &run)?;
+                }
                 runs.entry((index, system)).or_default().push(run);
                 bar.inc(1);
             }
@@ -322,6 +331,18 @@ fn default_node_bin() -> PathBuf {
         Ok(exe) if exe.with_file_name("aspen-node").is_file() => exe.with_file_name("aspen-node"),
         _ => PathBuf::from("aspen-node"),
     }
+}
+
+/// Writes one row's requests for `--timeline-dir`.
+fn write_timeline(dir: &Path, step: &Step, system: System, round: usize, run: &RowRun) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = format!("{}-x{}-{}-r{round}.csv", step.workload.name(), step.clients, system.label());
+    let path = dir.join(name);
+    let mut text = format!("# {}\n", run.epoch_unix_us);
+    for (end, latency) in &run.timeline {
+        text += &format!("{end},{latency}\n");
+    }
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 fn write_outputs(args: &Args, report: &Report) -> anyhow::Result<()> {

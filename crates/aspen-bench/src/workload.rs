@@ -188,6 +188,11 @@ pub struct RowRun {
     pub measurement: Measurement,
     /// Every latency sample of the window.
     pub samples: Vec<u64>,
+    /// (end, latency) of every sample, microseconds, the end counted from the row's start
+    /// (`aspen-bench --timeline-dir`).
+    pub timeline: Vec<(u64, u64)>,
+    /// The row's start, microseconds since the Unix epoch.
+    pub epoch_unix_us: u64,
 }
 
 impl Measurement {
@@ -195,7 +200,7 @@ impl Measurement {
     pub fn merge(runs: Vec<RowRun>) -> Measurement {
         let mut merged = Measurement::default();
         let mut samples = Vec::new();
-        for RowRun { measurement: part, samples: part_samples } in runs {
+        for RowRun { measurement: part, samples: part_samples, .. } in runs {
             merged.ops += part.ops;
             merged.seconds += part.seconds;
             merged.errors += part.errors;
@@ -250,6 +255,7 @@ const STOP: u8 = 2;
 #[derive(Default)]
 struct ClientTally {
     samples: Vec<u64>,
+    ends_us: Vec<u64>,
     errors: u64,
     first_error: Option<String>,
     cas_succeeded: u64,
@@ -267,11 +273,14 @@ pub async fn run_step<T: KvTarget>(
         return Err(OpError::Unexpected(format!("{} clients over {} connections", step.clients, connections.len())));
     }
     let phase = Arc::new(AtomicU8::new(WARMUP));
+    let epoch = Instant::now();
+    let epoch_unix_us =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
     let mut tasks = Vec::with_capacity(step.clients);
     for client in 0..step.clients {
         let connection = Arc::clone(&connections[client % connections.len()]);
         let phase = Arc::clone(&phase);
-        tasks.push(tokio::spawn(client_loop(connection, step, client, phase)));
+        tasks.push(tokio::spawn(client_loop(connection, step, client, phase, epoch)));
     }
     tokio::time::sleep(warmup).await;
     phase.store(MEASURE, Ordering::SeqCst);
@@ -282,21 +291,29 @@ pub async fn run_step<T: KvTarget>(
     let mut measurement = Measurement { seconds, ..Measurement::default() };
     let mut samples = Vec::new();
     let mut cas_succeeded = 0;
+    let mut timeline = Vec::new();
     for task in tasks {
         let tally = task.await.map_err(|error| OpError::Unexpected(format!("client task failed: {error}")))?;
         measurement.errors += tally.errors;
         measurement.first_error = measurement.first_error.or(tally.first_error);
         cas_succeeded += tally.cas_succeeded;
+        timeline.extend(tally.ends_us.iter().copied().zip(tally.samples.iter().copied()));
         samples.extend(tally.samples);
     }
     measurement.ops = samples.len() as u64;
     measurement.ops_per_sec = measurement.ops as f64 / seconds;
     measurement.latency = LatencySummary::from_samples(&mut samples);
     measurement.cas_succeeded = (step.workload == Workload::Cas).then_some(cas_succeeded);
-    Ok(RowRun { measurement, samples })
+    Ok(RowRun { measurement, samples, timeline, epoch_unix_us })
 }
 
-async fn client_loop<T: KvTarget>(target: Arc<T>, step: Step, client: usize, phase: Arc<AtomicU8>) -> ClientTally {
+async fn client_loop<T: KvTarget>(
+    target: Arc<T>,
+    step: Step,
+    client: usize,
+    phase: Arc<AtomicU8>,
+    epoch: Instant,
+) -> ClientTally {
     let mut tally = ClientTally::default();
     let mut picker = KeyPicker::new(client);
     let hot = hot_key(client);
@@ -340,6 +357,7 @@ async fn client_loop<T: KvTarget>(target: Arc<T>, step: Step, client: usize, pha
         match outcome {
             Ok(cas_succeeded) if measured => {
                 tally.samples.push(elapsed_us);
+                tally.ends_us.push(epoch.elapsed().as_micros() as u64);
                 tally.cas_succeeded += u64::from(cas_succeeded);
             }
             Ok(_) => {}
@@ -388,6 +406,61 @@ mod tests {
         assert!((900..1100).contains(&writes), "{writes} writes in 10,000");
     }
 
+    /// A target whose puts take 1 ms, except that the first put started 100 ms into the
+    /// row stalls for 80 ms: a layer-above test of the load generator, not of a system.
+    struct StallingTarget {
+        started: Instant,
+        stalled: std::sync::atomic::AtomicBool,
+    }
+
+    const UNUSED: &str = "only puts are driven in this test";
+
+    impl KvTarget for StallingTarget {
+        async fn put(&self, _key: Vec<u8>, _value: Vec<u8>) -> Result<(), OpError> {
+            let stall =
+                self.started.elapsed() >= Duration::from_millis(100) && !self.stalled.swap(true, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(if stall { 80 } else { 1 })).await;
+            Ok(())
+        }
+        async fn get(&self, _key: Vec<u8>, _linearizable: bool) -> Result<(), OpError> {
+            Err(OpError::Unexpected(UNUSED.into()))
+        }
+        async fn scan_prefix(&self, _prefix: Vec<u8>, _limit: u32) -> Result<usize, OpError> {
+            Err(OpError::Unexpected(UNUSED.into()))
+        }
+        async fn mod_revision(&self, _key: Vec<u8>) -> Result<i64, OpError> {
+            Err(OpError::Unexpected(UNUSED.into()))
+        }
+        async fn compare_and_swap(
+            &self,
+            _key: Vec<u8>,
+            _expected: i64,
+            _value: Vec<u8>,
+        ) -> Result<crate::target::CasOutcome, OpError> {
+            Err(OpError::Unexpected(UNUSED.into()))
+        }
+    }
+
+    #[test]
+    fn the_timeline_places_every_request_at_its_end() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let target = Arc::new(StallingTarget { started: Instant::now(), stalled: Default::default() });
+        let step = Step { workload: Workload::Put, clients: 4 };
+        let warmup = Duration::from_millis(50);
+        let run = runtime.block_on(run_step(&[target], step, warmup, Duration::from_millis(300))).expect("run");
+        assert_eq!(run.timeline.len(), run.samples.len());
+        assert!(run.epoch_unix_us > 0);
+        let mut latencies: Vec<u64> = run.timeline.iter().map(|(_, latency)| *latency).collect();
+        latencies.sort_unstable();
+        assert_eq!(latencies, run.samples, "the timeline holds exactly the measured samples");
+        for (end, latency) in &run.timeline {
+            assert!(*end >= warmup.as_micros() as u64 + latency, "request ending at {end} us began in the warmup");
+        }
+        let (end, latency) = run.timeline.iter().max_by_key(|(_, latency)| *latency).expect("samples");
+        assert!(*latency >= 80_000, "the stall is the slowest request: {latency} us");
+        assert!(*end >= 180_000, "the stall ends at least 180 ms into the row: {end} us");
+    }
+
     #[test]
     fn plans_parse_and_merge() {
         assert_eq!(full_plan().len(), 21);
@@ -398,8 +471,18 @@ mod tests {
         assert_eq!(Workload::from_name("watch"), None);
         let part = |ops, seconds, cas| Measurement { ops, seconds, cas_succeeded: cas, ..Measurement::default() };
         let merged = Measurement::merge(vec![
-            RowRun { measurement: part(100, 1.0, Some(10)), samples: vec![1; 100] },
-            RowRun { measurement: part(300, 1.0, Some(5)), samples: vec![3; 300] },
+            RowRun {
+                measurement: part(100, 1.0, Some(10)),
+                samples: vec![1; 100],
+                timeline: Vec::new(),
+                epoch_unix_us: 0,
+            },
+            RowRun {
+                measurement: part(300, 1.0, Some(5)),
+                samples: vec![3; 300],
+                timeline: Vec::new(),
+                epoch_unix_us: 0,
+            },
         ]);
         assert_eq!(merged.ops, 400);
         assert_eq!(merged.ops_per_sec, 200.0);
