@@ -14,7 +14,9 @@ use aspen_api::{
 };
 use aspen_raft_storage::rt;
 use aspen_raft_storage::state_machine::Snapshot;
-use aspen_raft_storage::{RedbLogStore, SnapshotMeta, SnapshotReceiver, SqliteStateMachine, StateMachineReader, Vote};
+use aspen_raft_storage::{
+    DiskTimings, RedbLogStore, SnapshotMeta, SnapshotReceiver, SqliteStateMachine, StateMachineReader, Vote,
+};
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{InitializeError, LinearizableReadError, RaftError};
 use openraft::{ChangeMembers, RaftMetrics, ReadPolicy, ServerState};
@@ -69,6 +71,8 @@ struct Inner<C> {
     /// Leader checks for client-confirmed reads, shared like ReadIndex rounds.
     stamps: SharedRounds<Option<(LeaderStamp, u64)>>,
     snapshot_inbox: Mutex<Option<SnapshotInbox>>,
+    /// The log's disk sync timings.
+    disk: Arc<DiskTimings>,
 }
 
 impl<C: RaftRpcClient> RaftNode<C> {
@@ -83,6 +87,7 @@ impl<C: RaftRpcClient> RaftNode<C> {
         let raft_config = Arc::new(config.raft_config()?);
         let reader = state_machine.reader();
         let leader_switch = log.leader_switch();
+        let disk = log.disk_timings();
         let raft = AspenRaft::new(
             config.node_id,
             raft_config,
@@ -108,6 +113,7 @@ impl<C: RaftRpcClient> RaftNode<C> {
             reads: SharedRounds::default(),
             stamps: SharedRounds::default(),
             snapshot_inbox: Mutex::new(None),
+            disk,
         };
         Ok(RaftNode { inner: Arc::new(inner) })
     }
@@ -125,6 +131,11 @@ impl<C: RaftRpcClient> RaftNode<C> {
     /// The failure and clock-drift detector's view of the peers.
     pub fn health(&self) -> &Arc<HealthTracker> {
         &self.inner.health
+    }
+
+    /// How long the log's journal syncs and durable commits take.
+    pub fn disk_timings(&self) -> &Arc<DiskTimings> {
+        &self.inner.disk
     }
 
     /// The latest Raft metrics.

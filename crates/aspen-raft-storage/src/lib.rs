@@ -10,10 +10,12 @@ pub mod error;
 pub mod log;
 pub mod rt;
 pub mod state_machine;
+pub mod timings;
 pub mod type_config;
 
 pub use error::{LogStoreError, SnapshotError, SqlError, StateMachineError};
 pub use log::RedbLogStore;
 pub use state_machine::snapshot::{SnapshotFile, SnapshotReceiver};
 pub use state_machine::{SqliteStateMachine, StateMachineReader};
+pub use timings::DiskTimings;
 pub use type_config::{Entry, EntryResponse, LogId, SnapshotMeta, StoredMembership, TypeConfig, Vote};

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use aspen_consensus::RaftNode;
+use aspen_raft_storage::timings::{DISK_BUCKETS_US, HistogramSnapshot};
 use openraft::ServerState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -78,20 +79,47 @@ impl OpStats {
         let _ = writeln!(out, "# TYPE aspen_{name}_total counter\naspen_{name}_total {}", self.count.get());
         let _ =
             writeln!(out, "# TYPE aspen_{name}_errors_total counter\naspen_{name}_errors_total {}", self.errors.get());
-        let _ = writeln!(out, "# TYPE aspen_{name}_latency_seconds histogram");
-        let mut cumulative = 0;
-        for (bound, bucket) in BUCKETS_US.iter().zip(&self.buckets) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            let _ = writeln!(out, "aspen_{name}_latency_seconds_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
-        }
-        let _ = writeln!(out, "aspen_{name}_latency_seconds_bucket{{le=\"+Inf\"}} {}", self.count.get());
-        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(
+        let buckets = self.buckets.iter().map(|bucket| bucket.load(Ordering::Relaxed));
+        let counts = HistogramCounts { count: self.count.get(), sum_us: self.sum_us.load(Ordering::Relaxed) };
+        render_histogram(
             out,
-            "aspen_{name}_latency_seconds_sum {sum}\naspen_{name}_latency_seconds_count {}",
-            self.count.get()
+            &format!("aspen_{name}_latency_seconds"),
+            BUCKETS_US.iter().copied().zip(buckets),
+            counts,
         );
     }
+}
+
+/// Total samples and their sum (microseconds) of a histogram.
+struct HistogramCounts {
+    count: u64,
+    sum_us: u64,
+}
+
+/// Writes a Prometheus histogram `metric` from per-bucket (not cumulative) counts, each with
+/// its upper bound in microseconds.
+fn render_histogram(
+    out: &mut String,
+    metric: &str,
+    buckets: impl Iterator<Item = (u64, u64)>,
+    counts: HistogramCounts,
+) {
+    let _ = writeln!(out, "# TYPE {metric} histogram");
+    let mut cumulative = 0;
+    for (bound_us, in_bucket) in buckets {
+        cumulative += in_bucket;
+        let _ = writeln!(out, "{metric}_bucket{{le=\"{}\"}} {cumulative}", bound_us as f64 / 1e6);
+    }
+    let _ = writeln!(out, "{metric}_bucket{{le=\"+Inf\"}} {}", counts.count);
+    let sum = counts.sum_us as f64 / 1e6;
+    let _ = writeln!(out, "{metric}_sum {sum}\n{metric}_count {}", counts.count);
+}
+
+/// Writes one of the log's disk timing histograms (see [`aspen_raft_storage::timings`]).
+fn render_disk(out: &mut String, metric: &str, help: &str, snapshot: &HistogramSnapshot) {
+    let _ = writeln!(out, "# HELP {metric} {help}");
+    let buckets = DISK_BUCKETS_US.iter().copied().zip(snapshot.buckets.iter().copied());
+    render_histogram(out, metric, buckets, HistogramCounts { count: snapshot.count, sum_us: snapshot.sum_us });
 }
 
 /// Everything the node counts.
@@ -176,6 +204,19 @@ pub fn render(node: &RaftNode<IrohRaftClient>, metrics: &Metrics) -> String {
             let _ = writeln!(out, "aspen_peer_clock_offset_ms{{node=\"{id}\",peer=\"{}\"}} {offset}", peer.node_id);
         }
     }
+    let disk = node.disk_timings();
+    render_disk(
+        &mut out,
+        "aspen_disk_log_journal_sync_duration_seconds",
+        "fdatasync of the log journal: every acknowledged write waits for one",
+        &disk.journal_sync.snapshot(),
+    );
+    render_disk(
+        &mut out,
+        "aspen_disk_log_commit_duration_seconds",
+        "durable redb commits of the log (checkpoints, truncations, purges, votes)",
+        &disk.log_commit.snapshot(),
+    );
     metrics.reads.render(&mut out, "client_reads");
     metrics.writes.render(&mut out, "client_writes");
     metrics.raft_rpcs.render(&mut out, "raft_rpcs");

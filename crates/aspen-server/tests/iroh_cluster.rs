@@ -144,6 +144,10 @@ async fn writes_through_any_node_are_linearizable_on_every_node() {
     assert!(value("aspen_raft_rpcs_total") > 0.0, "heartbeats and appends are counted");
     assert!(text.contains("aspen_raft_replication_lag{"), "{text}");
     assert!(text.contains("aspen_raft_rpcs_latency_seconds_bucket{le=\"0.001\"}"), "{text}");
+    // The leader's journal was synced for those writes, and the syncs are timed.
+    assert!(value("aspen_disk_log_journal_sync_duration_seconds_count") >= 1.0, "{text}");
+    assert!(value("aspen_disk_log_journal_sync_duration_seconds_sum") > 0.0, "{text}");
+    assert!(text.contains("aspen_disk_log_commit_duration_seconds_bucket{le=\"0.0001\"}"), "{text}");
 }
 
 /// Reads "k" (which must hold `expected` every time) up to `attempts` times, 50 ms apart,

@@ -4,6 +4,7 @@ use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Instant;
 
 use aspen_api::limits::{MAX_BATCH_SIZE, MAX_ENTRY_SIZE};
 use openraft::entry::RaftEntry;
@@ -17,6 +18,7 @@ use super::journal::{self, Journal, JournalFile, Plan};
 use super::tail::Tail;
 use crate::close::{CloseSignal, CloseWatch};
 use crate::error::{LogStoreError, redb_error};
+use crate::timings::DiskTimings;
 use crate::type_config::{Entry, LogId, TypeConfig, Vote};
 
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
@@ -71,6 +73,8 @@ struct Shared {
     flushes_pending: AtomicUsize,
     /// Whether this node leads (see [`RedbLogStore::leader_switch`]).
     leading: Arc<AtomicBool>,
+    /// How long journal syncs and durable commits take (see [`RedbLogStore::disk_timings`]).
+    timings: Arc<DiskTimings>,
     /// Set once everything above is dropped. Declared last: fields drop in declaration
     /// order, so `db` (whose drop releases the file lock) is gone by then. Pending rows are
     /// not written on close: they are in the journal, which the next open replays.
@@ -204,11 +208,17 @@ impl RedbLogStore {
             flusher: OnceLock::new(),
             flushes_pending: AtomicUsize::new(0),
             leading: Arc::new(AtomicBool::new(true)),
+            timings: Arc::new(DiskTimings::default()),
             closed: CloseSignal::default(),
         };
         let state = shared.load_and_verify()?.0;
         *shared.lock() = state;
         Ok(RedbLogStore { shared: Arc::new(shared) })
+    }
+
+    /// How long this log's journal syncs and durable commits have taken, for metrics.
+    pub fn disk_timings(&self) -> Arc<DiskTimings> {
+        Arc::clone(&self.shared.timings)
     }
 
     /// Re-reads the log from disk and verifies every entry's hash and decoding.
@@ -340,7 +350,9 @@ impl Shared {
     /// Commits a [`Shared::begin_checkpoint`] transaction durably: redb now holds every
     /// journaled row, so the journal starts over and nothing is pending or sealed.
     fn commit_checkpoint(&self, checkpoint: Checkpoint<'_>, journal: &mut Journal) -> Result<(), LogStoreError> {
+        let started = Instant::now();
         commit_durable(checkpoint.txn, journal)?;
+        self.timings.log_committed(started.elapsed());
         self.durable_seq.fetch_max(journal.last_seq(), Ordering::AcqRel);
         self.pending().clear();
         *self.sealed() = None;
@@ -383,7 +395,9 @@ impl Shared {
                 }
             }
         }
+        let started = Instant::now();
         txn.commit().map_err(redb_error)?;
+        self.timings.log_committed(started.elapsed());
         self.durable_seq.fetch_max(sealed.seq, Ordering::AcqRel);
         // Readers take redb only below the first pending row, so the committed rows are
         // read from one place at any moment.
@@ -627,9 +641,11 @@ impl Shared {
     fn sync(&self) -> Result<(), LogStoreError> {
         // Usually only the current file has unsynced records; right after a switch the
         // one left behind is synced already (see `Journal::switch`).
+        let started = Instant::now();
         for file in &self.journal_files {
             file.sync()?;
         }
+        self.timings.journal_synced(started.elapsed());
         Ok(())
     }
 
