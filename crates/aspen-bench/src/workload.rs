@@ -254,8 +254,8 @@ const STOP: u8 = 2;
 /// What one client saw.
 #[derive(Default)]
 struct ClientTally {
-    samples: Vec<u64>,
-    ends_us: Vec<u64>,
+    /// (end since the row started, latency) of each measured request, microseconds.
+    timeline: Vec<(u64, u64)>,
     errors: u64,
     first_error: Option<String>,
     cas_succeeded: u64,
@@ -289,7 +289,6 @@ pub async fn run_step<T: KvTarget>(
     phase.store(STOP, Ordering::SeqCst);
     let seconds = started.elapsed().as_secs_f64();
     let mut measurement = Measurement { seconds, ..Measurement::default() };
-    let mut samples = Vec::new();
     let mut cas_succeeded = 0;
     let mut timeline = Vec::new();
     for task in tasks {
@@ -297,9 +296,9 @@ pub async fn run_step<T: KvTarget>(
         measurement.errors += tally.errors;
         measurement.first_error = measurement.first_error.or(tally.first_error);
         cas_succeeded += tally.cas_succeeded;
-        timeline.extend(tally.ends_us.iter().copied().zip(tally.samples.iter().copied()));
-        samples.extend(tally.samples);
+        timeline.extend(tally.timeline);
     }
+    let mut samples: Vec<u64> = timeline.iter().map(|(_, latency)| *latency).collect();
     measurement.ops = samples.len() as u64;
     measurement.ops_per_sec = measurement.ops as f64 / seconds;
     measurement.latency = LatencySummary::from_samples(&mut samples);
@@ -356,8 +355,7 @@ async fn client_loop<T: KvTarget>(
         let measured = current == MEASURE;
         match outcome {
             Ok(cas_succeeded) if measured => {
-                tally.samples.push(elapsed_us);
-                tally.ends_us.push(epoch.elapsed().as_micros() as u64);
+                tally.timeline.push((epoch.elapsed().as_micros() as u64, elapsed_us));
                 tally.cas_succeeded += u64::from(cas_succeeded);
             }
             Ok(_) => {}

@@ -15,32 +15,42 @@ pub const DISK_BUCKETS_US: [u64; 12] =
 pub const SLOW_SYNC: Duration = Duration::from_secs(1);
 
 /// A duration histogram with fixed buckets, updated without locks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Histogram {
+    /// Upper bounds of the buckets, microseconds, ascending.
+    bounds: &'static [u64],
     count: AtomicU64,
     sum_us: AtomicU64,
-    /// Per bucket of [`DISK_BUCKETS_US`] (not cumulative); slower samples only count.
-    buckets: [AtomicU64; DISK_BUCKETS_US.len()],
+    /// Per bucket of `bounds` (not cumulative); slower samples only count.
+    buckets: Box<[AtomicU64]>,
 }
 
 /// What a [`Histogram`] held at one moment.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HistogramSnapshot {
+    /// Upper bounds of the buckets, microseconds.
+    pub bounds: &'static [u64],
     /// Samples recorded.
     pub count: u64,
     /// Their sum, microseconds.
     pub sum_us: u64,
-    /// Samples per bucket of [`DISK_BUCKETS_US`] (not cumulative).
-    pub buckets: [u64; DISK_BUCKETS_US.len()],
+    /// Samples per bucket of `bounds` (not cumulative).
+    pub buckets: Vec<u64>,
 }
 
 impl Histogram {
+    /// An empty histogram with buckets up to each of `bounds` (microseconds, ascending).
+    pub fn new(bounds: &'static [u64]) -> Self {
+        let buckets = bounds.iter().map(|_| AtomicU64::new(0)).collect();
+        Histogram { bounds, count: AtomicU64::new(0), sum_us: AtomicU64::new(0), buckets }
+    }
+
     /// Records one sample.
     pub fn record(&self, elapsed: Duration) {
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_us.fetch_add(micros, Ordering::Relaxed);
-        if let Some(bucket) = DISK_BUCKETS_US.iter().position(|bound| micros <= *bound) {
+        if let Some(bucket) = self.bounds.iter().position(|bound| micros <= *bound) {
             self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -48,20 +58,27 @@ impl Histogram {
     /// The current counts.
     pub fn snapshot(&self) -> HistogramSnapshot {
         HistogramSnapshot {
+            bounds: self.bounds,
             count: self.count.load(Ordering::Relaxed),
             sum_us: self.sum_us.load(Ordering::Relaxed),
-            buckets: std::array::from_fn(|bucket| self.buckets[bucket].load(Ordering::Relaxed)),
+            buckets: self.buckets.iter().map(|bucket| bucket.load(Ordering::Relaxed)).collect(),
         }
     }
 }
 
 /// The log store's disk timings (see the module docs).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DiskTimings {
     /// The journal's `fdatasync`s: the durability point of appends.
     pub journal_sync: Histogram,
     /// redb's durable commits.
     pub log_commit: Histogram,
+}
+
+impl Default for DiskTimings {
+    fn default() -> Self {
+        DiskTimings { journal_sync: Histogram::new(&DISK_BUCKETS_US), log_commit: Histogram::new(&DISK_BUCKETS_US) }
+    }
 }
 
 impl DiskTimings {
@@ -88,7 +105,7 @@ mod tests {
 
     #[test]
     fn samples_land_in_the_first_bucket_that_holds_them() {
-        let histogram = Histogram::default();
+        let histogram = Histogram::new(&DISK_BUCKETS_US);
         for micros in [50, 100, 101, 30_000, 2_000_000] {
             histogram.record(Duration::from_micros(micros));
         }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use aspen_consensus::RaftNode;
-use aspen_raft_storage::timings::{DISK_BUCKETS_US, HistogramSnapshot};
+use aspen_raft_storage::timings::{Histogram, HistogramSnapshot};
 use openraft::ServerState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -45,12 +45,16 @@ impl Counter {
 }
 
 /// Count, errors and latency histogram of one kind of request.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct OpStats {
-    count: Counter,
+    latency: Histogram,
     errors: Counter,
-    sum_us: AtomicU64,
-    buckets: [AtomicU64; BUCKETS_US.len()],
+}
+
+impl Default for OpStats {
+    fn default() -> Self {
+        OpStats { latency: Histogram::new(&BUCKETS_US), errors: Counter::default() }
+    }
 }
 
 impl OpStats {
@@ -64,62 +68,38 @@ impl OpStats {
 
     /// Records one request that began at `started` and ends now.
     pub fn record(&self, started: Instant, failed: bool) {
-        let micros = started.elapsed().as_micros() as u64;
-        self.count.inc();
+        self.latency.record(started.elapsed());
         if failed {
             self.errors.inc();
-        }
-        self.sum_us.fetch_add(micros, Ordering::Relaxed);
-        if let Some(bucket) = BUCKETS_US.iter().position(|bound| micros <= *bound) {
-            self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         }
     }
 
     fn render(&self, out: &mut String, name: &str) {
-        let _ = writeln!(out, "# TYPE aspen_{name}_total counter\naspen_{name}_total {}", self.count.get());
+        let latency = self.latency.snapshot();
+        let _ = writeln!(out, "# TYPE aspen_{name}_total counter\naspen_{name}_total {}", latency.count);
         let _ =
             writeln!(out, "# TYPE aspen_{name}_errors_total counter\naspen_{name}_errors_total {}", self.errors.get());
-        let buckets = self.buckets.iter().map(|bucket| bucket.load(Ordering::Relaxed));
-        let counts = HistogramCounts { count: self.count.get(), sum_us: self.sum_us.load(Ordering::Relaxed) };
-        render_histogram(
-            out,
-            &format!("aspen_{name}_latency_seconds"),
-            BUCKETS_US.iter().copied().zip(buckets),
-            counts,
-        );
+        render_histogram(out, &format!("aspen_{name}_latency_seconds"), &latency);
     }
 }
 
-/// Total samples and their sum (microseconds) of a histogram.
-struct HistogramCounts {
-    count: u64,
-    sum_us: u64,
-}
-
-/// Writes a Prometheus histogram `metric` from per-bucket (not cumulative) counts, each with
-/// its upper bound in microseconds.
-fn render_histogram(
-    out: &mut String,
-    metric: &str,
-    buckets: impl Iterator<Item = (u64, u64)>,
-    counts: HistogramCounts,
-) {
+/// Writes a Prometheus histogram `metric`.
+fn render_histogram(out: &mut String, metric: &str, histogram: &HistogramSnapshot) {
     let _ = writeln!(out, "# TYPE {metric} histogram");
     let mut cumulative = 0;
-    for (bound_us, in_bucket) in buckets {
+    for (bound_us, in_bucket) in histogram.bounds.iter().zip(&histogram.buckets) {
         cumulative += in_bucket;
-        let _ = writeln!(out, "{metric}_bucket{{le=\"{}\"}} {cumulative}", bound_us as f64 / 1e6);
+        let _ = writeln!(out, "{metric}_bucket{{le=\"{}\"}} {cumulative}", *bound_us as f64 / 1e6);
     }
-    let _ = writeln!(out, "{metric}_bucket{{le=\"+Inf\"}} {}", counts.count);
-    let sum = counts.sum_us as f64 / 1e6;
-    let _ = writeln!(out, "{metric}_sum {sum}\n{metric}_count {}", counts.count);
+    let _ = writeln!(out, "{metric}_bucket{{le=\"+Inf\"}} {}", histogram.count);
+    let sum = histogram.sum_us as f64 / 1e6;
+    let _ = writeln!(out, "{metric}_sum {sum}\n{metric}_count {}", histogram.count);
 }
 
 /// Writes one of the log's disk timing histograms (see [`aspen_raft_storage::timings`]).
 fn render_disk(out: &mut String, metric: &str, help: &str, snapshot: &HistogramSnapshot) {
     let _ = writeln!(out, "# HELP {metric} {help}");
-    let buckets = DISK_BUCKETS_US.iter().copied().zip(snapshot.buckets.iter().copied());
-    render_histogram(out, metric, buckets, HistogramCounts { count: snapshot.count, sum_us: snapshot.sum_us });
+    render_histogram(out, metric, snapshot);
 }
 
 /// Everything the node counts.
