@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::NodeId;
 use crate::kv::LeaseId;
+use crate::session::SessionId;
 
 /// A request broke a limit or a rule before it reached consensus.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -95,6 +96,16 @@ pub enum ValidationError {
         /// The maximum.
         max: u32,
     },
+    /// A write identity is malformed (see [`crate::session::WriteId::validate`]).
+    #[error("write id seq {seq} / first outstanding {first_outstanding} is outside 1 <= first <= seq < first + {window}")]
+    InvalidWriteId {
+        /// The write's sequence.
+        seq: u64,
+        /// The oldest sequence in flight it named.
+        first_outstanding: u64,
+        /// The session window.
+        window: u64,
+    },
     /// A SQL timeout is zero or above the maximum.
     #[error("SQL timeout {timeout_ms} ms is outside 1..={max} ms")]
     SqlTimeout {
@@ -130,6 +141,36 @@ pub enum ApplyError {
     /// The command failed validation when applied (an entry that bypassed the edge checks).
     #[error("invalid command: {0}")]
     Invalid(ValidationError),
+    /// The write's session is unknown to the cluster: it expired (or was replaced) while the
+    /// client was idle. This write was not applied; an earlier attempt of it may have been.
+    #[error("session {session} expired; this attempt was not applied")]
+    SessionExpired {
+        /// The session.
+        session: SessionId,
+    },
+    /// The write is older than every write its session still waits for: a late duplicate of
+    /// a write whose client has moved on. Not applied.
+    #[error("write {seq} of its session is older than the oldest write in flight ({floor}); not applied")]
+    WriteTooOld {
+        /// The write's sequence.
+        seq: u64,
+        /// The session's oldest sequence still remembered.
+        floor: u64,
+    },
+    /// The cluster holds the maximum number of sessions and none has been idle long enough
+    /// to be replaced. Not applied.
+    #[error("the cluster holds {max} client sessions, the limit; not applied")]
+    TooManySessions {
+        /// The limit.
+        max: u64,
+    },
+    /// A retried write that was applied at `revision`; its answer was too large to keep
+    /// (see [`crate::session::MAX_SESSION_REPLY_SIZE`]).
+    #[error("the write was applied at revision {revision}; its answer was too large to keep for a retry")]
+    AppliedReplyNotKept {
+        /// Revision of the write.
+        revision: u64,
+    },
 }
 
 /// Errors from a [`crate::KeyValueStore`].
@@ -155,9 +196,15 @@ pub enum KvError {
         /// How long the caller waited.
         after_ms: u64,
     },
-    /// The cluster cannot currently serve requests (no quorum, shutting down).
+    /// The cluster cannot currently serve requests (no quorum, shutting down); the request
+    /// was not applied.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The write may or may not have been applied, and the node or client could not learn
+    /// which. A write with an identity can be resent with the same identity safely; the
+    /// client does so until its deadline and reports this when it gives up.
+    #[error("the outcome is unknown (the write may or may not have been applied): {0}")]
+    OutcomeUnknown(String),
     /// The SQL query was rejected or failed.
     #[error("SQL error: {0}")]
     Sql(String),

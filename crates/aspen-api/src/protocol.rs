@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::cluster::{ClusterNode, ClusterStatus, NodeId};
 use crate::confirm::{Stamped, TermReply};
 use crate::error::{ClusterError, KvError};
-use crate::kv::{GetRequest, GetResponse, ScanRequest, ScanResponse, WriteCommand, WriteResponse};
+use crate::kv::{GetRequest, GetResponse, ScanRequest, ScanResponse, WriteResponse};
+use crate::session::ClientWrite;
 use crate::sql::{SqlRequest, SqlResponse};
 
 /// Longest client token, in bytes.
@@ -30,8 +31,8 @@ pub enum ClientRequest {
     Get(GetRequest),
     /// Read a range.
     Scan(ScanRequest),
-    /// Apply a write (put, delete, txn, lease, batch).
-    Write(WriteCommand),
+    /// Apply a write (put, delete, txn, lease, batch), at most once per identity.
+    Write(ClientWrite),
     /// Run a read-only SQL query.
     Sql(SqlRequest),
     /// This node's view of the cluster.

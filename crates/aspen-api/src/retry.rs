@@ -1,9 +1,12 @@
 //! The client retry policy, shared by aspen-client (over iroh) and the simulator's clients
 //! (over the in-memory network), so the simulator checks the retry logic users run.
 //!
-//! The rule: retry only what cannot be applied twice. Reads and other idempotent requests
-//! retry on any transport failure; writes retry only when the request certainly did not
-//! reach a node, or a node said it did nothing (not the leader, unavailable).
+//! The rule: retry only what cannot be applied twice. Reads, and writes with an identity
+//! (which the state machine applies at most once, see [`crate::session`]), retry on any
+//! transport failure or unknown outcome; writes without one retry only when the request
+//! certainly did not reach a node, or a node said it did nothing (not the leader,
+//! unavailable). A caller that gives up after an attempt that may have applied reports
+//! the outcome as unknown ([`KvError::OutcomeUnknown`]), never as unavailable.
 
 use std::time::Duration;
 
@@ -54,11 +57,22 @@ pub fn after_failure(failure: AttemptFailure<'_>, idempotent: bool) -> RetryActi
             };
         }
         AttemptFailure::Kv(KvError::Unavailable(_)) => true,
-        // The outcome is unknown: only a request that may run twice can be retried.
-        AttemptFailure::Kv(KvError::Timeout { .. }) => idempotent,
+        // The outcome is unknown: only a request that may run twice (a read, or a write
+        // with an identity, which the state machine applies at most once) can be retried.
+        AttemptFailure::Kv(KvError::Timeout { .. } | KvError::OutcomeUnknown(_)) => idempotent,
         AttemptFailure::Kv(_) | AttemptFailure::Cluster(_) | AttemptFailure::Other => false,
     };
     if retry { RetryAction::NextNode } else { RetryAction::Stop }
+}
+
+/// Whether a failed attempt may have taken effect: it reached a node and no answer says
+/// otherwise. A caller that gives up after such an attempt reports the outcome as unknown.
+pub fn may_have_applied(failure: AttemptFailure<'_>) -> bool {
+    matches!(
+        failure,
+        AttemptFailure::Unreachable { before_send: false }
+            | AttemptFailure::Kv(KvError::Timeout { .. } | KvError::OutcomeUnknown(_))
+    )
 }
 
 #[cfg(test)]
@@ -73,6 +87,9 @@ mod tests {
         assert_eq!(after_failure(AttemptFailure::Unreachable { before_send: false }, false), RetryAction::Stop);
         assert_eq!(after_failure(AttemptFailure::Unreachable { before_send: true }, false), RetryAction::NextNode);
         assert_eq!(after_failure(AttemptFailure::Unreachable { before_send: false }, true), RetryAction::NextNode);
+        let unknown = KvError::OutcomeUnknown("stream broke".into());
+        assert_eq!(after_failure(AttemptFailure::Kv(&unknown), false), RetryAction::Stop);
+        assert_eq!(after_failure(AttemptFailure::Kv(&unknown), true), RetryAction::NextNode);
         let unavailable = KvError::Unavailable("electing".into());
         assert_eq!(after_failure(AttemptFailure::Kv(&unavailable), false), RetryAction::NextNode);
         assert_eq!(after_failure(AttemptFailure::Other, true), RetryAction::Stop);

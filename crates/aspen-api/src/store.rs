@@ -5,7 +5,8 @@ use std::future::Future;
 
 use crate::cluster::{ClusterNode, ClusterStatus, NodeId};
 use crate::error::{ClusterError, KvError};
-use crate::kv::{GetRequest, GetResponse, ScanRequest, ScanResponse, WriteCommand, WriteResponse};
+use crate::kv::{GetRequest, GetResponse, ScanRequest, ScanResponse, WriteResponse};
+use crate::session::ClientWrite;
 use crate::sql::{SqlRequest, SqlResponse};
 
 /// A replicated, linearizable key-value store.
@@ -14,8 +15,8 @@ pub trait KeyValueStore: Send + Sync {
     fn get(&self, request: GetRequest) -> impl Future<Output = Result<GetResponse, KvError>> + Send;
     /// Reads a range of keys.
     fn scan(&self, request: ScanRequest) -> impl Future<Output = Result<ScanResponse, KvError>> + Send;
-    /// Applies one write command through consensus.
-    fn write(&self, command: WriteCommand) -> impl Future<Output = Result<WriteResponse, KvError>> + Send;
+    /// Applies one write through consensus, at most once per write identity.
+    fn write(&self, write: ClientWrite) -> impl Future<Output = Result<WriteResponse, KvError>> + Send;
     /// Runs a read-only SQL query over the `kv` view.
     fn sql(&self, request: SqlRequest) -> impl Future<Output = Result<SqlResponse, KvError>> + Send;
 }

@@ -26,7 +26,7 @@ fn bench_dir() -> tempfile::TempDir {
 fn put_entry(index: u64) -> Entry {
     let key = format!("bench/key/{:08}", index % READ_KEYS).into_bytes();
     let command = WriteCommand::Put { key, value: vec![b'x'; VALUE_SIZE], lease: None };
-    Entry { log_id: openraft::LogId::new(1u64.into(), index), payload: EntryPayload::Normal(command) }
+    Entry { log_id: openraft::LogId::new(1u64.into(), index), payload: EntryPayload::Normal(command.into()) }
 }
 
 fn log_append(c: &mut Criterion) {

@@ -1,16 +1,17 @@
 //! The openraft type configuration shared by storage, consensus and the simulator.
 
-use aspen_api::{ApplyError, ClusterNode, NodeId, WriteCommand, WriteResponse};
+use aspen_api::{ApplyError, ClusterNode, NodeId, Proposal, WriteResponse};
 
 openraft::declare_raft_types!(
-    /// Aspen's Raft types: entries carry [`WriteCommand`]s, nodes are [`ClusterNode`]s.
+    /// Aspen's Raft types: entries carry [`Proposal`]s (client writes with their identities),
+    /// nodes are [`ClusterNode`]s.
     ///
     /// Leader ids are standard Raft's (one leader per term), not openraft's default
     /// "advanced" ids, which let several candidates lead the same term with different node
     /// ids. The simulator found two leaders in one term under the default (seeds 574 and
     /// 593); etcd users expect a term to name one leader.
     pub TypeConfig:
-        D = WriteCommand,
+        D = Proposal,
         R = EntryResponse,
         NodeId = NodeId,
         Node = ClusterNode,
@@ -29,12 +30,13 @@ pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<Typ
 /// Snapshot metadata under [`TypeConfig`].
 pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
 
-/// What applying one entry produced: the client's result for a write, nothing for the
-/// blank and membership entries openraft proposes itself.
+/// What applying one entry produced: each client's result for the writes of a
+/// [`Proposal`], in order; nothing for the blank and membership entries openraft proposes
+/// itself.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum EntryResponse {
-    /// The result of a [`WriteCommand`].
-    Write(Result<WriteResponse, ApplyError>),
+    /// One result per write of the proposal.
+    Writes(Vec<Result<WriteResponse, ApplyError>>),
     /// The entry carried no client command.
     NoOp,
 }

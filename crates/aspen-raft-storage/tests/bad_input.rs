@@ -53,7 +53,7 @@ fn oversized_and_malformed_commands_are_refused_deterministically() {
         assert_eq!(command.validate(), Err(expected.clone()));
         // An entry that bypassed the edge is refused identically by the state machine.
         let responses = state_machine.apply_entries(&[normal(1, index, command)]).expect("apply");
-        assert_eq!(responses, vec![EntryResponse::Write(Err(ApplyError::Invalid(expected)))]);
+        assert_eq!(responses, vec![EntryResponse::Writes(vec![Err(ApplyError::Invalid(expected))])]);
         index += 1;
     }
     assert_eq!(value_of(&state_machine, b"key-01"), Some(b"v".to_vec()), "refused commands changed nothing");
@@ -85,7 +85,7 @@ fn failing_transaction_changes_nothing() {
         failure: vec![],
     });
     let responses = state_machine.apply_entries(&[normal(1, 21, txn)]).expect("apply");
-    assert_eq!(responses, vec![EntryResponse::Write(Err(ApplyError::LeaseNotFound { id: 77 }))]);
+    assert_eq!(responses, vec![EntryResponse::Writes(vec![Err(ApplyError::LeaseNotFound { id: 77 })])]);
     assert_eq!(value_of(&state_machine, b"key-01"), Some(b"v".to_vec()));
 }
 
@@ -231,8 +231,8 @@ fn lease_revoke_removes_attached_keys() {
             blank(1, 5),
         ])
         .expect("apply");
-    assert_eq!(responses[0], EntryResponse::Write(Ok(WriteResponse::LeaseGrant { revision: 1, id: 1, ttl_secs: 10 })));
-    assert_eq!(responses[3], EntryResponse::Write(Ok(WriteResponse::LeaseRevoke { revision: 4, deleted: 1 })));
+    assert_eq!(responses[0], EntryResponse::Writes(vec![Ok(WriteResponse::LeaseGrant { revision: 1, id: 1, ttl_secs: 10 })]));
+    assert_eq!(responses[3], EntryResponse::Writes(vec![Ok(WriteResponse::LeaseRevoke { revision: 4, deleted: 1 })]));
     assert_eq!(value_of(&state_machine, b"a"), None);
     assert_eq!(value_of(&state_machine, b"b"), Some(b"2".to_vec()));
 }

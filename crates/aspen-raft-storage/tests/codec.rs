@@ -41,9 +41,9 @@ fn entries_and_commands_round_trip() {
 fn responses_round_trip() {
     bolero::check!().with_type::<(u64, u64, bool)>().for_each(|(revision, id, ok)| {
         let response = if *ok {
-            EntryResponse::Write(Ok(WriteResponse::LeaseGrant { revision: *revision, id: *id, ttl_secs: 5 }))
+            EntryResponse::Writes(vec![Ok(WriteResponse::LeaseGrant { revision: *revision, id: *id, ttl_secs: 5 })])
         } else {
-            EntryResponse::Write(Err(ApplyError::Invalid(ValidationError::KeyTooLarge { size: *id as usize, max: 1 })))
+            EntryResponse::Writes(vec![Err(ApplyError::Invalid(ValidationError::KeyTooLarge { size: *id as usize, max: 1 }))])
         };
         round_trip(&response);
         round_trip(&EntryResponse::NoOp);

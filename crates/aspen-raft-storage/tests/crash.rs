@@ -177,8 +177,8 @@ fn run_parent() {
         let entries = log.read_entries(..).expect("read log");
         assert_eq!(entries.len() as u64, last, "no gaps from index 1");
         for entry in &entries {
-            let openraft::EntryPayload::Normal(command) = &entry.payload else { panic!("only normal entries") };
-            assert_eq!(command, &command_for(entry.log_id.index), "entry {} content", entry.log_id.index);
+            let openraft::EntryPayload::Normal(proposal) = &entry.payload else { panic!("only normal entries") };
+            assert_eq!(proposal, &command_for(entry.log_id.index).into(), "entry {} content", entry.log_id.index);
         }
 
         let state_machine = SqliteStateMachine::open(dir.path().join("sm")).expect("state machine reopens");

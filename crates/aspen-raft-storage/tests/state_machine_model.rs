@@ -31,7 +31,7 @@ fn apply_and_compare(
         let mut expected = Vec::new();
         for op in chunk {
             let command = op.command();
-            expected.push(EntryResponse::Write(model.apply(index, &command)));
+            expected.push(EntryResponse::Writes(vec![model.apply(index, &command)]));
             entries.push(normal(2, index, command));
             index += 1;
         }

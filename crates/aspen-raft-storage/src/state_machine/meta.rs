@@ -10,6 +10,8 @@ const LAST_APPLIED: &str = "last_applied";
 const MEMBERSHIP: &str = "membership";
 /// The applied index as a plain integer, for reads that only need the revision.
 const REVISION: &str = "revision";
+/// The cluster clock: the largest leader time of any applied entry, in ms.
+const CLUSTER_TIME: &str = "cluster_time_ms";
 
 /// The state machine's position in the log.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -18,6 +20,9 @@ pub struct AppliedState {
     pub last_applied: Option<LogId>,
     /// Last applied membership.
     pub membership: StoredMembership,
+    /// The cluster clock: the largest leader time of any applied entry (ms since the Unix
+    /// epoch). Replicated, so session expiry is the same on every replica.
+    pub cluster_time_ms: u64,
 }
 
 /// Reads the applied state (default when nothing was ever applied).
@@ -25,17 +30,24 @@ pub fn read_applied(conn: &Connection) -> Result<AppliedState, StateMachineError
     let last_applied = read_blob(conn, LAST_APPLIED)?.map(|bytes| decode(LAST_APPLIED, &bytes)).transpose()?.flatten();
     let membership =
         read_blob(conn, MEMBERSHIP)?.map(|bytes| decode(MEMBERSHIP, &bytes)).transpose()?.unwrap_or_default();
-    Ok(AppliedState { last_applied, membership })
+    let cluster_time_ms = conn
+        .prepare_cached("SELECT value FROM raft_meta WHERE name = ?1")?
+        .query_row(params![CLUSTER_TIME], |row| row.get(0))
+        .optional()?
+        .unwrap_or(0);
+    Ok(AppliedState { last_applied, membership, cluster_time_ms })
 }
 
 /// Writes the applied state; call inside the transaction that applied the entries. The
 /// membership row is rewritten only if `membership_changed` (an apply without a membership
 /// entry leaves it as it was): every apply pays for these statements, and most applies are a
 /// few puts, so the membership's encoding and upsert were a third of their statements.
+/// The cluster clock's row is rewritten only when it moved.
 pub fn write_applied(
     conn: &Connection,
     state: &AppliedState,
     membership_changed: bool,
+    clock_moved: bool,
 ) -> Result<(), StateMachineError> {
     let mut upsert = conn.prepare_cached(
         "INSERT INTO raft_meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
@@ -43,6 +55,9 @@ pub fn write_applied(
     upsert.execute(params![LAST_APPLIED, encode(&state.last_applied)?])?;
     if membership_changed {
         upsert.execute(params![MEMBERSHIP, encode(&state.membership)?])?;
+    }
+    if clock_moved {
+        upsert.execute(params![CLUSTER_TIME, state.cluster_time_ms])?;
     }
     upsert.execute(params![REVISION, state.last_applied.map_or(0, |log_id| log_id.index)])?;
     Ok(())

@@ -11,6 +11,7 @@ pub mod meta;
 mod pool;
 pub mod read;
 pub mod schema;
+pub mod session;
 pub mod snapshot;
 pub mod sql;
 
@@ -251,11 +252,22 @@ impl Shared {
         let txn = writer.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut responses = Vec::with_capacity(entries.len());
         let mut membership_changed = false;
+        let clock_before = applied.cluster_time_ms;
+        let mut sessions = session::Sessions::default();
         for entry in entries {
             let index = entry.log_id.index;
             let response = match &entry.payload {
                 EntryPayload::Blank => EntryResponse::NoOp,
-                EntryPayload::Normal(command) => EntryResponse::Write(apply::apply_command(&txn, index, command)?),
+                EntryPayload::Normal(proposal) => {
+                    let now_ms = applied.cluster_time_ms.max(proposal.time_ms);
+                    sessions.sweep_if_due(&txn, applied.cluster_time_ms, now_ms)?;
+                    applied.cluster_time_ms = now_ms;
+                    let mut results = Vec::with_capacity(proposal.writes.len());
+                    for write in &proposal.writes {
+                        results.push(sessions.apply(&txn, index, now_ms, write)?);
+                    }
+                    EntryResponse::Writes(results)
+                }
                 EntryPayload::Membership(membership) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
                     membership_changed = true;
@@ -265,7 +277,8 @@ impl Shared {
             applied.last_applied = Some(entry.log_id);
             responses.push(response);
         }
-        meta::write_applied(&txn, &applied, membership_changed)?;
+        sessions.flush(&txn)?;
+        meta::write_applied(&txn, &applied, membership_changed, applied.cluster_time_ms != clock_before)?;
         txn.commit()?;
         writer.applied = applied;
         Ok(responses)
@@ -285,6 +298,8 @@ impl Shared {
                  INSERT INTO main.kv_store SELECT * FROM snap.kv_store;
                  DELETE FROM main.leases;
                  INSERT INTO main.leases SELECT * FROM snap.leases;
+                 DELETE FROM main.sessions;
+                 INSERT INTO main.sessions SELECT * FROM snap.sessions;
                  DELETE FROM main.raft_meta;
                  INSERT INTO main.raft_meta SELECT * FROM snap.raft_meta;",
             )?;
@@ -421,7 +436,8 @@ impl StateMachineReader {
         sql::run_query(&mut conn, request)
     }
 
-    /// A blake3 digest of every key (with its value, revisions and lease) and every lease,
+    /// A blake3 digest of every key (with its value, revisions and lease), every lease and
+    /// every client session,
     /// with the revision it reflects, read in one transaction. Replicas at the same revision
     /// must have equal digests; the simulator checks it.
     pub fn digest(&self) -> Result<(u64, [u8; 32]), StateMachineError> {
@@ -451,6 +467,16 @@ impl StateMachineReader {
                 for column in 0..3 {
                     hasher.update(&row.get::<_, i64>(column)?.to_le_bytes());
                 }
+            }
+            let mut sessions = txn.prepare_cached("SELECT id, last_used_ms, state FROM sessions ORDER BY id")?;
+            let mut sessions = sessions.query([])?;
+            while let Some(row) = sessions.next()? {
+                for column in [0, 2] {
+                    let bytes: Vec<u8> = row.get(column)?;
+                    hasher.update(&(bytes.len() as u64).to_le_bytes());
+                    hasher.update(&bytes);
+                }
+                hasher.update(&row.get::<_, i64>(1)?.to_le_bytes());
             }
         }
         txn.commit()?;
@@ -522,7 +548,7 @@ fn apply_ops(entries: &[Entry]) -> usize {
     entries
         .iter()
         .map(|entry| match &entry.payload {
-            EntryPayload::Normal(command) => ops(command),
+            EntryPayload::Normal(proposal) => proposal.writes.iter().map(|write| ops(&write.command)).sum(),
             EntryPayload::Blank | EntryPayload::Membership(_) => 1,
         })
         .fold(0, usize::saturating_add)

@@ -3,13 +3,14 @@
 use rusqlite::Connection;
 
 /// Schema version written to `PRAGMA user_version`; a snapshot with another version is refused.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Tables of the state machine.
 ///
-/// `kv_store` holds live keys; the `kv` view is what SQL users see. `raft_meta` holds
-/// last_applied and membership, written in the same transaction as the data they describe,
-/// so a crash can never separate them.
+/// `kv_store` holds live keys; the `kv` view is what SQL users see. `sessions` holds each
+/// client session's remembered answers (exactly-once writes, `session.rs`). `raft_meta`
+/// holds last_applied, membership and the cluster clock, written in the same transaction
+/// as the data they describe, so a crash can never separate them.
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS kv_store (
     key BLOB PRIMARY KEY NOT NULL,
@@ -25,6 +26,11 @@ CREATE TABLE IF NOT EXISTS leases (
     ttl_secs INTEGER NOT NULL,
     granted_revision INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sessions (
+    id BLOB PRIMARY KEY NOT NULL,
+    last_used_ms INTEGER NOT NULL,
+    state BLOB NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS raft_meta (
     name TEXT PRIMARY KEY NOT NULL,
     value BLOB NOT NULL

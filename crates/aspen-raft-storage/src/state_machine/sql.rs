@@ -86,7 +86,7 @@ fn collect_rows(
 
 /// Allows a SELECT that reads only the `kv` view (and `kv_store` through it), common
 /// table expressions and functions; denies every other action, including reads of the
-/// internal tables (`raft_meta`, `leases`, `sqlite_*`) and direct column reads of
+/// internal tables (`raft_meta`, `leases`, `sessions`, `sqlite_*`) and direct column reads of
 /// `kv_store`. SQLite reports column-less reads (`COUNT(*)` through a flattened view)
 /// without the view as accessor; those reveal nothing the view does not, so they pass.
 fn authorize_kv_view_reads(context: AuthContext<'_>) -> Authorization {
@@ -111,7 +111,7 @@ fn authorize_kv_view_reads(context: AuthContext<'_>) -> Authorization {
 }
 
 /// Tables SQL users may never read.
-const INTERNAL_TABLES: [&str; 2] = ["raft_meta", "leases"];
+const INTERNAL_TABLES: [&str; 3] = ["raft_meta", "leases", "sessions"];
 
 fn classify(error: rusqlite::Error) -> SqlError {
     match &error {

@@ -15,7 +15,7 @@ pub fn log_id(term: u64, index: u64) -> LogId {
 
 /// A normal entry carrying `command`.
 pub fn normal(term: u64, index: u64, command: WriteCommand) -> Entry {
-    Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(command) }
+    Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(command.into()) }
 }
 
 /// A blank entry.
