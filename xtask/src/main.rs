@@ -26,7 +26,7 @@ Commands:
                sim --seed 42 --faults crash,drop     replay one seed
                sim --bug stale-read --seeds 50 --expect-failure
                                                     prove a deliberate bug is caught
-                                                    (bugs: stale-read, unconfirmed-read)
+                                                    (bugs: stale-read, unconfirmed-read, no-dedup)
           other flags: --secs, --clients, --keys, --jobs, --check-determinism, --json
           (all passed to aspen-sim; see `cargo xtask sim --help`)
   deny    cargo-deny license/ban/source checks (installs cargo-deny if missing)
@@ -70,6 +70,7 @@ fn ci() -> Result<()> {
     sim(&["--seeds", "2", "--first-seed", "1000", "--check-determinism"].map(String::from))?;
     sim(&["--bug", "stale-read", "--seeds", "50", "--expect-failure"].map(String::from))?;
     sim(&["--bug", "unconfirmed-read", "--seeds", "50", "--expect-failure"].map(String::from))?;
+    sim(&["--bug", "no-dedup", "--seeds", "50", "--expect-failure"].map(String::from))?;
     Ok(())
 }
 
@@ -98,7 +99,8 @@ fn sim(args: &[String]) -> Result<()> {
         None => {}
         Some("stale-read") => build.extend(["--features", "bug-stale-read"]),
         Some("unconfirmed-read") => build.extend(["--features", "bug-unconfirmed-read"]),
-        Some(other) => bail!("unknown deliberate bug {other:?}; known: stale-read, unconfirmed-read"),
+        Some("no-dedup") => build.extend(["--features", "bug-no-dedup"]),
+        Some(other) => bail!("unknown deliberate bug {other:?}; known: stale-read, unconfirmed-read, no-dedup"),
     }
     sim_cargo(&build)?;
     let root = workspace_root();

@@ -11,13 +11,17 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_ERROR: u8 = 1;
 /// Exit status when `kv get` found no such key.
 pub const EXIT_NOT_FOUND: u8 = 3;
+/// Exit status when a write may or may not have been applied (the client gave up).
+pub const EXIT_OUTCOME_UNKNOWN: u8 = 4;
 
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  success (a transaction whose compares failed still exits 0; see `succeeded`)
   1  the operation failed; `error: ...` on stderr (and {\"error\": ...} on stdout with --json)
   2  usage error
-  3  `kv get`: the key does not exist";
+  3  `kv get`: the key does not exist
+  4  a write's outcome is unknown: it may or may not have been applied (read the key to
+     find out before writing again)";
 
 /// Command-line client for Aspen, a replicated, linearizable key-value store.
 #[derive(Debug, Parser)]

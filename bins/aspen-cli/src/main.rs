@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK};
+use crate::cli::{Cli, Command, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_OUTCOME_UNKNOWN};
 use crate::connect::{DEFAULT_TOKEN, connect, release};
 
 /// How a command that did not fail ended.
@@ -40,14 +40,31 @@ async fn main() -> ExitCode {
         Ok(Outcome::NotFound) => ExitCode::from(EXIT_NOT_FOUND),
         Err(error) => {
             let message = format!("{error:#}");
+            let unknown = outcome_unknown(&error);
             eprintln!("error: {message}");
+            if unknown {
+                eprintln!(
+                    "The write may or may not have been applied: the client gave up before the cluster \
+                     answered. Read the key to find out before writing again."
+                );
+            }
             if json {
                 // Best effort: the error is already on stderr.
-                let _ = output::print_json(&serde_json::json!({ "error": message }));
+                let _ = output::print_json(&serde_json::json!({ "error": message, "outcome_unknown": unknown }));
             }
-            ExitCode::from(EXIT_ERROR)
+            ExitCode::from(if unknown { EXIT_OUTCOME_UNKNOWN } else { EXIT_ERROR })
         }
     }
+}
+
+/// Whether `error` says a write's outcome is unknown.
+fn outcome_unknown(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<aspen_client::ClientError>(),
+            Some(aspen_client::ClientError::Kv(aspen_api::KvError::OutcomeUnknown(_)))
+        )
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<Outcome> {

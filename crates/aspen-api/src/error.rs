@@ -97,7 +97,9 @@ pub enum ValidationError {
         max: u32,
     },
     /// A write identity is malformed (see [`crate::session::WriteId::validate`]).
-    #[error("write id seq {seq} / first outstanding {first_outstanding} is outside 1 <= first <= seq < first + {window}")]
+    #[error(
+        "write id seq {seq} / first outstanding {first_outstanding} is outside 1 <= first <= seq < first + {window}"
+    )]
     InvalidWriteId {
         /// The write's sequence.
         seq: u64,

@@ -26,8 +26,8 @@ pub use kv::{
     GetRequest, GetResponse, KeyRange, KeyValue, LeaseId, MAX_LEASE_ID, ReadConsistency, Revision, ScanRequest,
     ScanResponse, WriteCommand, WriteResponse, prefix_end, validate_key, validate_lease_id, validate_value,
 };
-pub use session::{ClientSession, ClientWrite, Proposal, SessionId, WriteId};
 pub use protocol::{ClientEnvelope, ClientRequest, ClientResponse};
+pub use session::{ClientSession, ClientWrite, Proposal, SessionId, WriteId};
 pub use sql::{SqlRequest, SqlResponse, SqlValue};
 pub use store::{ClusterController, KeyValueStore};
 pub use txn::{Compare, CompareOp, CompareTarget, TxnOp, TxnOpResponse, TxnRequest, TxnResponse};

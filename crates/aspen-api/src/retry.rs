@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use crate::error::{ClusterError, KvError};
+use crate::error::{ApplyError, ClusterError, KvError};
 
 /// How long a call keeps retrying through leader elections and unreachable nodes.
 pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(15);
@@ -73,6 +73,18 @@ pub fn may_have_applied(failure: AttemptFailure<'_>) -> bool {
         AttemptFailure::Unreachable { before_send: false }
             | AttemptFailure::Kv(KvError::Timeout { .. } | KvError::OutcomeUnknown(_))
     )
+}
+
+/// Whether an error is the cluster's verdict on a write (the state machine's answer,
+/// remembered per write identity, or a refusal before consensus): it stands even after
+/// attempts whose outcome was unknown. A session that expired or moved past the write says
+/// nothing about earlier attempts, so it is no verdict.
+pub fn is_verdict(error: &KvError) -> bool {
+    match error {
+        KvError::Apply(ApplyError::SessionExpired { .. } | ApplyError::WriteTooOld { .. }) => false,
+        KvError::Apply(_) | KvError::Validation(_) => true,
+        _ => false,
+    }
 }
 
 #[cfg(test)]

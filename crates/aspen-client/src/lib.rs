@@ -2,7 +2,11 @@
 //! or a ticket), sends requests over iroh QUIC (ALPN `aspen-client/3`, all
 //! of a client's concurrent requests to one node multiplexed on one stream) with the cluster's
 //! client token, follows leader redirects for cluster operations, and retries only what is
-//! safe to retry: reads always, writes only when they certainly were not applied.
+//! safe to retry: reads always, and writes because each carries an identity (a session of
+//! this client and a sequence number) that the cluster applies at most once
+//! (`aspen_api::session`). A write the client gives up on after an attempt that may have
+//! reached the cluster fails with `KvError::OutcomeUnknown`, never with a plain
+//! "unavailable".
 //!
 //! Linearizable gets are confirmed by the client (ADR 0004): the read goes to the leader
 //! and, at the same time, a term check to enough other voters; if they confirm the
@@ -23,10 +27,11 @@ use std::time::{Duration, Instant};
 
 use aspen_api::retry::{self, AttemptFailure, RETRY_PAUSE, RetryAction};
 use aspen_api::rounds::SharedRounds;
+use aspen_api::session::{ClientSession, SessionId, WriteId};
 use aspen_api::{
-    ClientEnvelope, ClientRequest, ClientResponse, ClusterError, ClusterNode, ClusterStatus, GetRequest, GetResponse,
-    KeyRange, KvError, LeaderStamp, NodeId, ReadConsistency, ScanRequest, ScanResponse, SqlRequest, SqlResponse,
-    Stamped, TermReply, TxnRequest, TxnResponse, WriteCommand, WriteResponse,
+    ApplyError, ClientEnvelope, ClientRequest, ClientResponse, ClientWrite, ClusterError, ClusterNode, ClusterStatus,
+    GetRequest, GetResponse, KeyRange, KvError, LeaderStamp, NodeId, ReadConsistency, ScanRequest, ScanResponse,
+    SqlRequest, SqlResponse, Stamped, TermReply, TxnRequest, TxnResponse, WriteCommand, WriteResponse,
 };
 use aspen_transport::{CLIENT_ALPN, PeerAddr, RpcClient, SecretKey, TransportError, bind_endpoint};
 
@@ -147,6 +152,16 @@ pub struct AspenClient {
     quorum: Mutex<QuorumCache>,
     confirmed_count: AtomicU64,
     read_index_count: AtomicU64,
+    /// This client's write session: identities for exactly-once writes.
+    session: Mutex<ClientSession>,
+}
+
+/// A fresh random session id (128 bits: two clients never share one).
+fn new_session() -> Result<ClientSession, ClientError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|error| ClientError::Config(format!("no randomness for a session id: {error}")))?;
+    Ok(ClientSession::new(SessionId(u128::from_le_bytes(bytes))))
 }
 
 impl AspenClient {
@@ -169,6 +184,7 @@ impl AspenClient {
             quorum: Mutex::new(QuorumCache::default()),
             confirmed_count: AtomicU64::new(0),
             read_index_count: AtomicU64::new(0),
+            session: Mutex::new(new_session()?),
         })
     }
 
@@ -221,7 +237,18 @@ impl AspenClient {
         idempotent: bool,
         decode: impl Fn(ClientResponse) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
+        self.call_tracked(request, idempotent, decode).await.0
+    }
+
+    /// [`AspenClient::call`], and whether any failed attempt may have taken effect.
+    async fn call_tracked<T>(
+        &self,
+        request: ClientRequest,
+        idempotent: bool,
+        decode: impl Fn(ClientResponse) -> Result<T, ClientError>,
+    ) -> (Result<T, ClientError>, bool) {
         let started = Instant::now();
+        let mut maybe_applied = false;
         let mut target: Option<PeerAddr> = None;
         let mut index = self.preferred.load(Ordering::Relaxed);
         loop {
@@ -232,7 +259,7 @@ impl AspenClient {
                     if let Some(position) = self.peers.iter().position(|known| *known == peer) {
                         self.preferred.store(position, Ordering::Relaxed);
                     }
-                    return outcome;
+                    return (outcome, maybe_applied);
                 }
                 Err(ClientError::Unreachable(error)) => {
                     AttemptFailure::Unreachable { before_send: error.is_before_send() }
@@ -242,9 +269,11 @@ impl AspenClient {
                 Err(_) => AttemptFailure::Other,
             };
             let action = retry::after_failure(failure, idempotent);
+            let this_maybe_applied = retry::may_have_applied(failure);
             if action == RetryAction::Stop || started.elapsed() >= self.retry_deadline {
-                return outcome;
+                return (outcome, maybe_applied || this_maybe_applied);
             }
+            maybe_applied |= this_maybe_applied;
             tracing::debug!(peer = %peer.short(), error = ?outcome.as_ref().err(), "retrying");
             target = match action {
                 RetryAction::Redirect(addr) => addr.parse().ok(),
@@ -423,14 +452,59 @@ impl AspenClient {
         .await
     }
 
-    /// Applies a write command.
+    fn lock_session(&self) -> MutexGuard<'_, ClientSession> {
+        self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A new write identity; a new session when the current one's window is full (its
+    /// oldest write is stuck) or it expired.
+    fn begin_write(&self, expired: Option<SessionId>) -> Result<WriteId, ClientError> {
+        let mut session = self.lock_session();
+        if expired == Some(session.id()) {
+            *session = new_session()?;
+        }
+        if let Some(id) = session.begin() {
+            return Ok(id);
+        }
+        *session = new_session()?;
+        session.begin().ok_or_else(|| ClientError::Config("a new session has no room".into()))
+    }
+
+    /// Applies a write command, at most once: every attempt carries the same identity, so the
+    /// client retries through timeouts, broken connections and leader changes until its
+    /// deadline. Fails with `KvError::OutcomeUnknown` when it gives up after an attempt that
+    /// may have been applied.
     pub async fn write(&self, command: WriteCommand) -> Result<WriteResponse, ClientError> {
         command.validate().map_err(KvError::from)?;
-        self.call(ClientRequest::Write(command), false, |response| match response {
-            ClientResponse::Write(result) => Ok(result?),
-            other => Err(ClientError::Protocol(format!("{other:?}"))),
-        })
-        .await
+        let mut expired = None;
+        let mut maybe_applied = false;
+        // At most one new session per call: a session that expires twice within one call
+        // means the cluster's clock or this client is far off; report it.
+        for _ in 0..2 {
+            let id = self.begin_write(expired)?;
+            let request = ClientRequest::Write(ClientWrite { id: Some(id), command: command.clone() });
+            let (outcome, attempt_maybe_applied) = self
+                .call_tracked(request, true, |response| match response {
+                    ClientResponse::Write(result) => Ok(result?),
+                    other => Err(ClientError::Protocol(format!("{other:?}"))),
+                })
+                .await;
+            self.lock_session().finish(id);
+            maybe_applied |= attempt_maybe_applied;
+            match outcome {
+                // The session was gone when this attempt arrived, so this attempt did nothing;
+                // if no earlier attempt can have done anything, a new session may resend it.
+                Err(ClientError::Kv(KvError::Apply(ApplyError::SessionExpired { session }))) if !maybe_applied => {
+                    tracing::debug!(%session, "write session expired; starting a new one");
+                    expired = Some(session);
+                }
+                Err(error) if maybe_applied && !matches!(&error, ClientError::Kv(kv) if retry::is_verdict(kv)) => {
+                    return Err(ClientError::Kv(KvError::OutcomeUnknown(error.to_string())));
+                }
+                outcome => return outcome,
+            }
+        }
+        Err(ClientError::Kv(KvError::OutcomeUnknown("the write session expired twice".into())))
     }
 
     /// Sets `key` to `value`.

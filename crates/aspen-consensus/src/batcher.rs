@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aspen_api::limits::{MAX_BATCH_SIZE, MAX_VALUE_SIZE};
-use aspen_api::{ApplyError, KvError, WriteCommand, WriteResponse};
+use aspen_api::{ApplyError, ClientWrite, KvError, Proposal, WriteCommand, WriteResponse};
 use aspen_raft_storage::rt;
 use aspen_raft_storage::{EntryResponse, SqliteStateMachine, TypeConfig};
 use openraft::Raft;
@@ -23,8 +23,8 @@ pub type AspenRaft = Raft<TypeConfig, SqliteStateMachine>;
 
 /// A write waiting to be proposed.
 pub struct PendingWrite {
-    /// The command.
-    pub command: WriteCommand,
+    /// The write and its identity.
+    pub write: ClientWrite,
     /// Where its result goes.
     pub reply: oneshot::Sender<Result<WriteResponse, KvError>>,
 }
@@ -106,21 +106,16 @@ pub async fn run(
                 None => return,
             },
         };
+        let mut bytes = payload_bytes(&first.write.command);
         let mut group = vec![first];
-        // A client's own batch is an entry by itself (batches do not nest).
-        if !matches!(group[0].command, WriteCommand::Batch(_)) {
-            let mut bytes = payload_bytes(&group[0].command);
-            while group.len() < MAX_BATCH_SIZE && bytes < MAX_BATCH_BYTES {
-                let Ok(next) = queue.try_recv() else { break };
-                if matches!(next.command, WriteCommand::Batch(_))
-                    || bytes + payload_bytes(&next.command) > MAX_BATCH_BYTES
-                {
-                    carry = Some(next);
-                    break;
-                }
-                bytes += payload_bytes(&next.command);
-                group.push(next);
+        while group.len() < MAX_BATCH_SIZE && bytes < MAX_BATCH_BYTES {
+            let Ok(next) = queue.try_recv() else { break };
+            if bytes + payload_bytes(&next.write.command) > MAX_BATCH_BYTES {
+                carry = Some(next);
+                break;
             }
+            bytes += payload_bytes(&next.write.command);
+            group.push(next);
         }
         let (raft, proposals) = (raft.clone(), Arc::clone(&proposals));
         rt::spawn(async move {
@@ -133,39 +128,45 @@ pub async fn run(
 /// Proposes one write as an entry of its own and waits for its result.
 pub async fn propose_one(
     raft: &AspenRaft,
-    command: WriteCommand,
+    write: ClientWrite,
     write_timeout: Duration,
 ) -> Result<WriteResponse, KvError> {
-    match rt::timeout(write_timeout, raft.client_write(command)).await {
-        Ok(Ok(response)) => entry_result(response.data),
-        Ok(Err(error)) => Err(client_write_error(error)),
-        Err(_) => Err(KvError::Timeout { after_ms: write_timeout.as_millis() as u64 }),
+    let mut results = propose_writes(raft, vec![write], write_timeout).await?;
+    match (results.pop(), results.is_empty()) {
+        (Some(result), true) => result.map_err(KvError::from),
+        _ => Err(KvError::OutcomeUnknown("one write produced several results".into())),
     }
 }
 
-async fn propose(raft: &AspenRaft, mut group: Vec<PendingWrite>, write_timeout: Duration) {
-    let timed_out = || KvError::Timeout { after_ms: write_timeout.as_millis() as u64 };
-    if group.len() == 1 {
-        let Some(write) = group.pop() else { return };
-        let _ = write.reply.send(propose_one(raft, write.command, write_timeout).await);
-        return;
+/// Proposes `writes` as one entry stamped with this leader's clock, and waits for their results.
+async fn propose_writes(
+    raft: &AspenRaft,
+    writes: Vec<ClientWrite>,
+    write_timeout: Duration,
+) -> Result<Vec<Result<WriteResponse, ApplyError>>, KvError> {
+    let count = writes.len();
+    let proposal = Proposal { time_ms: rt::wall_clock_ms(), writes };
+    let written = rt::timeout(write_timeout, raft.client_write(proposal))
+        .await
+        .map_err(|_| KvError::Timeout { after_ms: write_timeout.as_millis() as u64 })?
+        .map_err(client_write_error)?;
+    match written.data {
+        EntryResponse::Writes(results) if results.len() == count => Ok(results),
+        // Applied, but the answers are not what was proposed: the outcome of each write is
+        // not known, and the writes' identities make a retry safe.
+        other => Err(KvError::OutcomeUnknown(format!("{count} writes produced {other:?}"))),
     }
-    let (commands, replies): (Vec<_>, Vec<_>) = group.into_iter().map(|write| (write.command, write.reply)).unzip();
-    let count = commands.len();
-    let written = match rt::timeout(write_timeout, raft.client_write(WriteCommand::Batch(commands))).await {
-        Ok(written) => written,
-        Err(_) => return fail_all(replies, timed_out()),
-    };
-    match written {
-        Ok(response) => match entry_result(response.data) {
-            Ok(WriteResponse::Batch(results)) if results.len() == count => {
-                for (reply, result) in replies.into_iter().zip(results) {
-                    let _ = reply.send(result.map_err(KvError::from));
-                }
+}
+
+async fn propose(raft: &AspenRaft, group: Vec<PendingWrite>, write_timeout: Duration) {
+    let (writes, replies): (Vec<_>, Vec<_>) = group.into_iter().map(|pending| (pending.write, pending.reply)).unzip();
+    match propose_writes(raft, writes, write_timeout).await {
+        Ok(results) => {
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result.map_err(KvError::from));
             }
-            other => fail_all(replies, KvError::Storage(format!("batch of {count} produced {other:?}"))),
-        },
-        Err(error) => fail_all(replies, client_write_error(error)),
+        }
+        Err(error) => fail_all(replies, error),
     }
 }
 
@@ -173,13 +174,6 @@ async fn propose(raft: &AspenRaft, mut group: Vec<PendingWrite>, write_timeout: 
 fn fail_all(replies: Vec<oneshot::Sender<Result<WriteResponse, KvError>>>, error: KvError) {
     for reply in replies {
         let _ = reply.send(Err(error.clone()));
-    }
-}
-
-fn entry_result(response: EntryResponse) -> Result<WriteResponse, KvError> {
-    match response {
-        EntryResponse::Write(result) => result.map_err(|error: ApplyError| KvError::Apply(error)),
-        EntryResponse::NoOp => Err(KvError::Storage("write entry produced no response".into())),
     }
 }
 

@@ -17,10 +17,14 @@ pub fn client_write_error(error: RaftError<TypeConfig, ClientWriteError<TypeConf
     match error {
         RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => not_leader(&forward),
         RaftError::APIError(ClientWriteError::ChangeMembershipError(error)) => KvError::Unavailable(error.to_string()),
-        // The entry was overwritten by a new leader: it was never applied, so a retry is safe.
-        RaftError::APIError(error @ ClientWriteError::LogEntryDiscarded(_)) => KvError::Unavailable(error.to_string()),
+        // openraft documents a discarded entry's outcome as unknown: this node's copy was
+        // overwritten or purged, but another node may have committed and applied it.
+        RaftError::APIError(error @ ClientWriteError::LogEntryDiscarded(_)) => {
+            KvError::OutcomeUnknown(error.to_string())
+        }
         RaftError::APIError(error @ ClientWriteError::PreconditionFailed(_)) => KvError::Unavailable(error.to_string()),
-        RaftError::Fatal(fatal) => KvError::Unavailable(fatal.to_string()),
+        // The Raft core stopped with the entry possibly appended and replicated.
+        RaftError::Fatal(fatal) => KvError::OutcomeUnknown(fatal.to_string()),
     }
 }
 

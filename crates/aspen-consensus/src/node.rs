@@ -8,9 +8,9 @@ use std::sync::Arc;
 use aspen_api::limits::MAX_PEERS;
 use aspen_api::rounds::SharedRounds;
 use aspen_api::{
-    ClusterController, ClusterError, ClusterNode, ClusterStatus, GetRequest, GetResponse, KeyValueStore, KvError,
-    LeaderStamp, NodeId, NodeRole, ReadConsistency, ScanRequest, ScanResponse, SqlRequest, SqlResponse, Stamped,
-    TermReply, WriteCommand, WriteResponse, validate_key,
+    ClientWrite, ClusterController, ClusterError, ClusterNode, ClusterStatus, GetRequest, GetResponse, KeyValueStore,
+    KvError, LeaderStamp, NodeId, NodeRole, ReadConsistency, ScanRequest, ScanResponse, SqlRequest, SqlResponse,
+    Stamped, TermReply, WriteResponse, validate_key,
 };
 use aspen_raft_storage::rt;
 use aspen_raft_storage::state_machine::Snapshot;
@@ -166,28 +166,34 @@ impl<C: RaftRpcClient> RaftNode<C> {
         }
         self.inner.rpc.call(leader, &node, request).await.map_err(|failure| match failure {
             RpcFailure::Timeout { after_ms, .. } => KvError::Timeout { after_ms },
-            other => KvError::Unavailable(other.to_string()),
+            // Never reached the leader: nothing was done there.
+            RpcFailure::Unreachable { .. } => KvError::Unavailable(failure.to_string()),
+            // The exchange broke after the request may have left: a forwarded write may
+            // have been applied.
+            RpcFailure::Network { .. } => KvError::OutcomeUnknown(failure.to_string()),
         })
     }
 
     /// Proposes a write on this node (which must lead), through the batcher, or directly
     /// when there is nothing to group it with.
-    async fn propose(&self, command: WriteCommand) -> Result<WriteResponse, KvError> {
+    async fn propose(&self, write: ClientWrite) -> Result<WriteResponse, KvError> {
         let timeout = self.inner.config.write_timeout;
         let queue_empty = self.inner.writes.capacity() == self.inner.writes.max_capacity();
         if let Some(_proposing) = self.inner.proposals.try_direct(queue_empty) {
-            return batcher::propose_one(&self.inner.raft, command, timeout).await;
+            return batcher::propose_one(&self.inner.raft, write, timeout).await;
         }
         let after_ms = timeout.as_millis() as u64;
         let (reply, result) = oneshot::channel();
-        rt::timeout(timeout, self.inner.writes.send(PendingWrite { command, reply }))
+        rt::timeout(timeout, self.inner.writes.send(PendingWrite { write, reply }))
             .await
-            .map_err(|_| KvError::Timeout { after_ms })?
+            // Still queued or refused by the closed queue: never proposed.
+            .map_err(|_| KvError::Unavailable(format!("write queue full for {after_ms} ms")))?
             .map_err(|_| KvError::Unavailable("node is shutting down".into()))?;
         rt::timeout(timeout, result)
             .await
             .map_err(|_| KvError::Timeout { after_ms })?
-            .map_err(|_| KvError::Unavailable("node is shutting down".into()))?
+            // The batcher dropped the reply after taking the write: it may have been proposed.
+            .map_err(|_| KvError::OutcomeUnknown("node shut down while proposing the write".into()))?
     }
 
     /// Waits until this node's state machine reflects every write acknowledged before the
@@ -307,7 +313,12 @@ impl<C: RaftRpcClient> RaftNode<C> {
     }
 
     async fn remote_read_index(&self) -> Result<u64, KvError> {
-        match self.call_leader(RaftRpc::ReadIndex).await? {
+        // A read changes nothing: a broken exchange is just unavailability.
+        let reply = self.call_leader(RaftRpc::ReadIndex).await.map_err(|error| match error {
+            KvError::OutcomeUnknown(reason) => KvError::Unavailable(reason),
+            other => other,
+        })?;
+        match reply {
             RaftRpcReply::ReadIndex(result) => result,
             other => Err(KvError::Unavailable(format!("unexpected reply to ReadIndex: {other:?}"))),
         }
@@ -340,10 +351,10 @@ impl<C: RaftRpcClient> RaftNode<C> {
             },
             RaftRpc::ReadIndex => RaftRpcReply::ReadIndex(self.local_read_index().await),
             RaftRpc::Ping => RaftRpcReply::Pong { node_id: self.id() },
-            RaftRpc::Forward(command) => {
+            RaftRpc::Forward(write) => {
                 // One hop only: a forwarded write is never forwarded again.
-                let result = match command.validate() {
-                    Ok(()) => self.propose(command).await,
+                let result = match write.validate() {
+                    Ok(()) => self.propose(write).await,
                     Err(error) => Err(error.into()),
                 };
                 RaftRpcReply::Forward(result)
@@ -442,15 +453,15 @@ impl<C: RaftRpcClient> KeyValueStore for RaftNode<C> {
             .await
     }
 
-    async fn write(&self, command: WriteCommand) -> Result<WriteResponse, KvError> {
-        command.validate()?;
+    async fn write(&self, write: ClientWrite) -> Result<WriteResponse, KvError> {
+        write.validate()?;
         match self.leader() {
-            Some((leader, _)) if leader == self.id() => match self.propose(command.clone()).await {
+            Some((leader, _)) if leader == self.id() => match self.propose(write.clone()).await {
                 // Leadership moved between the check and the proposal: forward once.
-                Err(KvError::NotLeader { .. }) => self.forward(command).await,
+                Err(KvError::NotLeader { .. }) => self.forward(write).await,
                 result => result,
             },
-            Some(_) => self.forward(command).await,
+            Some(_) => self.forward(write).await,
             None => Err(KvError::NotLeader { leader: None, leader_addr: None }),
         }
     }
@@ -463,10 +474,11 @@ impl<C: RaftRpcClient> KeyValueStore for RaftNode<C> {
 }
 
 impl<C: RaftRpcClient> RaftNode<C> {
-    async fn forward(&self, command: WriteCommand) -> Result<WriteResponse, KvError> {
-        match self.call_leader(RaftRpc::Forward(command)).await? {
+    async fn forward(&self, write: ClientWrite) -> Result<WriteResponse, KvError> {
+        match self.call_leader(RaftRpc::Forward(write)).await? {
             RaftRpcReply::Forward(result) => result,
-            other => Err(KvError::Unavailable(format!("unexpected reply to Forward: {other:?}"))),
+            // The leader handled the request in some way (a refusal names no outcome).
+            other => Err(KvError::OutcomeUnknown(format!("unexpected reply to Forward: {other:?}"))),
         }
     }
 

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 
-use aspen_api::{ClusterNode, KvError, NodeId, WriteCommand, WriteResponse};
+use aspen_api::{ClientWrite, ClusterNode, KvError, NodeId, WriteResponse};
 use aspen_raft_storage::{SnapshotMeta, TypeConfig, Vote};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, VoteRequest, VoteResponse,
@@ -45,8 +45,8 @@ pub enum RaftRpc {
     TransferLeader(TransferLeaderRequest<TypeConfig>),
     /// A follower asks the leader for a linearizable read point (ReadIndex).
     ReadIndex,
-    /// A follower forwards a client write to the leader.
-    Forward(WriteCommand),
+    /// A follower forwards a client write, with its identity, to the leader.
+    Forward(ClientWrite),
     /// Asks a node who it is, before adding it: proves it is reachable and admits us.
     Ping,
 }

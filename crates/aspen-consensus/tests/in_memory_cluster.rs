@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aspen_api::{
-    ClusterController, ClusterNode, GetRequest, KeyValueStore, KvError, NodeId, ReadConsistency, ScanRequest,
-    WriteCommand, WriteResponse,
+    ClientWrite, ClusterController, ClusterNode, GetRequest, KeyValueStore, KvError, NodeId, ReadConsistency,
+    ScanRequest, WriteCommand, WriteResponse,
 };
 use aspen_consensus::{ConsensusConfig, RaftNode, RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
 use aspen_raft_storage::{RedbLogStore, SqliteStateMachine};
@@ -116,8 +116,8 @@ impl Cluster {
     }
 }
 
-fn put(key: &str, value: &str) -> WriteCommand {
-    WriteCommand::Put { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec(), lease: None }
+fn put(key: &str, value: &str) -> ClientWrite {
+    WriteCommand::Put { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec(), lease: None }.into()
 }
 
 async fn linearizable_value(node: &Node, key: &str) -> Option<Vec<u8>> {
@@ -126,7 +126,7 @@ async fn linearizable_value(node: &Node, key: &str) -> Option<Vec<u8>> {
 }
 
 /// Retries a write through leader changes, as a client library does.
-async fn write_with_retry(cluster: &Cluster, ids: &[NodeId], command: WriteCommand) -> WriteResponse {
+async fn write_with_retry(cluster: &Cluster, ids: &[NodeId], command: ClientWrite) -> WriteResponse {
     for attempt in 0..100 {
         let node = cluster.node(ids[attempt % ids.len()]);
         match node.write(command.clone()).await {

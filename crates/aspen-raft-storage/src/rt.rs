@@ -30,6 +30,13 @@ where
     }
 }
 
+/// This node's wall-clock time in ms since the Unix epoch (the simulated clock under madsim,
+/// which intercepts the system clock). Only for times that are then replicated, such as a
+/// proposal's stamp: nodes' clocks differ, so no decision reads it directly.
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
 /// Spawns a task on the current runtime (the current simulated node under madsim).
 pub fn spawn<F>(future: F)
 where

@@ -231,7 +231,10 @@ fn lease_revoke_removes_attached_keys() {
             blank(1, 5),
         ])
         .expect("apply");
-    assert_eq!(responses[0], EntryResponse::Writes(vec![Ok(WriteResponse::LeaseGrant { revision: 1, id: 1, ttl_secs: 10 })]));
+    assert_eq!(
+        responses[0],
+        EntryResponse::Writes(vec![Ok(WriteResponse::LeaseGrant { revision: 1, id: 1, ttl_secs: 10 })])
+    );
     assert_eq!(responses[3], EntryResponse::Writes(vec![Ok(WriteResponse::LeaseRevoke { revision: 4, deleted: 1 })]));
     assert_eq!(value_of(&state_machine, b"a"), None);
     assert_eq!(value_of(&state_machine, b"b"), Some(b"2".to_vec()));

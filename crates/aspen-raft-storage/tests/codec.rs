@@ -43,7 +43,10 @@ fn responses_round_trip() {
         let response = if *ok {
             EntryResponse::Writes(vec![Ok(WriteResponse::LeaseGrant { revision: *revision, id: *id, ttl_secs: 5 })])
         } else {
-            EntryResponse::Writes(vec![Err(ApplyError::Invalid(ValidationError::KeyTooLarge { size: *id as usize, max: 1 }))])
+            EntryResponse::Writes(vec![Err(ApplyError::Invalid(ValidationError::KeyTooLarge {
+                size: *id as usize,
+                max: 1,
+            }))])
         };
         round_trip(&response);
         round_trip(&EntryResponse::NoOp);

@@ -5,8 +5,8 @@ mod common;
 
 use aspen_api::session::{MAX_SESSIONS, SESSION_IDLE_EXPIRY_MS, SESSION_MIN_IDLE_MS, SESSION_SWEEP_INTERVAL_MS};
 use aspen_api::{
-    ApplyError, ClientWrite, Compare, CompareOp, CompareTarget, Proposal, SessionId, TxnOp, TxnRequest,
-    WriteCommand, WriteId, WriteResponse,
+    ApplyError, ClientWrite, Compare, CompareOp, CompareTarget, Proposal, SessionId, TxnOp, TxnRequest, WriteCommand,
+    WriteId, WriteResponse,
 };
 use aspen_raft_storage::{Entry, EntryResponse, SqliteStateMachine};
 use common::log_id;
@@ -196,7 +196,8 @@ fn a_full_session_table_replaces_only_long_idle_sessions() {
             .collect();
         state_machine.apply_entries(&[entry(index, T0, writes)]).expect("apply");
     }
-    let newcomer = |index, time| entry(index, time, vec![ClientWrite { id: id(u128::MAX, 1, 1), command: put("n", "1") }]);
+    let newcomer =
+        |index, time| entry(index, time, vec![ClientWrite { id: id(u128::MAX, 1, 1), command: put("n", "1") }]);
     let refused = results(state_machine.apply_entries(&[newcomer(index + 1, T0 + 1000)]).expect("apply"));
     assert_eq!(refused[0], Err(ApplyError::TooManySessions { max: MAX_SESSIONS }));
     assert_eq!(value(&state_machine, "n"), None);
@@ -206,10 +207,11 @@ fn a_full_session_table_replaces_only_long_idle_sessions() {
     // The replaced session was the least recently used: a later write of it finds it gone.
     let gone = results(
         state_machine
-            .apply_entries(&[entry(index + 3, T0 + SESSION_MIN_IDLE_MS, vec![ClientWrite {
-                id: id(1, 2, 2),
-                command: put("shared", "w"),
-            }])])
+            .apply_entries(&[entry(
+                index + 3,
+                T0 + SESSION_MIN_IDLE_MS,
+                vec![ClientWrite { id: id(1, 2, 2), command: put("shared", "w") }],
+            )])
             .expect("apply"),
     );
     assert_eq!(gone[0], Err(ApplyError::SessionExpired { session: SessionId(1) }));

@@ -42,7 +42,7 @@ impl RpcHandler for ClientService {
                 ClientResponse::Get(result)
             }
             ClientRequest::Scan(request) => ClientResponse::Scan(metrics.reads.time(node.scan(request)).await),
-            ClientRequest::Write(command) => ClientResponse::Write(metrics.writes.time(node.write(command)).await),
+            ClientRequest::Write(write) => ClientResponse::Write(metrics.writes.time(node.write(write)).await),
             ClientRequest::Sql(request) => ClientResponse::Sql(metrics.reads.time(node.sql(request)).await),
             ClientRequest::Status => ClientResponse::Status(node.status().await),
             ClientRequest::Metrics => ClientResponse::Metrics(render(node, metrics)),

@@ -169,7 +169,7 @@ pub async fn run_node(spec: NodeSpec) {
         Err(error) => return spec.trace.violation(now_ms(), format!("node {id}: cannot bind: {error}")),
     };
     let raft_node = raft.clone();
-    madsim::task::spawn(net::serve(Arc::clone(&endpoint), RAFT_TAG, move |bytes| {
+    madsim::task::spawn(net::serve(Arc::clone(&endpoint), RAFT_TAG, Arc::clone(&spec.faults), move |bytes| {
         let node = raft_node.clone();
         async move {
             let reply = match postcard::from_bytes::<RaftRpc>(&bytes) {
@@ -179,7 +179,7 @@ pub async fn run_node(spec: NodeSpec) {
             postcard::to_stdvec(&reply).unwrap_or_default()
         }
     }));
-    net::serve(endpoint, CLIENT_TAG, move |bytes| {
+    net::serve(endpoint, CLIENT_TAG, Arc::clone(&spec.faults), move |bytes| {
         let node = raft.clone();
         async move {
             let response = match postcard::from_bytes::<ClientRequest>(&bytes) {

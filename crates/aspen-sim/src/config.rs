@@ -40,11 +40,14 @@ pub enum Fault {
     Membership,
     /// Frequent snapshots and log purges, so lagging nodes install snapshots.
     Snapshot,
+    /// Some replies are lost after the request was handled (a write applied, its client
+    /// never told), so clients resend writes that took effect.
+    LostReply,
 }
 
 impl Fault {
     /// Every fault.
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 12] = [
         Fault::Drop,
         Fault::Delay,
         Fault::Duplicate,
@@ -56,6 +59,7 @@ impl Fault {
         Fault::ClockSkew,
         Fault::Membership,
         Fault::Snapshot,
+        Fault::LostReply,
     ];
 
     /// The name used on the command line.
@@ -72,6 +76,7 @@ impl Fault {
             Fault::ClockSkew => "clock-skew",
             Fault::Membership => "membership",
             Fault::Snapshot => "snapshot",
+            Fault::LostReply => "lost-reply",
         }
     }
 }

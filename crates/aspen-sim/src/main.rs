@@ -196,6 +196,8 @@ mod sim_main {
         let args = Args::parse();
         let built_bug = if cfg!(feature = "bug-stale-read") {
             Some("stale-read")
+        } else if cfg!(feature = "bug-no-dedup") {
+            Some("no-dedup")
         } else if cfg!(feature = "bug-unconfirmed-read") {
             Some("unconfirmed-read")
         } else {

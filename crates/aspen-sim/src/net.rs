@@ -52,6 +52,8 @@ pub struct NetFaults {
     pub delay_ppm: AtomicU64,
     /// Longest hold-back, in milliseconds.
     pub max_delay_ms: AtomicU64,
+    /// Chance a reply is lost after the request was handled.
+    pub lose_reply_ppm: AtomicU64,
 }
 
 fn chance(ppm: &AtomicU64) -> bool {
@@ -82,10 +84,11 @@ impl NetError {
 
 /// Whether the network may deliver a request twice.
 ///
-/// QUIC delivers a stream's bytes exactly once, and Aspen's RPC client resends only what was
-/// never sent, so in production no request reaches the application twice. What Raft must
-/// tolerate are its own resends (heartbeats, appends, votes, snapshot chunks after a timeout),
-/// so those may be duplicated here; client requests and forwarded writes may not.
+/// QUIC delivers a stream's bytes exactly once, but clients resend writes whose outcome they
+/// do not know, and Raft resends its own messages (heartbeats, appends, votes, snapshot
+/// chunks after a timeout). Everything that is safe to apply twice may be duplicated here:
+/// Raft messages and writes with an identity (applied at most once by the state machine);
+/// writes without one may not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Delivery {
     /// May arrive twice (idempotent by protocol).
@@ -125,7 +128,7 @@ pub async fn request(
 }
 
 /// Serves requests under `tag` on `endpoint` with `handle`, one task per request.
-pub async fn serve<H, F>(endpoint: Arc<Endpoint>, tag: u64, handle: H)
+pub async fn serve<H, F>(endpoint: Arc<Endpoint>, tag: u64, faults: Arc<NetFaults>, handle: H)
 where
     H: Fn(Vec<u8>) -> F + Send + Sync + 'static,
     F: std::future::Future<Output = Vec<u8>> + Send + 'static,
@@ -136,8 +139,13 @@ where
         let Ok(frame) = payload.downcast::<Frame>() else { continue };
         let endpoint = Arc::clone(&endpoint);
         let handle = Arc::clone(&handle);
+        let faults = Arc::clone(&faults);
         madsim::task::spawn(async move {
             let reply = handle(frame.bytes).await;
+            // Handled, and the caller never hears of it: its timeout, an unknown outcome.
+            if chance(&faults.lose_reply_ppm) {
+                return;
+            }
             let reply = Frame { reply_tag: 0, bytes: reply };
             // A lost reply is the caller's timeout.
             let _ = endpoint.send_to_raw(from, frame.reply_tag, Box::new(reply)).await;
@@ -168,9 +176,12 @@ impl RaftRpcClient for SimRaftClient {
         if bytes.len() > MAX_MESSAGE_SIZE {
             return Err(RpcFailure::Network { node: target, reason: format!("request of {} bytes", bytes.len()) });
         }
-        // A forwarded client write must not apply twice; everything else is Raft's to dedupe.
-        let delivery =
-            if matches!(request, RaftRpc::Forward(_)) { Delivery::AtMostOnce } else { Delivery::AtLeastOnce };
+        // A forwarded write without an identity must not apply twice; everything else is
+        // deduplicated by Raft or by the write's session.
+        let delivery = match &request {
+            RaftRpc::Forward(write) if write.id.is_none() => Delivery::AtMostOnce,
+            _ => Delivery::AtLeastOnce,
+        };
         let reply =
             self::request(&self.faults, addr, RAFT_TAG, bytes, RAFT_RPC_TIMEOUT, delivery).await.map_err(|error| {
                 match error {

@@ -336,7 +336,7 @@ impl Cluster {
                 self.trace.event(now_ms(), format!("nemesis: snapshot on node {id}: {result:?}"));
             }
             // Message faults are on for the whole workload.
-            Fault::Drop | Fault::Delay | Fault::Duplicate | Fault::Reorder => {}
+            Fault::Drop | Fault::Delay | Fault::Duplicate | Fault::Reorder | Fault::LostReply => {}
         }
     }
 
@@ -346,6 +346,7 @@ impl Cluster {
         net.update_config(|config| config.packet_loss_rate = 0.0);
         self.faults.duplicate_ppm.store(0, Ordering::Relaxed);
         self.faults.delay_ppm.store(0, Ordering::Relaxed);
+        self.faults.lose_reply_ppm.store(0, Ordering::Relaxed);
         for host in self.hosts.values() {
             for other in self.hosts.values() {
                 net.unclog_link(host.id(), other.id());
@@ -383,6 +384,9 @@ async fn simulate(config: SimConfig, root: PathBuf, trace: Trace, history: Histo
     if config.faults.contains(&Fault::Delay) {
         faults.delay_ppm.store(20_000, Ordering::Relaxed);
         faults.max_delay_ms.store(1000, Ordering::Relaxed);
+    }
+    if config.faults.contains(&Fault::LostReply) {
+        faults.lose_reply_ppm.store(20_000, Ordering::Relaxed);
     }
     let registry = Registry::default();
     let node_count = if config.faults.contains(&Fault::Membership) { VOTERS + 1 } else { VOTERS };
@@ -447,7 +451,9 @@ async fn simulate(config: SimConfig, root: PathBuf, trace: Trace, history: Histo
         .faults
         .iter()
         .copied()
-        .filter(|fault| !matches!(fault, Fault::Drop | Fault::Delay | Fault::Duplicate | Fault::Reorder))
+        .filter(|fault| {
+            !matches!(fault, Fault::Drop | Fault::Delay | Fault::Duplicate | Fault::Reorder | Fault::LostReply)
+        })
         .collect();
     while started.elapsed() < workload_end {
         madsim::time::sleep(Duration::from_millis(random_range(300, 2000))).await;

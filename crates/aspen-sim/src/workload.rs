@@ -1,15 +1,18 @@
 //! Simulated clients: put, linearizable get, delete, compare-and-set and scan over a few
-//! shared keys, through aspen-client's retry policy (`aspen_api::retry`), every operation
-//! recorded with its simulated call and return times for the linearizability checker.
+//! shared keys, through aspen-client's retry policy (`aspen_api::retry`) and its write
+//! sessions (`aspen_api::session`: every write carries an identity and is resent until
+//! answered), every operation recorded with its simulated call and return times for the
+//! linearizability checker.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use aspen_api::retry::{self, AttemptFailure, RETRY_PAUSE, RetryAction};
+use aspen_api::session::{ClientSession, SessionId};
 use aspen_api::{
-    ClientRequest, ClientResponse, Compare, CompareOp, CompareTarget, GetRequest, KeyRange, KvError, NodeId,
-    ReadConsistency, ScanRequest, Stamped, TermReply, TxnOp, TxnRequest, WriteCommand, WriteResponse,
+    ClientRequest, ClientResponse, ClientWrite, Compare, CompareOp, CompareTarget, GetRequest, KeyRange, KvError,
+    NodeId, ReadConsistency, ScanRequest, Stamped, TermReply, TxnOp, TxnRequest, WriteCommand, WriteResponse,
 };
 use aspen_checker::{Input, Operation, Output};
 
@@ -50,6 +53,13 @@ pub struct SimClient {
     /// cached read quorum does, until one is not confirmed.
     stamp_leader: Option<NodeId>,
     seq: u64,
+    /// The client's write session, numbered as aspen-client numbers its writes.
+    session: ClientSession,
+}
+
+fn new_session() -> ClientSession {
+    let high = u128::from(madsim::rand::random::<u64>());
+    ClientSession::new(SessionId(high << 64 | u128::from(madsim::rand::random::<u64>())))
 }
 
 fn now_ns() -> u64 {
@@ -70,7 +80,18 @@ impl SimClient {
         trace: Trace,
         keys: usize,
     ) -> Self {
-        SimClient { index, nodes, faults, history, trace, keys, preferred: 0, stamp_leader: None, seq: 0 }
+        SimClient {
+            index,
+            nodes,
+            faults,
+            history,
+            trace,
+            keys,
+            preferred: 0,
+            stamp_leader: None,
+            seq: 0,
+            session: new_session(),
+        }
     }
 
     /// Runs random operations until `until` (simulated time since start).
@@ -92,7 +113,7 @@ impl SimClient {
             let value = format!("probe-{}", self.seq).into_bytes();
             let call = now_ns();
             let command = WriteCommand::Put { key: key.clone(), value: value.clone(), lease: None };
-            match self.call(ClientRequest::Write(command), false).await {
+            match self.send_write(command).await {
                 CallResult::Done(ClientResponse::Write(Ok(_))) => {
                     self.record(key, call, Input::Put(value), Some(Output::Ok));
                     return true;
@@ -140,9 +161,27 @@ impl SimClient {
         self.history.record(op);
     }
 
+    /// Sends a write with a new identity of this client's session, resending it (as
+    /// aspen-client does) until it is answered or the retry deadline passes.
+    async fn send_write(&mut self, command: WriteCommand) -> CallResult {
+        let id = match self.session.begin() {
+            Some(id) => id,
+            None => {
+                self.session = new_session();
+                match self.session.begin() {
+                    Some(id) => id,
+                    None => return CallResult::Failed("a new session has no room".into()),
+                }
+            }
+        };
+        let result = self.call(ClientRequest::Write(ClientWrite { id: Some(id), command }), true).await;
+        self.session.finish(id);
+        result
+    }
+
     async fn write(&mut self, key: Vec<u8>, input: Input, command: WriteCommand) {
         let call = now_ns();
-        match self.call(ClientRequest::Write(command), false).await {
+        match self.send_write(command).await {
             CallResult::Done(ClientResponse::Write(Ok(_))) => self.record(key, call, input, Some(Output::Ok)),
             CallResult::Unknown(reason) => {
                 self.note(&format!("write outcome unknown: {reason}"));
@@ -174,7 +213,7 @@ impl SimClient {
         };
         let input = Input::Cas { expected, new: Some(new) };
         let call = now_ns();
-        match self.call(ClientRequest::Write(WriteCommand::Txn(txn)), false).await {
+        match self.send_write(WriteCommand::Txn(txn)).await {
             CallResult::Done(ClientResponse::Write(Ok(WriteResponse::Txn(response)))) => {
                 self.record(key, call, input, Some(Output::CasResult(response.succeeded)))
             }
@@ -326,14 +365,12 @@ impl SimClient {
             };
             let failure = match (&response, &failure_kv) {
                 (Ok(response), None) => return self.done(response.clone(), target),
+                // The state machine's answer for this write: final, whatever came before.
+                (Ok(response), Some(error)) if retry::is_verdict(error) => return self.done(response.clone(), target),
                 (Ok(_), Some(error)) => AttemptFailure::Kv(error),
                 (Err(error), _) => AttemptFailure::Unreachable { before_send: error.is_before_send() },
             };
-            if matches!(failure, AttemptFailure::Unreachable { before_send: false })
-                || matches!(failure, AttemptFailure::Kv(KvError::Timeout { .. }))
-            {
-                maybe_applied = true;
-            }
+            maybe_applied |= retry::may_have_applied(failure);
             let action = retry::after_failure(failure, idempotent);
             let describe = match (&response, &failure_kv) {
                 (_, Some(error)) => error.to_string(),
