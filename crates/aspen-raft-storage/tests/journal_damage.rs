@@ -142,6 +142,32 @@ fn a_damaged_middle_record_refuses_to_open_and_keeps_the_files() {
     assert_eq!(store.verify().expect("verify").entries, APPENDS * BATCH);
 }
 
+/// The damaged record is the first after a checkpoint: the entries before it are in redb,
+/// and the error names the index after redb's last.
+#[test]
+fn a_damaged_first_record_after_a_checkpoint_names_the_index_after_the_stored_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("log.redb");
+    let entries = journal_only_log(&path);
+    let stored = entries[(APPENDS * BATCH) as usize - 1].log_id;
+    let store = RedbLogStore::open(&path).expect("open");
+    // A truncation that keeps everything is a durable commit: redb now holds every entry.
+    store.truncate_entries_after(Some(stored)).expect("checkpoint");
+    let more: Vec<Entry> = (stored.index + 1..=stored.index + 2 * BATCH).map(|index| blank(1, index)).collect();
+    store.append_entries(&more[..BATCH as usize]).expect("append");
+    store.append_entries(&more[BATCH as usize..]).expect("append");
+    drop(store);
+    let journal = journal_paths(&path)[0].clone();
+    let first = records(&journal)[0];
+    assert_eq!(first.offset, 0, "after a checkpoint records start over at the start of the file");
+    write_at(&journal, first.end() - 4, &[0xee; 4]);
+    let error = RedbLogStore::open(&path).err().expect("refuses to open");
+    let (file, offset, sequence, first_index, last_good_index) = refusal(&error);
+    assert_eq!((file, offset), (name(&journal), 0));
+    assert_eq!((first_index, last_good_index), (Some(stored.index + 1), Some(stored.index)), "{error}");
+    assert_eq!(records(&journal)[1].seq, sequence + 1, "the record after it was found");
+}
+
 #[test]
 fn a_torn_final_record_is_discarded_and_every_earlier_entry_opens() {
     // The file ends inside the record, or the record's tail is zeros (never written).

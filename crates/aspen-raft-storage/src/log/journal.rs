@@ -585,7 +585,7 @@ fn replay_records(files: &[JournalFile; 2], checkpointed_seq: u64) -> Result<Vec
         path: files[file].path.display().to_string(),
         offset,
         sequence: missing,
-        first_index: last_good_index.map(|index| index + 1),
+        first_index: last_good_index.and_then(|index| index.checked_add(1)),
         last_good_index,
         reason: format!(
             "{what}, yet record {later_seq} was written after it ({} at byte {later_offset})",

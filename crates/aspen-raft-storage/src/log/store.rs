@@ -183,7 +183,7 @@ impl RedbLogStore {
         let (mut journal, replay) = match Journal::open(&journal::journal_paths(path), checkpointed_seq) {
             Ok(opened) => opened,
             // The damaged record is the first after the checkpoint: the entries before it are
-            // redb's. Nothing was written; dropping the transaction leaves the file as it was.
+            // redb's. The transaction is dropped uncommitted: the log stays as it was.
             Err(LogStoreError::JournalCorrupt {
                 path,
                 offset,
@@ -197,7 +197,7 @@ impl RedbLogStore {
                     path,
                     offset,
                     sequence,
-                    first_index: last_good_index.map(|index| index + 1),
+                    first_index: last_good_index.and_then(|index| index.checked_add(1)),
                     last_good_index,
                     reason,
                 });
