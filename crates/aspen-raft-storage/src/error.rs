@@ -85,6 +85,30 @@ pub enum LogStoreError {
         /// What failed.
         reason: String,
     },
+    /// A journal record is damaged and records written after it exist: replaying only the
+    /// records before it would drop entries that may have been acknowledged, so the log does
+    /// not open. Never skipped: only a torn final record is (see `log::journal`).
+    #[error(
+        "log journal {path} is damaged at byte {offset}: record {sequence}{} {reason}; replaying only the \
+         records before it would lose entries that may have been acknowledged, so the log does not open",
+        index_note(*.first_index, *.last_good_index)
+    )]
+    JournalCorrupt {
+        /// The journal file holding the damaged record (or where it should start).
+        path: String,
+        /// Where in that file the damaged record starts.
+        offset: u64,
+        /// The journal sequence number of the damaged record.
+        sequence: u64,
+        /// The first log index the damaged record held, when known: the one after
+        /// `last_good_index`.
+        first_index: Option<u64>,
+        /// The last log index before the damaged record that is intact (in the journal or in
+        /// redb), when there is one.
+        last_good_index: Option<u64>,
+        /// What is wrong with the record and which later record shows it was not the last.
+        reason: String,
+    },
     /// redb failed.
     #[error("redb: {0}")]
     Redb(#[from] redb::Error),
@@ -106,6 +130,7 @@ impl LogStoreError {
                 | LogStoreError::Gap { .. }
                 | LogStoreError::MalformedMeta { .. }
                 | LogStoreError::Corrupted { .. }
+                | LogStoreError::JournalCorrupt { .. }
         ) || matches!(self, LogStoreError::Redb(redb::Error::Corrupted(_)))
     }
 }
@@ -114,6 +139,15 @@ impl From<LogStoreError> for io::Error {
     fn from(error: LogStoreError) -> io::Error {
         let kind = if error.is_corruption() { io::ErrorKind::InvalidData } else { io::ErrorKind::Other };
         io::Error::new(kind, error)
+    }
+}
+
+/// The log indexes a [`LogStoreError::JournalCorrupt`] message names, when known.
+fn index_note(first_index: Option<u64>, last_good_index: Option<u64>) -> String {
+    match (first_index, last_good_index) {
+        (Some(first), _) => format!(" (log entries from index {first})"),
+        (None, Some(last)) => format!(" (the entries after index {last})"),
+        (None, None) => String::new(),
     }
 }
 

@@ -20,21 +20,23 @@
 //! stores the number of the last record it covers. On open, the records after it are taken
 //! from both files in sequence order and replayed into redb (each one replaces the log from
 //! its first index on, as the append did). Each file is read from offset 0 while the
-//! sequence continues by one; replay stops at the first record that is torn, fails its
-//! checksum, or does not continue the sequence (old records left behind by earlier turns).
+//! sequence continues by one (past that lie old records left behind by earlier turns). A
+//! record that is torn or fails its checksum is discarded only as the last one written (a
+//! crash tore it before its sync); if records written after it exist, it is damage, and the
+//! log does not open ([`LogStoreError::JournalCorrupt`]; the exact rule is on
+//! `replay_records`).
 //!
 //! The files are never truncated and grow ahead of the records in zero-filled steps of
 //! [`JOURNAL_GROW_STEP`]: an `fdatasync` after a write that extends a file also has to
 //! write the inode (its new size), which on this disk doubled its cost (measured: 5 KB
 //! records, write + fdatasync, 313-318 us growing the file vs 150 us inside zero-filled
-//! space). Zeros after the last record end replay like any torn tail.
+//! space). Zeros after the last record end a file's records like the old records do.
 //!
 //! Record layout: `MAGIC (4) | payload length u32 LE | seq u64 LE | blake3(seq, length,
 //! payload) (32) | payload`, where the payload is rows, each `index u64 LE | length u32 LE |
 //! row` (the row exactly as stored in redb).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -65,6 +67,11 @@ pub const MAX_JOURNAL_RECORD: usize = 4 * 1024 * 1024;
 /// put the inode write back on more syncs; larger ones make the sync that flushes the
 /// zeros slower.
 pub const JOURNAL_GROW_STEP: u64 = 256 * 1024;
+
+/// Most records the journal holds after its last checkpoint: a file takes at most
+/// [`JOURNAL_CHECKPOINT_RECORDS`], and appends move to a file only once a durable commit
+/// covers every record in it. Bounds how far replay looks past a damaged record.
+const LIVE_RECORDS_MAX: u64 = 2 * JOURNAL_CHECKPOINT_RECORDS;
 
 const MAGIC: [u8; 4] = *b"ASJ1";
 const HEADER_LEN: usize = 4 + 4 + 8 + 32;
@@ -210,8 +217,7 @@ impl Journal {
     /// [`Journal::checkpointed`]).
     pub fn open(paths: &[PathBuf; 2], checkpointed_seq: u64) -> Result<(Journal, Vec<JournalRecord>), LogStoreError> {
         let files = [JournalFile::open(&paths[0])?, JournalFile::open(&paths[1])?];
-        let runs = [read_run(&files[0].file, &files[0].path)?, read_run(&files[1].file, &files[1].path)?];
-        let records = merge_runs(runs, checkpointed_seq, &paths[0])?;
+        let records = replay_records(&files, checkpointed_seq)?;
         let last_seq = records.last().map_or(checkpointed_seq, |record| record.seq);
         let allocated = [files[0].len()?, files[1].len()?];
         let mut journal = Journal {
@@ -346,75 +352,246 @@ impl Journal {
     }
 }
 
-/// One file's records: the run that starts at offset 0 and goes on while each record is
-/// whole, passes its checksum and continues the sequence by one.
-fn read_run(file: &File, path: &Path) -> Result<Vec<JournalRecord>, LogStoreError> {
-    let mut reader = io::BufReader::new(file);
-    let mut records: Vec<JournalRecord> = Vec::new();
+/// A record header as read from disk, before its payload is checked.
+#[derive(Clone, Copy, Debug)]
+struct Header {
+    /// Payload length.
+    len: usize,
+    seq: u64,
+    sum: [u8; 32],
+}
+
+impl Header {
+    /// Offset just past the record that starts at `offset` with this header.
+    fn end(&self, offset: u64) -> u64 {
+        offset + (HEADER_LEN + self.len) as u64
+    }
+}
+
+/// What is wrong with a record whose header reads fine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RecordState {
+    /// Whole, and its checksum passes.
+    Whole,
+    /// The file ends inside it.
+    Cut,
+    /// Its checksum fails.
+    Damaged,
+}
+
+/// A record header met past a file's run (see [`FileScan::steps`]).
+#[derive(Clone, Copy, Debug)]
+struct Step {
+    /// Which of the two files.
+    file: usize,
+    /// How many records past the end of the run: 0 for the header right there.
+    hop: u64,
+    offset: u64,
+    header: Header,
+}
+
+/// What reading one journal file found.
+struct FileScan {
+    /// The records from offset 0 while each is whole, passes its checksum and continues the
+    /// sequence by one, with their offsets.
+    run: Vec<(u64, JournalRecord)>,
+    /// Where the run ends.
+    run_end: u64,
+    /// The headers met stepping from `run_end` over each record by the length its header
+    /// states, its checksum passing or not, until no header starts where the last one ends
+    /// (at most [`LIVE_RECORDS_MAX`] steps).
+    steps: Vec<Step>,
+}
+
+/// The header at `offset`, if one starts there: the magic, and a length no record exceeds.
+fn read_header(file: &JournalFile, offset: u64, file_len: u64) -> Result<Option<Header>, LogStoreError> {
+    if offset.saturating_add(HEADER_LEN as u64) > file_len {
+        return Ok(None);
+    }
+    let mut bytes = [0u8; HEADER_LEN];
+    file.file.read_exact_at(&mut bytes, offset).map_err(|error| journal_error(&file.path, error))?;
+    let len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
+    if bytes[0..4] != MAGIC || len > MAX_JOURNAL_RECORD {
+        return Ok(None);
+    }
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&bytes[8..16]);
+    let mut sum = [0u8; 32];
+    sum.copy_from_slice(&bytes[16..HEADER_LEN]);
+    Ok(Some(Header { len, seq: u64::from_le_bytes(seq), sum }))
+}
+
+/// The payload of the record at `offset` and what state it is in (`None` when cut).
+fn read_payload(
+    file: &JournalFile,
+    offset: u64,
+    header: &Header,
+    file_len: u64,
+) -> Result<(RecordState, Option<Vec<u8>>), LogStoreError> {
+    if header.end(offset) > file_len {
+        return Ok((RecordState::Cut, None));
+    }
+    let mut payload = vec![0u8; header.len];
+    file.file
+        .read_exact_at(&mut payload, offset + HEADER_LEN as u64)
+        .map_err(|error| journal_error(&file.path, error))?;
+    let state = if checksum(header.seq, &payload) == header.sum { RecordState::Whole } else { RecordState::Damaged };
+    Ok((state, Some(payload)))
+}
+
+/// Reads one file: its run from offset 0, then the headers past it (see [`FileScan`]).
+fn scan_file(file: &JournalFile, which: usize) -> Result<FileScan, LogStoreError> {
+    let file_len = file.len()?;
+    let mut run: Vec<(u64, JournalRecord)> = Vec::new();
     let mut offset = 0u64;
-    loop {
-        let mut header = [0u8; HEADER_LEN];
-        if !read_full(&mut reader, &mut header).map_err(|error| journal_error(path, error))? {
+    while let Some(header) = read_header(file, offset, file_len)? {
+        if run.last().is_some_and(|(_, last)| last.seq.checked_add(1) != Some(header.seq)) {
             break;
         }
-        let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
-        let seq = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
-        let continues = records.last().is_none_or(|last| seq == last.seq + 1);
-        if header[0..4] != MAGIC || len > MAX_JOURNAL_RECORD || !continues {
-            break;
-        }
-        let mut payload = vec![0u8; len];
-        if !read_full(&mut reader, &mut payload).map_err(|error| journal_error(path, error))? {
-            tracing::warn!(path = %path.display(), offset, seq, "journal ends in a torn record; ignoring it");
-            break;
-        }
-        if checksum(seq, &payload) != header[16..48] {
-            tracing::warn!(path = %path.display(), offset, seq, "journal record fails its checksum; replay stops there");
-            break;
-        }
-        let rows =
-            parse_rows(&payload).ok_or_else(|| journal_error(path, format!("record {seq} has malformed rows")))?;
-        records.push(JournalRecord { seq, rows });
-        offset += (HEADER_LEN + len) as u64;
+        let (RecordState::Whole, Some(payload)) = read_payload(file, offset, &header, file_len)? else { break };
+        let rows = parse_rows(&payload)
+            .ok_or_else(|| journal_error(&file.path, format!("record {} has malformed rows", header.seq)))?;
+        run.push((offset, JournalRecord { seq: header.seq, rows }));
+        offset = header.end(offset);
     }
-    Ok(records)
+    let run_end = offset;
+    let mut steps = Vec::new();
+    for hop in 0..LIVE_RECORDS_MAX {
+        let Some(header) = read_header(file, offset, file_len)? else { break };
+        steps.push(Step { file: which, hop, offset, header });
+        offset = header.end(offset);
+    }
+    Ok(FileScan { run, run_end, steps })
 }
 
-/// The records after `checkpointed_seq` from both files' runs, in order, while the
-/// sequence continues by one. A switch syncs the file it leaves before the other gets a
-/// record, so whatever follows `checkpointed_seq` is durable from `checkpointed_seq + 1` on:
-/// a first record beyond it means the journal does not belong to this log state.
-fn merge_runs(
-    runs: [Vec<JournalRecord>; 2],
-    checkpointed_seq: u64,
-    path: &Path,
-) -> Result<Vec<JournalRecord>, LogStoreError> {
-    let mut after: Vec<JournalRecord> =
-        runs.into_iter().flatten().filter(|record| record.seq > checkpointed_seq).collect();
-    after.sort_by_key(|record| record.seq);
-    let Some(first) = after.first() else { return Ok(after) };
-    if first.seq != checkpointed_seq + 1 {
-        return Err(journal_error(
-            path,
-            format!("first record is {} but the log was checkpointed at {checkpointed_seq}", first.seq),
-        ));
+/// The records after `checkpointed_seq` from both files, in sequence order: the ones replay
+/// takes (see [`Journal::open`]).
+///
+/// # Which damage is a torn final record
+///
+/// Replay takes the records numbered `checkpointed_seq + 1` on while the sequence continues
+/// by one, up to some `m`, from the files' runs (whole records from offset 0 whose checksums
+/// pass). Record `m + 1` is then missing: never written, torn by a crash, or damaged. Only
+/// records written since the last `fdatasync` can be torn, and only a synced record is ever
+/// acknowledged; so record `m + 1` is discarded as a torn final record (with a warning) only
+/// if nothing on disk shows that a record was written after it:
+///
+/// 1. no record of either file's run after `checkpointed_seq` is left over (one numbered
+///    above `m`: a record of the file appends switched to while `m + 1` is in the one they
+///    left, which was synced before the switch);
+/// 2. no header at the start of a file is numbered from `m + 2` to `checkpointed_seq +`
+///    [`LIVE_RECORDS_MAX`] (the torn first record of the file appends switched to);
+/// 3. stepping from where a file's run ends over each record by the length its header
+///    states (a damaged record's too), the `i`-th header met past the first is not numbered
+///    `m + 1 + i` (the records after a damaged one in the same file).
+///
+/// Anything else is [`LogStoreError::JournalCorrupt`]: the log does not open, and the files
+/// are left as they are. The two weaker signs the files might seem to offer do not work:
+/// a file is rewritten from offset 0 after every checkpoint, so past its last record lie
+/// leftovers of older records rather than zeros, and a header there may be bytes a client
+/// wrote inside a value. Hence rule 3 trusts a header past the run only where the records
+/// before it say one starts and only with the exact number it must have, and rule 2 only at
+/// offset 0, where every header was written by the journal. What no rule can see: damage to
+/// the magic or length of a record hides the records after it in the same file, which then
+/// look like leftovers. And a power loss during a sync of several records can leave an
+/// earlier one torn and a later one whole (the disk may persist unsynced writes in any
+/// order); rules 1 and 3 report that as damage too: the node refuses to start rather than
+/// guess, and is rebuilt from its peers (docs/operations.md). A process crash tears at most
+/// the last write.
+fn replay_records(files: &[JournalFile; 2], checkpointed_seq: u64) -> Result<Vec<JournalRecord>, LogStoreError> {
+    let scans = [scan_file(&files[0], 0)?, scan_file(&files[1], 1)?];
+    let steps: Vec<Step> = scans.iter().flat_map(|scan| scan.steps.iter().copied()).collect();
+    let run_ends = [scans[0].run_end, scans[1].run_end];
+    let runs_empty = [scans[0].run.is_empty(), scans[1].run.is_empty()];
+    let mut after: Vec<(usize, u64, JournalRecord)> = Vec::new();
+    for (which, scan) in scans.into_iter().enumerate() {
+        after.extend(
+            scan.run
+                .into_iter()
+                .filter(|(_, record)| record.seq > checkpointed_seq)
+                .map(|(offset, record)| (which, offset, record)),
+        );
     }
-    let contiguous = after.windows(2).take_while(|pair| pair[1].seq == pair[0].seq + 1).count() + 1;
-    if contiguous < after.len() {
-        let last = after[contiguous - 1].seq;
-        tracing::warn!(path = %path.display(), last, "journal records after a gap in the sequence are ignored");
-        after.truncate(contiguous);
+    after.sort_by_key(|(_, _, record)| record.seq);
+    if let Some(pair) = after.windows(2).find(|pair| pair[0].2.seq == pair[1].2.seq) {
+        let (file, offset, record) = &pair[1];
+        return Err(LogStoreError::JournalCorrupt {
+            path: files[*file].path.display().to_string(),
+            offset: *offset,
+            sequence: record.seq,
+            first_index: record.rows.first().map(|(index, _)| *index),
+            last_good_index: None,
+            reason: format!("is also in {}", files[pair[0].0].path.display()),
+        });
     }
-    Ok(after)
-}
-
-/// Fills `buffer`; `false` if the file ended first (at once or part way).
-fn read_full(reader: &mut impl Read, buffer: &mut [u8]) -> io::Result<bool> {
-    match reader.read_exact(buffer) {
-        Ok(()) => Ok(true),
-        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(error) => Err(error),
-    }
+    let taken = (1..)
+        .zip(&after)
+        .take_while(|(count, (_, _, record))| record.seq.checked_sub(checkpointed_seq) == Some(*count))
+        .count();
+    let missing = checkpointed_seq.saturating_add(taken as u64).saturating_add(1);
+    let live_end = checkpointed_seq.saturating_add(LIVE_RECORDS_MAX);
+    let later = after.get(taken).map(|(file, offset, record)| (*file, *offset, record.seq)).or_else(|| {
+        steps
+            .iter()
+            .find(|step| {
+                let seq = step.header.seq;
+                (step.hop > 0 && seq == missing.saturating_add(step.hop))
+                    || (step.offset == 0 && seq > missing && seq <= live_end)
+            })
+            .map(|step| (step.file, step.offset, step.header.seq))
+    });
+    // Where record `missing` is (or should start): after the run holding the record before
+    // it, or at the start of a file (the first record after a checkpoint or a switch).
+    let holder = after[..taken].last().map(|(file, _, _)| *file);
+    let found = steps
+        .iter()
+        .filter(|step| step.hop == 0 && step.header.seq == missing)
+        .filter(|step| holder.map_or(step.offset == 0, |file| step.file == file || step.offset == 0))
+        .min_by_key(|step| Some(step.file) != holder);
+    let Some((later_file, later_offset, later_seq)) = later else {
+        if let Some(step) = found {
+            tracing::warn!(
+                path = %files[step.file].path.display(),
+                offset = step.offset,
+                seq = missing,
+                "the journal ends in a torn record, never acknowledged; discarding it"
+            );
+        }
+        after.truncate(taken);
+        return Ok(after.into_iter().map(|(_, _, record)| record).collect());
+    };
+    let (file, offset, what) = match found {
+        Some(step) => {
+            let file_len = files[step.file].len()?;
+            let what = match read_payload(&files[step.file], step.offset, &step.header, file_len)?.0 {
+                RecordState::Cut => "is cut short by the end of the file",
+                RecordState::Damaged => "fails its checksum",
+                RecordState::Whole => "is whole but not where the records before it end",
+            };
+            (step.file, step.offset, what)
+        }
+        None => {
+            let file = holder.unwrap_or_else(|| {
+                // The first record after the checkpoint starts some file, one whose run is not
+                // made of older records: preferably the one where the later record was found.
+                if runs_empty[later_file] { later_file } else { 1 - later_file }
+            });
+            let offset = if holder.is_some() { run_ends[file] } else { 0 };
+            (file, offset, "has no readable header")
+        }
+    };
+    let last_good_index = after[..taken].last().and_then(|(_, _, record)| record.rows.last()).map(|(index, _)| *index);
+    Err(LogStoreError::JournalCorrupt {
+        path: files[file].path.display().to_string(),
+        offset,
+        sequence: missing,
+        first_index: last_good_index.and_then(|index| index.checked_add(1)),
+        last_good_index,
+        reason: format!(
+            "{what}, yet record {later_seq} was written after it ({} at byte {later_offset})",
+            files[later_file].path.display()
+        ),
+    })
 }
 
 fn parse_rows(mut payload: &[u8]) -> Option<Vec<(u64, Vec<u8>)>> {
@@ -552,43 +729,172 @@ mod tests {
         assert_eq!(journal.plan(100, 0), Plan::Record);
     }
 
-    #[test]
-    fn a_torn_or_corrupt_tail_ends_replay() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let paths = paths(&dir);
-        let (mut journal, _) = Journal::open(&paths, 0).expect("open");
-        write(&mut journal, &rows(1, 2));
-        write(&mut journal, &rows(3, 2));
-        let end = journal.offset;
-        drop(journal);
-        // Cut the last record in half: a crash mid-write.
-        let file = OpenOptions::new().read(true).write(true).open(&paths[0]).expect("open file");
-        file.set_len(end - 5).expect("truncate");
-        let (_, replay) = Journal::open(&paths, 0).expect("reopen torn");
-        assert_eq!(replay.len(), 1);
-        // Flip a payload byte of the first record: its checksum fails, nothing replays.
+    /// Writes `count` records of two rows each (indexes 1, 2, then 3, 4, ...); returns each
+    /// record's offset.
+    fn write_records(journal: &mut Journal, count: u64) -> Vec<u64> {
+        (0..count)
+            .map(|record| {
+                let offset = journal.offset;
+                write(journal, &rows(record * 2 + 1, 2));
+                offset
+            })
+            .collect()
+    }
+
+    fn damage(path: &Path, offset: u64, bytes: &[u8]) {
+        let file = OpenOptions::new().write(true).open(path).expect("open file");
+        file.write_all_at(bytes, offset).expect("damage");
+    }
+
+    fn flip(path: &Path, offset: u64) {
+        let file = OpenOptions::new().read(true).write(true).open(path).expect("open file");
         let mut byte = [0u8; 1];
-        file.read_at(&mut byte, HEADER_LEN as u64 + 2).expect("read");
-        file.write_all_at(&[byte[0] ^ 0xff], HEADER_LEN as u64 + 2).expect("flip");
-        let (_, replay) = Journal::open(&paths, 0).expect("reopen corrupt");
-        assert!(replay.is_empty());
+        file.read_exact_at(&mut byte, offset).expect("read");
+        file.write_all_at(&[byte[0] ^ 0x5a], offset).expect("flip");
+    }
+
+    fn cut(path: &Path, len: u64) {
+        OpenOptions::new().write(true).open(path).expect("open file").set_len(len).expect("truncate");
+    }
+
+    /// What a refused open names: file, offset, sequence, first index, last good index.
+    fn refusal(
+        result: Result<(Journal, Vec<JournalRecord>), LogStoreError>,
+    ) -> (String, u64, u64, Option<u64>, Option<u64>) {
+        match result {
+            Err(LogStoreError::JournalCorrupt { path, offset, sequence, first_index, last_good_index, .. }) => {
+                (path, offset, sequence, first_index, last_good_index)
+            }
+            Err(other) => panic!("not a damaged journal: {other}"),
+            Ok((_, replay)) => panic!("opened and replayed {:?}", seqs(&replay)),
+        }
+    }
+
+    fn name(path: &Path) -> String {
+        path.display().to_string()
     }
 
     #[test]
-    fn a_torn_record_in_the_first_file_drops_the_second_files_records_after_the_gap() {
+    fn a_torn_final_record_is_discarded() {
+        // Cut short by the end of the file (a crash while the file was being extended), or its
+        // tail never reached the disk inside space already zero-filled.
+        for zeroed_tail in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let paths = paths(&dir);
+            let (mut journal, _) = Journal::open(&paths, 0).expect("open");
+            let offsets = write_records(&mut journal, 3);
+            let end = journal.offset;
+            drop(journal);
+            if zeroed_tail {
+                damage(&paths[0], end - 10, &[0u8; 10]);
+            } else {
+                cut(&paths[0], offsets[2] + HEADER_LEN as u64 + 5);
+            }
+            let (_, replay) = Journal::open(&paths, 0).expect("reopen torn");
+            assert_eq!(seqs(&replay), vec![1, 2]);
+        }
+    }
+
+    #[test]
+    fn a_damaged_record_with_records_after_it_refuses_to_open() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (paths, mut journal) = with_full_first_file(&dir);
-        let end = journal.offset;
-        journal.switch().expect("switch");
-        write(&mut journal, &rows(JOURNAL_CHECKPOINT_RECORDS + 1, 1));
+        let paths = paths(&dir);
+        let (mut journal, _) = Journal::open(&paths, 0).expect("open");
+        let offsets = write_records(&mut journal, 3);
         drop(journal);
-        // Damage the first file's last record (only a disk fault can: it was synced before
-        // the switch). Replay stops before it and never jumps the gap to the second file.
-        let file = OpenOptions::new().read(true).write(true).open(&paths[0]).expect("open file");
-        file.write_all_at(&[0u8; 8], end - 8).expect("damage");
-        let (_, replay) = Journal::open(&paths, 0).expect("reopen");
-        let kept: Vec<u64> = (1..JOURNAL_CHECKPOINT_RECORDS).collect();
-        assert_eq!(seqs(&replay), kept);
+        // A payload byte of the middle record: its checksum fails, record 3 follows.
+        let payload_byte = offsets[1] + HEADER_LEN as u64 + 3;
+        flip(&paths[0], payload_byte);
+        let named = refusal(Journal::open(&paths, 0));
+        assert_eq!(named, (name(&paths[0]), offsets[1], 2, Some(3), Some(2)));
+        flip(&paths[0], payload_byte);
+        let (_, replay) = Journal::open(&paths, 0).expect("the repaired journal opens");
+        assert_eq!(seqs(&replay), vec![1, 2, 3]);
+        // Its sequence number: the header no longer names it, but its length still leads to
+        // record 3.
+        flip(&paths[0], offsets[1] + 8);
+        let named = refusal(Journal::open(&paths, 0));
+        assert_eq!(named, (name(&paths[0]), offsets[1], 2, Some(3), Some(2)));
+        flip(&paths[0], offsets[1] + 8);
+        // The first record, followed by a record cut short: that one was written after it.
+        flip(&paths[0], HEADER_LEN as u64 + 3);
+        cut(&paths[0], offsets[1] + HEADER_LEN as u64 + 5);
+        let named = refusal(Journal::open(&paths, 0));
+        assert_eq!(named, (name(&paths[0]), 0, 1, None, None), "the store names the index before it");
+    }
+
+    #[test]
+    fn damage_in_the_file_appends_left_refuses_to_open_while_the_other_has_records() {
+        let last = JOURNAL_CHECKPOINT_RECORDS;
+        let last_record_len = (HEADER_LEN + ROW_HEADER_LEN + format!("row {last}").len()) as u64;
+        // The second file holds a whole record, or only the torn start of its first.
+        for second_torn in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (paths, mut journal) = with_full_first_file(&dir);
+            let end = journal.offset;
+            journal.switch().expect("switch");
+            write(&mut journal, &rows(last + 1, 1));
+            drop(journal);
+            if second_torn {
+                cut(&paths[1], HEADER_LEN as u64 + 2);
+                let (_, replay) = Journal::open(&paths, 0).expect("a torn first record of the second file");
+                assert_eq!(replay.len() as u64, last, "is the torn final record");
+            }
+            // The first file was synced before the switch: only a disk fault damages it.
+            damage(&paths[0], end - 8, &[0u8; 8]);
+            let named = refusal(Journal::open(&paths, 0));
+            assert_eq!(named, (name(&paths[0]), end - last_record_len, last, Some(last), Some(last - 1)));
+        }
+    }
+
+    #[test]
+    fn damaged_leftovers_of_older_records_are_not_damage_to_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = paths(&dir);
+        let (mut journal, _) = Journal::open(&paths, 0).expect("open");
+        // Records of one size, so that the old ones line up behind the new one.
+        let offsets: Vec<u64> = (1..=4)
+            .map(|index| {
+                let offset = journal.offset;
+                write(&mut journal, &rows(index, 1));
+                offset
+            })
+            .collect();
+        journal.checkpointed();
+        write(&mut journal, &rows(5, 1));
+        drop(journal);
+        flip(&paths[0], offsets[2] + HEADER_LEN as u64 + 3);
+        let (_, replay) = Journal::open(&paths, 4).expect("reopen");
+        assert_eq!(seqs(&replay), vec![5]);
+    }
+
+    /// A header a client wrote inside a value, left behind in an old record where the new
+    /// records end, is no later record: only the exact next numbers would be.
+    #[test]
+    fn headers_inside_old_rows_are_not_taken_for_later_records() {
+        let forged = |seq: u64| -> Vec<u8> {
+            let mut header = MAGIC.to_vec();
+            header.extend_from_slice(&0u32.to_le_bytes());
+            header.extend_from_slice(&seq.to_le_bytes());
+            header.extend_from_slice(&[0u8; 32]);
+            header
+        };
+        let lead = 20;
+        let mut row = vec![0x55u8; lead];
+        row.extend(forged(3));
+        row.extend(forged(9));
+        row.extend([0x55u8; 30]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = paths(&dir);
+        let (mut journal, _) = Journal::open(&paths, 0).expect("open");
+        write(&mut journal, &[(1, row)]);
+        journal.checkpointed();
+        // Record 2 ends exactly where the first forged header starts.
+        write(&mut journal, &[(2, vec![1u8; lead])]);
+        assert_eq!(journal.offset, (HEADER_LEN + ROW_HEADER_LEN + lead) as u64);
+        drop(journal);
+        let (_, replay) = Journal::open(&paths, 1).expect("reopen");
+        assert_eq!(seqs(&replay), vec![2]);
     }
 
     #[test]
@@ -669,7 +975,9 @@ mod tests {
         let (mut journal, _) = Journal::open(&paths, 7).expect("open");
         write(&mut journal, &rows(1, 1));
         drop(journal);
-        assert!(matches!(Journal::open(&paths, 3), Err(LogStoreError::Journal { .. })));
+        // Records 4 to 7 are missing: the journal does not continue the log's checkpoint.
+        let (_, _, sequence, _, _) = refusal(Journal::open(&paths, 3));
+        assert_eq!(sequence, 4);
     }
 
     #[test]

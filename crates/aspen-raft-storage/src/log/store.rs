@@ -180,7 +180,30 @@ impl RedbLogStore {
         txn.open_table(ENTRIES).map_err(redb_error)?;
         let checkpointed_seq: u64 =
             read_meta(&txn.open_table(META).map_err(redb_error)?, META_JOURNAL_SEQ)?.unwrap_or(0);
-        let (mut journal, replay) = Journal::open(&journal::journal_paths(path), checkpointed_seq)?;
+        let (mut journal, replay) = match Journal::open(&journal::journal_paths(path), checkpointed_seq) {
+            Ok(opened) => opened,
+            // The damaged record is the first after the checkpoint: the entries before it are
+            // redb's. The transaction is dropped uncommitted: the log stays as it was.
+            Err(LogStoreError::JournalCorrupt {
+                path,
+                offset,
+                sequence,
+                first_index: None,
+                last_good_index: None,
+                reason,
+            }) => {
+                let last_good_index = last_stored_index(&txn)?;
+                return Err(LogStoreError::JournalCorrupt {
+                    path,
+                    offset,
+                    sequence,
+                    first_index: last_good_index.and_then(|index| index.checked_add(1)),
+                    last_good_index,
+                    reason,
+                });
+            }
+            Err(error) => return Err(error),
+        };
         if !replay.is_empty() {
             // Appends the journal made durable that redb's durable state lacks, replayed
             // in order; the chain check below verifies the result.
@@ -820,6 +843,16 @@ fn replaces_entries(state: &ChainState, entries: &[Entry]) -> bool {
         (Some((last, _)), Some(first)) => first.index() <= last.index,
         _ => false,
     }
+}
+
+/// The index of redb's last entry, or of its purge point when it holds none.
+fn last_stored_index(txn: &redb::WriteTransaction) -> Result<Option<u64>, LogStoreError> {
+    let table = txn.open_table(ENTRIES).map_err(redb_error)?;
+    if let Some((key, _)) = table.last().map_err(redb_error)? {
+        return Ok(Some(key.value()));
+    }
+    let purged: Option<(LogId, ChainHash)> = read_meta(&txn.open_table(META).map_err(redb_error)?, META_PURGED)?;
+    Ok(purged.map(|(log_id, _)| log_id.index))
 }
 
 /// Writes the committed log id into `txn` if it changed since last stored.
