@@ -5,7 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aspen_api::{ClusterNode, GetRequest, ReadConsistency, ScanRequest};
+use aspen_api::{
+    ApplyError, ClientRequest, ClientResponse, ClientWrite, ClusterNode, Compare, CompareOp, CompareTarget, GetRequest,
+    KvError, ReadConsistency, ScanRequest, SessionId, TxnOp, TxnRequest, WriteCommand, WriteId, WriteResponse,
+};
 use aspen_client::{AspenClient, ClientError};
 use aspen_server::{NodeConfig, Server};
 use aspen_transport::PeerAddr;
@@ -520,4 +523,77 @@ async fn mdns_finds_members_on_the_lan_without_any_static_peer() {
     assert!(found, "mDNS + gossip: {:?} / {:?}", first.address_book().all(), second.address_book().all());
     first.shutdown().await;
     second.shutdown().await;
+}
+
+/// Sends `write` to `peer` until a node answers other than "not the leader" or "unavailable".
+async fn resend(client: &AspenClient, peer: &PeerAddr, write: &ClientWrite) -> Result<WriteResponse, KvError> {
+    for _ in 0..100 {
+        match client.call_node(peer, ClientRequest::Write(write.clone())).await {
+            Ok(ClientResponse::Write(Err(KvError::NotLeader { .. } | KvError::Unavailable(_)))) | Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(ClientResponse::Write(result)) => return result,
+            Ok(other) => panic!("unexpected reply {other:?}"),
+        }
+    }
+    panic!("no node answered the write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_resent_with_its_identity_applies_once_through_forwarding_and_failover() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut nodes = start_cluster(root.path(), 3).await;
+    let leader = wait_for_leader(&nodes.iter().collect::<Vec<_>>()).await;
+    let everyone = client(&nodes.iter().collect::<Vec<_>>()).await;
+    everyone.put("k", "a").await.expect("seed");
+    let session = SessionId(0x5eed);
+    let cas = |seq, first_outstanding| ClientWrite {
+        id: Some(WriteId { session, seq, first_outstanding }),
+        command: WriteCommand::Txn(TxnRequest {
+            compare: vec![Compare {
+                key: b"k".to_vec(),
+                op: CompareOp::Equal,
+                target: CompareTarget::Value(b"a".to_vec()),
+            }],
+            success: vec![TxnOp::Put { key: b"k".to_vec(), value: b"b".to_vec(), lease: None }],
+            failure: vec![],
+        }),
+    };
+    let leader_node = nodes.iter().find(|node| node.id == leader).expect("leader");
+    let follower = nodes.iter().find(|node| node.id != leader).expect("follower");
+    let first = resend(&everyone, &leader_node.addr(), &cas(1, 1)).await.expect("cas");
+    let WriteResponse::Txn(answer) = &first else { panic!("{first:?}") };
+    assert!(answer.succeeded);
+    // A resend through a follower is forwarded to the leader, which remembers the answer.
+    assert_eq!(resend(&everyone, &follower.addr(), &cas(1, 1)).await, Ok(first.clone()));
+
+    // The leader goes away; the new leader, from its own log, gives the same answer.
+    let leader_index = nodes.iter().position(|node| node.id == leader).expect("leader index");
+    nodes[leader_index].stop().await;
+    let survivors: Vec<&TestNode> = nodes.iter().filter(|node| node.server.is_some()).collect();
+    wait_for_leader(&survivors).await;
+    let survivor = survivors[0].addr();
+    let survivors_client = client(&survivors).await;
+    assert_eq!(resend(&survivors_client, &survivor, &cas(1, 1)).await, Ok(first));
+    let got = survivors_client.get("k").await.expect("get").kv.expect("k exists");
+    assert_eq!((got.value.as_slice(), got.version), (&b"b"[..], 2), "the CAS applied once");
+
+    // Once the client has moved past it, the old write is refused, not applied.
+    resend(
+        &survivors_client,
+        &survivor,
+        &ClientWrite {
+            id: Some(WriteId { session, seq: 5, first_outstanding: 5 }),
+            command: WriteCommand::Delete { key: b"other".to_vec() },
+        },
+    )
+    .await
+    .expect("a later write");
+    assert_eq!(
+        resend(&survivors_client, &survivor, &cas(1, 1)).await,
+        Err(KvError::Apply(ApplyError::WriteTooOld { seq: 1, floor: 5 }))
+    );
+    for node in &mut nodes {
+        node.stop().await;
+    }
 }
