@@ -80,6 +80,12 @@ impl ConsensusConfig {
             // faults, 16-record journal files). A new term commits a blank entry first,
             // which carries the commit index past everything stored.
             enable_leader_restore: Some(false),
+            // A leader that removed itself from the membership leads until that change
+            // commits (it replicates it), then after one heartbeat period (which carries the
+            // commit to the remaining voters) hands leadership to the most up-to-date voter
+            // and becomes a learner outside the membership. openraft's default, 150 ms, is
+            // tuned to its own 50 ms heartbeat.
+            removed_leader_step_down: openraft::StepDownPolicy::After(self.heartbeat_interval_ms),
             ..Default::default()
         }
         .validate()

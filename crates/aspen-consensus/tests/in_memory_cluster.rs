@@ -8,31 +8,48 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aspen_api::{
-    ClusterController, ClusterNode, GetRequest, KeyValueStore, KvError, NodeId, ReadConsistency, ScanRequest,
-    WriteCommand, WriteResponse,
+    ClusterController, ClusterError, ClusterNode, GetRequest, KeyValueStore, KvError, NodeId, ReadConsistency,
+    ScanRequest, WriteCommand, WriteResponse,
 };
 use aspen_consensus::{ConsensusConfig, RaftNode, RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
 use aspen_raft_storage::{RedbLogStore, SqliteStateMachine};
 
-type Node = RaftNode<Router>;
+type Node = RaftNode<Link>;
 
-/// Routes RPCs between in-process nodes; a node marked down is unreachable.
+/// Routes RPCs between in-process nodes; a node marked down is unreachable, and a cut
+/// link drops every message between its two ends, both ways.
 #[derive(Default)]
 struct Router {
     nodes: Mutex<BTreeMap<NodeId, Node>>,
     down: Mutex<BTreeSet<NodeId>>,
+    cut: Mutex<BTreeSet<(NodeId, NodeId)>>,
 }
 
-impl RaftRpcClient for Router {
+/// One node's end of the router: knows who is calling, so links can be cut.
+struct Link {
+    from: NodeId,
+    router: Arc<Router>,
+}
+
+impl RaftRpcClient for Link {
     async fn call(&self, target: NodeId, _node: &ClusterNode, request: RaftRpc) -> Result<RaftRpcReply, RpcFailure> {
+        let router = &self.router;
         let unreachable = |reason: &str| RpcFailure::Unreachable { node: target, reason: reason.into() };
-        if self.down.lock().expect("lock").contains(&target) {
+        if router.down.lock().expect("lock").contains(&target) {
             return Err(unreachable("node is down"));
         }
-        let node = self.nodes.lock().expect("lock").get(&target).cloned().ok_or_else(|| unreachable("no such node"))?;
+        if router.cut.lock().expect("lock").contains(&(self.from, target)) {
+            return Err(unreachable("link is cut"));
+        }
+        let node =
+            router.nodes.lock().expect("lock").get(&target).cloned().ok_or_else(|| unreachable("no such node"))?;
         let bytes = postcard::to_stdvec(&request).map_err(|error| unreachable(&error.to_string()))?;
         let request: RaftRpc = postcard::from_bytes(&bytes).map_err(|error| unreachable(&error.to_string()))?;
         let reply = node.handle_rpc(request).await;
+        // A link cut while the request was being handled loses the reply.
+        if router.cut.lock().expect("lock").contains(&(target, self.from)) {
+            return Err(unreachable("link is cut"));
+        }
         let bytes = postcard::to_stdvec(&reply).map_err(|error| unreachable(&error.to_string()))?;
         postcard::from_bytes(&bytes).map_err(|error| unreachable(&error.to_string()))
     }
@@ -70,9 +87,9 @@ impl Cluster {
         std::fs::create_dir_all(&dir).expect("node dir");
         let log = RedbLogStore::open(dir.join("raft-log.redb")).expect("log");
         let state_machine = SqliteStateMachine::open(Path::new(&dir).join("state-machine")).expect("state machine");
-        let node = RaftNode::start((self.config)(id), log, state_machine, Arc::clone(&self.router), Default::default())
-            .await
-            .expect("start");
+        let link = Arc::new(Link { from: id, router: Arc::clone(&self.router) });
+        let node =
+            RaftNode::start((self.config)(id), log, state_machine, link, Default::default()).await.expect("start");
         self.router.nodes.lock().expect("lock").insert(id, node.clone());
         self.router.down.lock().expect("lock").remove(&id);
         node
@@ -156,7 +173,7 @@ async fn writes_on_leader_and_follower_are_read_linearizably_on_every_node() {
     let status = follower.status().await.expect("status");
     assert_eq!(status.leader, Some(leader));
     assert_eq!(status.voters, BTreeSet::from([1, 2, 3]));
-    assert!(matches!(nodes[1].init(vec![member(9)]).await, Err(aspen_api::ClusterError::AlreadyInitialized)));
+    assert!(matches!(nodes[1].init(vec![member(9)]).await, Err(ClusterError::AlreadyInitialized)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -349,4 +366,40 @@ async fn membership_grows_to_five_and_shrinks_to_three_while_writes_continue() {
             assert_eq!(linearizable_value(&node, key).await, Some(b"v".to_vec()), "node {id} key {key}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removing_a_voter_is_refused_when_no_voter_or_no_reachable_majority_would_be_left() {
+    let single = Cluster::new(fast_config);
+    let only = single.start_initialized(&[1]).await.remove(0);
+    assert!(matches!(only.remove(1).await, Err(ClusterError::LastVoter(1))), "the last voter was removed");
+    only.write(put("still", "up")).await.expect("the single node still serves writes");
+
+    let cluster = Cluster::new(fast_config);
+    cluster.start_initialized(&[1, 2, 3]).await;
+    let leader_id = cluster.wait_for_leader(&[1, 2, 3]).await;
+    let leader = cluster.node(leader_id);
+    let followers: Vec<NodeId> = [1, 2, 3].into_iter().filter(|id| *id != leader_id).collect();
+    let (live, dead) = (followers[0], followers[1]);
+    cluster.kill(dead).await;
+    // Long enough for the dead voter's last acknowledgement to fall out of the lease.
+    tokio::time::sleep(Duration::from_millis(2 * fast_config(1).election_timeout_max_ms)).await;
+
+    // Without the live follower (or without the leader), one of the two voters left is down.
+    for node in [live, leader_id] {
+        let refused = leader.remove(node).await;
+        assert!(
+            matches!(refused, Err(ClusterError::WouldLoseQuorum { node: n, voters_left: 2, reachable: 1 }) if n == node),
+            "removing {node} with {dead} down: {refused:?}"
+        );
+    }
+    assert_eq!(leader.status().await.expect("status").voters, BTreeSet::from([1, 2, 3]), "a refusal changed nothing");
+
+    // Removing the dead voter is what an operator needs, and it works.
+    leader.remove(dead).await.expect("remove the dead voter");
+    let status = leader.status().await.expect("status");
+    assert_eq!(status.voters, BTreeSet::from([leader_id, live]));
+    assert!(status.nodes.iter().all(|node| node.id != dead), "the removed voter left the membership");
+    write_with_retry(&cluster, &[leader_id, live], put("after-removal", "1")).await;
+    assert_eq!(linearizable_value(&cluster.node(live), "after-removal").await, Some(b"1".to_vec()));
 }
