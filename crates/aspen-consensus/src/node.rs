@@ -510,6 +510,19 @@ impl<C: RaftRpcClient> RaftNode<C> {
         Ok(())
     }
 
+    /// Whether this node leads but no quorum acknowledged it within openraft's leader lease
+    /// (the longest election timeout). openraft keeps such a leader in its Leader state until
+    /// it hears a newer term, while refusing it new writes (CheckQuorum, see config.rs); this
+    /// is the same test, so Aspen reports it as isolated rather than as the leader.
+    fn quorum_lease_expired(&self, metrics: &Metrics) -> bool {
+        let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        if voters == BTreeSet::from([self.id()]) {
+            return false;
+        }
+        let lease = std::time::Duration::from_millis(self.inner.config.election_timeout_max_ms);
+        metrics.last_quorum_acked.as_ref().is_none_or(|acked| acked.elapsed() >= lease)
+    }
+
     /// After this leader removed itself: waits for openraft's step-down (hand leadership to
     /// the most up-to-date voter, then become a learner outside the membership, two heartbeat
     /// periods; `removed_leader_step_down` in config.rs), so callers that come next are not
@@ -625,6 +638,7 @@ impl<C: RaftRpcClient> ClusterController for RaftNode<C> {
         let metrics = self.metrics();
         let membership = metrics.membership_config.membership();
         let role = match metrics.state {
+            ServerState::Leader if self.quorum_lease_expired(&metrics) => NodeRole::Isolated,
             ServerState::Leader => NodeRole::Leader,
             ServerState::Follower => NodeRole::Follower,
             ServerState::Candidate => NodeRole::Candidate,
@@ -635,8 +649,8 @@ impl<C: RaftRpcClient> ClusterController for RaftNode<C> {
             node_id: self.id(),
             role,
             term: metrics.current_term,
-            // Only a leader names itself: one that removed itself and stepped down still holds
-            // its own vote but is no leader a client could use.
+            // Only a leader names itself: an isolated leader, or one that removed itself and
+            // stepped down, still holds its own vote but is no leader a client could use.
             leader: metrics.current_leader.filter(|leader| *leader != self.id() || role == NodeRole::Leader),
             last_log_index: metrics.last_log_index,
             last_applied: metrics.last_applied.map(|log_id| log_id.index),
