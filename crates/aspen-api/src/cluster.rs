@@ -29,6 +29,10 @@ pub enum NodeRole {
     Learner,
     /// Shutting down or not yet started.
     Shutdown,
+    /// Elected leader, but no quorum acknowledged it within the leader lease: it refuses
+    /// writes and is not the leader to use. It leads again once a quorum answers, or
+    /// follows the newer leader it hears from.
+    Isolated,
 }
 
 /// A snapshot of one node's view of the cluster.

@@ -244,4 +244,20 @@ pub enum ClusterError {
     /// Consensus or storage failed.
     #[error("cluster operation failed: {0}")]
     Failed(String),
+    /// The node is the only voter: removing it would leave a cluster that cannot elect.
+    #[error("node {0} is the last voter; add another voter before removing it")]
+    LastVoter(NodeId),
+    /// Removing the voter would leave too few reachable voters to commit anything.
+    #[error(
+        "removing node {node} would leave {reachable} reachable of {voters_left} voters, not a majority; \
+         bring voters back first"
+    )]
+    WouldLoseQuorum {
+        /// The voter asked to be removed.
+        node: NodeId,
+        /// Voters the cluster would have without it.
+        voters_left: usize,
+        /// How many of those answered the leader within the leader lease.
+        reachable: usize,
+    },
 }

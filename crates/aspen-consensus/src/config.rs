@@ -80,6 +80,29 @@ impl ConsensusConfig {
             // faults, 16-record journal files). A new term commits a blank entry first,
             // which carries the commit index past everything stored.
             enable_leader_restore: Some(false),
+            // Pre-Vote: on election timeout a node first asks whether a majority would vote
+            // for it at term + 1, and only then bumps its term. A node cut off from the others
+            // (or just restarted, or lagging) gets no such majority and keeps its term, so
+            // when it comes back it cannot depose a healthy leader with a higher term; without
+            // it, a follower isolated for 4 s climbed from term 1 to 63 and every return
+            // forced a new election. Peers refuse a pre-vote while they hear from a leader, or
+            // while the candidate's log is behind theirs; a transport failure is no grant.
+            enable_pre_vote: Some(true),
+            // CheckQuorum, openraft's way: a leader whose quorum acknowledgements are older
+            // than its lease (the longest election timeout) already refuses new writes; with
+            // this it also stops heartbeating for a while, then probes, then goes quiet
+            // again, each phase this long. Followers that still hear it (a minority, or it
+            // would have a quorum) then stop renewing its lease and may vote with the others,
+            // so the connected majority can elect even when it needs their votes. openraft
+            // requires at least lease + longest election timeout, which is what this is: long
+            // enough for every lease it granted to lapse and for one election to run.
+            quorum_loss_probe_interval: Some(2 * self.election_timeout_max_ms),
+            // A leader that removed itself from the membership leads until that change
+            // commits (it replicates it), then after one heartbeat period (which carries the
+            // commit to the remaining voters) hands leadership to the most up-to-date voter
+            // and becomes a learner outside the membership. openraft's default, 150 ms, is
+            // tuned to its own 50 ms heartbeat.
+            removed_leader_step_down: openraft::StepDownPolicy::After(self.heartbeat_interval_ms),
             ..Default::default()
         }
         .validate()

@@ -17,6 +17,7 @@ use aspen_raft_storage::state_machine::Snapshot;
 use aspen_raft_storage::{
     DiskTimings, RedbLogStore, SnapshotMeta, SnapshotReceiver, SqliteStateMachine, StateMachineReader, Vote,
 };
+use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{InitializeError, LinearizableReadError, RaftError};
 use openraft::{ChangeMembers, RaftMetrics, ReadPolicy, ServerState};
@@ -46,6 +47,9 @@ struct SnapshotInbox {
     meta: SnapshotMeta,
     receiver: SnapshotReceiver,
 }
+
+/// openraft's metrics under Aspen's types.
+type Metrics = RaftMetrics<aspen_raft_storage::TypeConfig>;
 
 /// One cluster member. Cheap to clone.
 pub struct RaftNode<C: RaftRpcClient> {
@@ -482,13 +486,70 @@ impl<C: RaftRpcClient> RaftNode<C> {
         }
     }
 
+    /// Ok on the leader; else a redirect to the leader this node knows. A leader that
+    /// removed itself keeps its own vote (so `current_leader` still names it) but is no
+    /// longer in the `Leader` state: it redirects nowhere, and the client tries other nodes.
     fn require_leader(&self) -> Result<(), ClusterError> {
         match self.leader() {
-            Some((leader, _)) if leader == self.id() => Ok(()),
-            Some((leader, node)) => {
+            Some((leader, _)) if leader == self.id() && self.inner.raft.is_leader() => Ok(()),
+            Some((leader, node)) if leader != self.id() => {
                 Err(ClusterError::NotLeader { leader: Some(leader), leader_addr: node.map(|node| node.addr) })
             }
-            None => Err(ClusterError::NotLeader { leader: None, leader_addr: None }),
+            _ => Err(ClusterError::NotLeader { leader: None, leader_addr: None }),
+        }
+    }
+
+    /// Refuses to remove voter `node` when the voters left could not commit: none left, or
+    /// fewer than a majority of them acknowledged this leader within the leader lease (the
+    /// joint configuration would never commit, and the change would hang until its timeout).
+    fn check_quorum_without(&self, metrics: &Metrics, node: NodeId) -> Result<(), ClusterError> {
+        let voters_left: BTreeSet<NodeId> =
+            metrics.membership_config.membership().voter_ids().filter(|id| *id != node).collect();
+        if voters_left.is_empty() {
+            return Err(ClusterError::LastVoter(node));
+        }
+        // openraft's leader lease is the longest election timeout: a voter silent for that
+        // long may already be following someone else, or be gone.
+        let lease = std::time::Duration::from_millis(self.inner.config.election_timeout_max_ms);
+        let acked = |id: &NodeId| {
+            let acked_at = metrics.heartbeat.as_ref().and_then(|acks| acks.get(id).cloned().flatten());
+            acked_at.is_some_and(|at| at.elapsed() < lease)
+        };
+        let reachable = voters_left.iter().filter(|id| **id == self.id() || acked(id)).count();
+        if reachable * 2 <= voters_left.len() {
+            return Err(ClusterError::WouldLoseQuorum { node, voters_left: voters_left.len(), reachable });
+        }
+        Ok(())
+    }
+
+    /// Whether this node leads but no quorum acknowledged it within openraft's leader lease
+    /// (the longest election timeout). openraft keeps such a leader in its Leader state until
+    /// it hears a newer term, while refusing it new writes (CheckQuorum, see config.rs); this
+    /// is the same test, so Aspen reports it as isolated rather than as the leader.
+    fn quorum_lease_expired(&self, metrics: &Metrics) -> bool {
+        let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        if voters == BTreeSet::from([self.id()]) {
+            return false;
+        }
+        let lease = std::time::Duration::from_millis(self.inner.config.election_timeout_max_ms);
+        metrics.last_quorum_acked.as_ref().is_none_or(|acked| acked.elapsed() >= lease)
+    }
+
+    /// After this leader removed itself: waits for openraft's step-down (hand leadership to
+    /// the most up-to-date voter, then become a learner outside the membership, two heartbeat
+    /// periods; `removed_leader_step_down` in config.rs), so callers that come next are not
+    /// served by a leader on its way out. Bounded by two election timeouts, room for a loaded
+    /// machine; the removal is committed either way.
+    async fn await_step_down(&self) {
+        let timeout = std::time::Duration::from_millis(2 * self.inner.config.election_timeout_max_ms);
+        let stepped_down = self
+            .inner
+            .raft
+            .wait(Some(timeout))
+            .metrics(|metrics| metrics.state != ServerState::Leader, "removed leader steps down")
+            .await;
+        if let Err(error) = stepped_down {
+            tracing::warn!(node = self.id(), %error, "removed leader has not stepped down yet");
         }
     }
 }
@@ -563,19 +624,33 @@ impl<C: RaftRpcClient> ClusterController for RaftNode<C> {
         if membership.get_node(&node).is_none() {
             return Err(ClusterError::UnknownNode(node));
         }
-        let is_voter = membership.voter_ids().any(|id| id == node);
-        if is_voter {
-            let change = ChangeMembers::RemoveVoters(BTreeSet::from([node]));
-            self.inner.raft.change_membership(change, false).await.map_err(cluster_write_error)?;
+        // One membership change per removal: with `retain = false`, removing a voter drops it
+        // from the membership altogether. A `RemoveNodes` after it would append a second,
+        // identical config, and when the node removed is this leader, append it from a leader
+        // already outside every config (openraft lets it lead until its step-down): that fails
+        // openraft's assertion that only a leader appends a membership and kills the Raft core.
+        let change = if membership.voter_ids().any(|id| id == node) {
+            self.check_quorum_without(&metrics, node)?;
+            ChangeMembers::RemoveVoters(BTreeSet::from([node]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([node]))
+        };
+        let timeout = self.inner.config.write_timeout;
+        rt::timeout(timeout, self.inner.raft.change_membership(change, false))
+            .await
+            .map_err(|_| ClusterError::Timeout { after_ms: timeout.as_millis() as u64 })?
+            .map_err(cluster_write_error)?;
+        if node == self.id() {
+            self.await_step_down().await;
         }
-        let change = ChangeMembers::RemoveNodes(BTreeSet::from([node]));
-        self.inner.raft.change_membership(change, false).await.map(|_| ()).map_err(cluster_write_error)
+        Ok(())
     }
 
     async fn status(&self) -> Result<ClusterStatus, ClusterError> {
         let metrics = self.metrics();
         let membership = metrics.membership_config.membership();
         let role = match metrics.state {
+            ServerState::Leader if self.quorum_lease_expired(&metrics) => NodeRole::Isolated,
             ServerState::Leader => NodeRole::Leader,
             ServerState::Follower => NodeRole::Follower,
             ServerState::Candidate => NodeRole::Candidate,
@@ -586,7 +661,9 @@ impl<C: RaftRpcClient> ClusterController for RaftNode<C> {
             node_id: self.id(),
             role,
             term: metrics.current_term,
-            leader: metrics.current_leader,
+            // Only a leader names itself: an isolated leader, or one that removed itself and
+            // stepped down, still holds its own vote but is no leader a client could use.
+            leader: metrics.current_leader.filter(|leader| *leader != self.id() || role == NodeRole::Leader),
             last_log_index: metrics.last_log_index,
             last_applied: metrics.last_applied.map(|log_id| log_id.index),
             voters: membership.voter_ids().collect(),

@@ -8,31 +8,69 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aspen_api::{
-    ClientWrite, ClusterController, ClusterNode, GetRequest, KeyValueStore, KvError, NodeId, ReadConsistency,
-    ScanRequest, WriteCommand, WriteResponse,
+    ClientWrite, ClusterController, ClusterError, ClusterNode, GetRequest, KeyValueStore, KvError, NodeId, NodeRole,
+    ReadConsistency, ScanRequest, WriteCommand, WriteResponse,
 };
 use aspen_consensus::{ConsensusConfig, RaftNode, RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
 use aspen_raft_storage::{RedbLogStore, SqliteStateMachine};
 
-type Node = RaftNode<Router>;
+type Node = RaftNode<Link>;
 
-/// Routes RPCs between in-process nodes; a node marked down is unreachable.
+/// Routes RPCs between in-process nodes; a node marked down is unreachable, and a cut
+/// link drops every message between its two ends, both ways.
 #[derive(Default)]
 struct Router {
     nodes: Mutex<BTreeMap<NodeId, Node>>,
     down: Mutex<BTreeSet<NodeId>>,
+    cut: Mutex<BTreeSet<(NodeId, NodeId)>>,
 }
 
-impl RaftRpcClient for Router {
+impl Router {
+    /// Cuts every link between `id` and the other nodes.
+    fn isolate(&self, id: NodeId) {
+        let others: Vec<NodeId> =
+            self.nodes.lock().expect("lock").keys().copied().filter(|other| *other != id).collect();
+        for other in others {
+            self.cut_link(id, other);
+        }
+    }
+
+    /// Cuts the link between `a` and `b`, both ways.
+    fn cut_link(&self, a: NodeId, b: NodeId) {
+        self.cut.lock().expect("lock").extend([(a, b), (b, a)]);
+    }
+
+    /// Restores every cut link.
+    fn heal(&self) {
+        self.cut.lock().expect("lock").clear();
+    }
+}
+
+/// One node's end of the router: knows who is calling, so links can be cut.
+struct Link {
+    from: NodeId,
+    router: Arc<Router>,
+}
+
+impl RaftRpcClient for Link {
     async fn call(&self, target: NodeId, _node: &ClusterNode, request: RaftRpc) -> Result<RaftRpcReply, RpcFailure> {
+        let router = &self.router;
         let unreachable = |reason: &str| RpcFailure::Unreachable { node: target, reason: reason.into() };
-        if self.down.lock().expect("lock").contains(&target) {
+        if router.down.lock().expect("lock").contains(&target) {
             return Err(unreachable("node is down"));
         }
-        let node = self.nodes.lock().expect("lock").get(&target).cloned().ok_or_else(|| unreachable("no such node"))?;
+        if router.cut.lock().expect("lock").contains(&(self.from, target)) {
+            return Err(unreachable("link is cut"));
+        }
+        let node =
+            router.nodes.lock().expect("lock").get(&target).cloned().ok_or_else(|| unreachable("no such node"))?;
         let bytes = postcard::to_stdvec(&request).map_err(|error| unreachable(&error.to_string()))?;
         let request: RaftRpc = postcard::from_bytes(&bytes).map_err(|error| unreachable(&error.to_string()))?;
         let reply = node.handle_rpc(request).await;
+        // A link cut while the request was being handled loses the reply.
+        if router.cut.lock().expect("lock").contains(&(target, self.from)) {
+            return Err(unreachable("link is cut"));
+        }
         let bytes = postcard::to_stdvec(&reply).map_err(|error| unreachable(&error.to_string()))?;
         postcard::from_bytes(&bytes).map_err(|error| unreachable(&error.to_string()))
     }
@@ -70,9 +108,9 @@ impl Cluster {
         std::fs::create_dir_all(&dir).expect("node dir");
         let log = RedbLogStore::open(dir.join("raft-log.redb")).expect("log");
         let state_machine = SqliteStateMachine::open(Path::new(&dir).join("state-machine")).expect("state machine");
-        let node = RaftNode::start((self.config)(id), log, state_machine, Arc::clone(&self.router), Default::default())
-            .await
-            .expect("start");
+        let link = Arc::new(Link { from: id, router: Arc::clone(&self.router) });
+        let node =
+            RaftNode::start((self.config)(id), log, state_machine, link, Default::default()).await.expect("start");
         self.router.nodes.lock().expect("lock").insert(id, node.clone());
         self.router.down.lock().expect("lock").remove(&id);
         node
@@ -156,7 +194,7 @@ async fn writes_on_leader_and_follower_are_read_linearizably_on_every_node() {
     let status = follower.status().await.expect("status");
     assert_eq!(status.leader, Some(leader));
     assert_eq!(status.voters, BTreeSet::from([1, 2, 3]));
-    assert!(matches!(nodes[1].init(vec![member(9)]).await, Err(aspen_api::ClusterError::AlreadyInitialized)));
+    assert!(matches!(nodes[1].init(vec![member(9)]).await, Err(ClusterError::AlreadyInitialized)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -349,4 +387,140 @@ async fn membership_grows_to_five_and_shrinks_to_three_while_writes_continue() {
             assert_eq!(linearizable_value(&node, key).await, Some(b"v".to_vec()), "node {id} key {key}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removing_a_voter_is_refused_when_no_voter_or_no_reachable_majority_would_be_left() {
+    let single = Cluster::new(fast_config);
+    let only = single.start_initialized(&[1]).await.remove(0);
+    assert!(matches!(only.remove(1).await, Err(ClusterError::LastVoter(1))), "the last voter was removed");
+    only.write(put("still", "up")).await.expect("the single node still serves writes");
+
+    let cluster = Cluster::new(fast_config);
+    cluster.start_initialized(&[1, 2, 3]).await;
+    let leader_id = cluster.wait_for_leader(&[1, 2, 3]).await;
+    let leader = cluster.node(leader_id);
+    let followers: Vec<NodeId> = [1, 2, 3].into_iter().filter(|id| *id != leader_id).collect();
+    let (live, dead) = (followers[0], followers[1]);
+    cluster.kill(dead).await;
+    // Long enough for the dead voter's last acknowledgement to fall out of the lease.
+    tokio::time::sleep(Duration::from_millis(2 * fast_config(1).election_timeout_max_ms)).await;
+
+    // Without the live follower (or without the leader), one of the two voters left is down.
+    for node in [live, leader_id] {
+        let refused = leader.remove(node).await;
+        assert!(
+            matches!(refused, Err(ClusterError::WouldLoseQuorum { node: n, voters_left: 2, reachable: 1 }) if n == node),
+            "removing {node} with {dead} down: {refused:?}"
+        );
+    }
+    assert_eq!(leader.status().await.expect("status").voters, BTreeSet::from([1, 2, 3]), "a refusal changed nothing");
+
+    // Removing the dead voter is what an operator needs, and it works.
+    leader.remove(dead).await.expect("remove the dead voter");
+    let status = leader.status().await.expect("status");
+    assert_eq!(status.voters, BTreeSet::from([leader_id, live]));
+    assert!(status.nodes.iter().all(|node| node.id != dead), "the removed voter left the membership");
+    write_with_retry(&cluster, &[leader_id, live], put("after-removal", "1")).await;
+    assert_eq!(linearizable_value(&cluster.node(live), "after-removal").await, Some(b"1".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_isolated_follower_neither_raises_the_term_nor_deposes_the_leader() {
+    let cluster = Cluster::new(fast_config);
+    cluster.start_initialized(&[1, 2, 3]).await;
+    let leader = cluster.wait_for_leader(&[1, 2, 3]).await;
+    write_with_retry(&cluster, &[leader], put("before", "1")).await;
+    let term = cluster.node(leader).metrics().current_term;
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).expect("a follower");
+
+    // Cut off for about seven of its longest election timeouts (the incident: 4 s, term 1 -> 63).
+    cluster.router.isolate(follower);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(cluster.node(follower).metrics().current_term, term, "the isolated follower raised its term");
+    cluster.router.heal();
+
+    write_with_retry(&cluster, &[leader], put("after", "2")).await;
+    assert_eq!(linearizable_value(&cluster.node(follower), "after").await, Some(b"2".to_vec()));
+    // A few more election timeouts: the returning follower started no election either.
+    tokio::time::sleep(Duration::from_millis(3 * fast_config(1).election_timeout_max_ms)).await;
+    for id in [1, 2, 3] {
+        let metrics = cluster.node(id).metrics();
+        assert_eq!(metrics.current_term, term, "node {id}'s term moved");
+        assert_eq!(metrics.current_leader, Some(leader), "node {id} follows another leader");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_isolated_leader_stops_reporting_itself_leader_and_follows_the_new_one_after_healing() {
+    let cluster = Cluster::new(fast_config);
+    cluster.start_initialized(&[1, 2, 3]).await;
+    let old_id = cluster.wait_for_leader(&[1, 2, 3]).await;
+    let old = cluster.node(old_id);
+    write_with_retry(&cluster, &[old_id], put("before", "1")).await;
+    let survivors: Vec<NodeId> = [1, 2, 3].into_iter().filter(|id| *id != old_id).collect();
+
+    cluster.router.isolate(old_id);
+    let isolated_at = std::time::Instant::now();
+    // The leader lease is the longest election timeout; allow as much again for scheduling.
+    let bound = Duration::from_millis(2 * fast_config(1).election_timeout_max_ms);
+    let status = loop {
+        let status = old.status().await.expect("status");
+        if status.role != NodeRole::Leader || isolated_at.elapsed() > bound {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.role, NodeRole::Isolated, "still reports itself leader after {:?}", isolated_at.elapsed());
+    assert_eq!(status.leader, None, "an isolated leader names no leader");
+    // It refuses writes at once instead of holding them until they time out.
+    let refused = tokio::time::timeout(Duration::from_secs(1), old.write(put("refused", "x"))).await;
+    assert!(
+        matches!(refused, Ok(Err(KvError::NotLeader { .. } | KvError::Unavailable(_)))),
+        "write on the isolated leader: {refused:?}"
+    );
+
+    let new_id = cluster.wait_for_leader(&survivors).await;
+    write_with_retry(&cluster, &survivors, put("during", "2")).await;
+    let new_term = cluster.node(new_id).metrics().current_term;
+
+    cluster.router.heal();
+    let followed = old
+        .raft()
+        .wait(Some(Duration::from_secs(5)))
+        .metrics(
+            |metrics| metrics.state == openraft::ServerState::Follower && metrics.current_leader == Some(new_id),
+            "the old leader follows the new one",
+        )
+        .await
+        .expect("the old leader follows the new leader after healing");
+    assert_eq!(followed.current_term, new_term, "the old leader came back with another term");
+    assert_eq!(cluster.node(new_id).metrics().current_leader, Some(new_id), "healing deposed the new leader");
+    assert_eq!(linearizable_value(&old, "during").await, Some(b"2".to_vec()));
+    assert_eq!(linearizable_value(&old, "refused").await, None, "a refused write was applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_that_lost_its_quorum_goes_quiet_so_the_majority_can_elect() {
+    // Four voters. The leader still reaches one follower (the bridge) but not the other two,
+    // which need the bridge's vote (3 of 4). A bridge that keeps hearing the old leader keeps
+    // its lease and refuses them: the old leader must go quiet for a majority to form.
+    let cluster = Cluster::new(fast_config);
+    cluster.start_initialized(&[1, 2, 3, 4]).await;
+    let old_id = cluster.wait_for_leader(&[1, 2, 3, 4]).await;
+    let others: Vec<NodeId> = [1, 2, 3, 4].into_iter().filter(|id| *id != old_id).collect();
+    for cut_off in &others[1..] {
+        cluster.router.cut_link(old_id, *cut_off);
+    }
+
+    let new_id = cluster.wait_for_leader(&others).await;
+    write_with_retry(&cluster, &others, put("majority", "1")).await;
+    // Probing again, the old leader hears the newer term through the bridge and follows it.
+    let old = cluster.node(old_id);
+    old.raft()
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(|metrics| metrics.current_leader == Some(new_id), "the old leader follows the new one")
+        .await
+        .expect("the old leader learns of the new leader through the bridge");
+    assert_ne!(old.metrics().state, openraft::ServerState::Leader);
 }

@@ -597,3 +597,49 @@ async fn a_write_resent_with_its_identity_applies_once_through_forwarding_and_fa
         node.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removing_the_leader_hands_over_and_leaves_a_working_cluster() {
+    use aspen_api::{ClusterController, NodeRole};
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut nodes = start_cluster(root.path(), 3).await;
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    let old_leader = wait_for_leader(&all).await;
+    let follower = nodes.iter().find(|node| node.id != old_leader).expect("a follower");
+    // The client knows only a follower: the removal reaches the leader by its redirect.
+    let admin = client(&[follower]).await;
+    admin.put("before", "1").await.expect("write before the removal");
+    admin.remove(old_leader).await.expect("remove the leader");
+
+    let rest: Vec<&TestNode> = nodes.iter().filter(|node| node.id != old_leader).collect();
+    let rest_ids: std::collections::BTreeSet<u64> = rest.iter().map(|node| node.id).collect();
+    let new_leader = wait_for_leader(&rest).await;
+    assert!(rest_ids.contains(&new_leader), "the new leader {new_leader} is one of {rest_ids:?}");
+    let status = admin.status().await.expect("status");
+    assert_eq!(status.voters, rest_ids, "two voters are left");
+    assert!(status.nodes.iter().all(|node| node.id != old_leader), "the old leader left the membership");
+    client(&rest).await.put("after", "2").await.expect("write after the removal");
+    for node in &rest {
+        let single = client(&[node]).await;
+        for (key, value) in [("before", "1"), ("after", "2")] {
+            let got = single.get(key).await.expect("linearizable get").kv.map(|kv| kv.value);
+            assert_eq!(got, Some(value.as_bytes().to_vec()), "{key} on node {}", node.id);
+        }
+    }
+
+    // Every Raft core still answers (a panicked core leaves stale metrics behind), and the
+    // removed node ends as a learner outside the membership it knows.
+    for node in &nodes {
+        let raft = node.server().node();
+        raft.term().await.unwrap_or_else(|error| panic!("node {}'s Raft core is gone: {error}", node.id));
+        let status = raft.status().await.expect("status");
+        assert_ne!(status.role, NodeRole::Shutdown, "node {} shut down", node.id);
+        if node.id == old_leader {
+            assert_eq!(status.role, NodeRole::Learner, "the removed leader stepped down");
+            assert!(status.nodes.iter().all(|member| member.id != old_leader), "{status:?}");
+        }
+    }
+    for node in &mut nodes {
+        node.stop().await;
+    }
+}
