@@ -90,6 +90,23 @@ pub enum ClientResponse {
 }
 
 impl ClientResponse {
+    /// Whether the answer is a failure of any kind.
+    pub fn is_error(&self) -> bool {
+        match self {
+            ClientResponse::Get(result) => result.is_err(),
+            ClientResponse::Scan(result) => result.is_err(),
+            ClientResponse::Write(result) => result.is_err(),
+            ClientResponse::Sql(result) => result.is_err(),
+            ClientResponse::Status(result) => result.is_err(),
+            ClientResponse::Cluster(result) => result.is_err(),
+            ClientResponse::StampedGet(result) => result.is_err(),
+            ClientResponse::Term(result) => result.is_err(),
+            ClientResponse::StampedScan(result) => result.is_err(),
+            ClientResponse::Metrics(_) => false,
+            ClientResponse::Unauthorized(_) | ClientResponse::Rejected(_) => true,
+        }
+    }
+
     /// The answer to a `StampedGet`, or `None` for anything else (an error, a refusal).
     pub fn into_stamped_get(self) -> Option<Stamped<GetResponse>> {
         match self {

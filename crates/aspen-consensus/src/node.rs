@@ -8,9 +8,9 @@ use std::sync::Arc;
 use aspen_api::limits::MAX_PEERS;
 use aspen_api::rounds::SharedRounds;
 use aspen_api::{
-    ClientWrite, ClusterController, ClusterError, ClusterNode, ClusterStatus, GetRequest, GetResponse, KeyValueStore,
-    KvError, LeaderStamp, NodeId, NodeRole, ReadConsistency, ScanRequest, ScanResponse, SqlRequest, SqlResponse,
-    Stamped, TermReply, WriteResponse, validate_key,
+    ClientRequest, ClientResponse, ClientWrite, ClusterController, ClusterError, ClusterNode, ClusterStatus,
+    GetRequest, GetResponse, KeyValueStore, KvError, LeaderStamp, NodeId, NodeRole, ReadConsistency, ScanRequest,
+    ScanResponse, SqlRequest, SqlResponse, Stamped, TermReply, WriteResponse, validate_key,
 };
 use aspen_raft_storage::rt;
 use aspen_raft_storage::state_machine::Snapshot;
@@ -325,6 +325,29 @@ impl<C: RaftRpcClient> RaftNode<C> {
         match reply {
             RaftRpcReply::ReadIndex(result) => result,
             other => Err(KvError::Unavailable(format!("unexpected reply to ReadIndex: {other:?}"))),
+        }
+    }
+
+    /// Answers one client request: the node edge shared by aspen-server (after its token
+    /// check, with its metrics around it) and the simulator, so both run the same dispatch.
+    /// `Metrics` is the server's to answer (it owns the metrics); here it is refused.
+    pub async fn handle_client(&self, request: ClientRequest) -> ClientResponse {
+        match request {
+            ClientRequest::Get(request) => ClientResponse::Get(self.get(request).await),
+            ClientRequest::Scan(request) => ClientResponse::Scan(self.scan(request).await),
+            ClientRequest::Write(write) => ClientResponse::Write(self.write(write).await),
+            ClientRequest::Sql(request) => ClientResponse::Sql(self.sql(request).await),
+            ClientRequest::Status => ClientResponse::Status(self.status().await),
+            ClientRequest::Metrics => ClientResponse::Rejected("metrics are served by the node's server".into()),
+            ClientRequest::Init(members) => ClientResponse::Cluster(self.init(members).await),
+            ClientRequest::AddLearner(member) => ClientResponse::Cluster(self.add_learner(member).await),
+            ClientRequest::ChangeMembership(voters) => ClientResponse::Cluster(self.change_membership(voters).await),
+            ClientRequest::Remove(id) => ClientResponse::Cluster(self.remove(id).await),
+            ClientRequest::TriggerSnapshot => ClientResponse::Cluster(self.trigger_snapshot().await),
+            ClientRequest::TransferLeader(id) => ClientResponse::Cluster(self.transfer_leader(id).await),
+            ClientRequest::StampedGet(request) => ClientResponse::StampedGet(self.get_stamped(request).await),
+            ClientRequest::Term => ClientResponse::Term(self.term().await),
+            ClientRequest::StampedScan(request) => ClientResponse::StampedScan(self.scan_stamped(request).await),
         }
     }
 

@@ -1,8 +1,9 @@
-//! The client protocol: token check, then dispatch to the node's KV and cluster APIs.
+//! The client protocol: token check and metrics around the node's own dispatch
+//! (`RaftNode::handle_client`, which the simulator calls too).
 
 use std::sync::Arc;
 
-use aspen_api::{ClientEnvelope, ClientRequest, ClientResponse, ClusterController, KeyValueStore};
+use aspen_api::{ClientEnvelope, ClientRequest, ClientResponse};
 use aspen_consensus::RaftNode;
 use aspen_transport::auth::token_matches;
 use aspen_transport::{EndpointId, RpcHandler, TransportError};
@@ -36,30 +37,23 @@ impl RpcHandler for ClientService {
         }
         let node = &self.node;
         let metrics = &self.metrics;
-        match envelope.request {
-            ClientRequest::Get(request) => {
-                let result = metrics.reads.time(node.get(request)).await;
-                ClientResponse::Get(result)
-            }
-            ClientRequest::Scan(request) => ClientResponse::Scan(metrics.reads.time(node.scan(request)).await),
-            ClientRequest::Write(write) => ClientResponse::Write(metrics.writes.time(node.write(write)).await),
-            ClientRequest::Sql(request) => ClientResponse::Sql(metrics.reads.time(node.sql(request)).await),
-            ClientRequest::Status => ClientResponse::Status(node.status().await),
-            ClientRequest::Metrics => ClientResponse::Metrics(render(node, metrics)),
-            ClientRequest::Init(members) => ClientResponse::Cluster(node.init(members).await),
-            ClientRequest::AddLearner(member) => ClientResponse::Cluster(node.add_learner(member).await),
-            ClientRequest::ChangeMembership(voters) => ClientResponse::Cluster(node.change_membership(voters).await),
-            ClientRequest::Remove(id) => ClientResponse::Cluster(node.remove(id).await),
-            ClientRequest::TriggerSnapshot => ClientResponse::Cluster(node.trigger_snapshot().await),
-            ClientRequest::TransferLeader(id) => ClientResponse::Cluster(node.transfer_leader(id).await),
-            ClientRequest::StampedGet(request) => {
-                ClientResponse::StampedGet(metrics.reads.time(node.get_stamped(request)).await)
-            }
-            ClientRequest::Term => ClientResponse::Term(node.term().await),
-            ClientRequest::StampedScan(request) => {
-                ClientResponse::StampedScan(metrics.reads.time(node.scan_stamped(request)).await)
-            }
+        let request = envelope.request;
+        let stats = match &request {
+            ClientRequest::Metrics => return ClientResponse::Metrics(render(node, metrics)),
+            ClientRequest::Get(_)
+            | ClientRequest::Scan(_)
+            | ClientRequest::Sql(_)
+            | ClientRequest::StampedGet(_)
+            | ClientRequest::StampedScan(_) => Some(&metrics.reads),
+            ClientRequest::Write(_) => Some(&metrics.writes),
+            _ => None,
+        };
+        let started = std::time::Instant::now();
+        let response = node.handle_client(request).await;
+        if let Some(stats) = stats {
+            stats.record(started, response.is_error());
         }
+        response
     }
 
     fn reject(&self, peer: EndpointId, error: TransportError) -> ClientResponse {

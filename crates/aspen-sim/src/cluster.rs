@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use aspen_api::{ClientRequest, ClientResponse, ClusterNode, KeyValueStore, NodeId};
+use aspen_api::{ClientRequest, ClientResponse, ClusterNode, NodeId};
 use aspen_consensus::{ConsensusConfig, HealthTracker, RaftNode, RaftRpc, RaftRpcReply};
 use aspen_raft_storage::log::LogStoreWatch;
 use aspen_raft_storage::state_machine::{Durability, Opened, StateMachineWatch};
@@ -183,27 +183,13 @@ pub async fn run_node(spec: NodeSpec) {
         let node = raft.clone();
         async move {
             let response = match postcard::from_bytes::<ClientRequest>(&bytes) {
-                Ok(request) => handle_client(&node, request).await,
+                Ok(request) => node.handle_client(request).await,
                 Err(error) => ClientResponse::Rejected(format!("malformed request: {error}")),
             };
             postcard::to_stdvec(&response).unwrap_or_default()
         }
     })
     .await;
-}
-
-/// The key-value part of the client protocol (what aspen-server's client service does
-/// after checking the token).
-async fn handle_client(node: &RaftNode<SimRaftClient>, request: ClientRequest) -> ClientResponse {
-    match request {
-        ClientRequest::Get(request) => ClientResponse::Get(node.get(request).await),
-        ClientRequest::Scan(request) => ClientResponse::Scan(node.scan(request).await),
-        ClientRequest::Write(command) => ClientResponse::Write(node.write(command).await),
-        ClientRequest::StampedGet(request) => ClientResponse::StampedGet(node.get_stamped(request).await),
-        ClientRequest::Term => ClientResponse::Term(node.term().await),
-        ClientRequest::StampedScan(request) => ClientResponse::StampedScan(node.scan_stamped(request).await),
-        other => ClientResponse::Rejected(format!("not served by the simulator: {other:?}")),
-    }
 }
 
 /// Creates the simulated host of node `id` (started now, restartable later).
