@@ -27,6 +27,17 @@ pub const MAX_SQL_ROWS: u32 = 10_000;
 pub const MAX_SQL_QUERY_SIZE: usize = 16 * 1024;
 /// Longest a SQL query may run before it is interrupted, in milliseconds.
 pub const MAX_SQL_TIMEOUT_MS: u64 = 10_000;
+/// Largest SQL result, in bytes of values: a reply must fit in one RPC message, with room
+/// for its encoding. Also SQLite's `SQLITE_LIMIT_LENGTH` while a query runs: no string,
+/// blob or row larger than a whole reply is worth building.
+pub const MAX_SQL_RESPONSE_SIZE: usize = MAX_RPC_MESSAGE_SIZE / 2;
+/// Most columns a SQL query's result, or a table, index or sort it builds, may have
+/// (SQLite's `SQLITE_LIMIT_COLUMN`, 2000 by default); the `kv` view has 6.
+pub const MAX_SQL_COLUMNS: usize = 64;
+/// Most heap memory one SQL query may add to SQLite's, in bytes. Room for what a
+/// legitimate query needs: its connection's page cache filling up (16 MiB), a sort's
+/// in-memory run (at most the cache size, 16 MiB) and a few full-size values.
+pub const MAX_SQL_QUERY_MEMORY: usize = 48 * 1024 * 1024;
 /// Longest lease time-to-live, in seconds (one year).
 pub const MAX_LEASE_TTL_SECS: u64 = 365 * 24 * 3600;
 /// Most live leases in a cluster.
