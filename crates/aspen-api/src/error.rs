@@ -195,4 +195,12 @@ pub enum ClusterError {
     /// Consensus or storage failed.
     #[error("cluster operation failed: {0}")]
     Failed(String),
+    /// The node answered without proving it holds the cluster secret, so it is not admitted.
+    #[error("node {node} did not prove it holds the cluster secret: {reason}")]
+    SecretNotProven {
+        /// The node refused.
+        node: NodeId,
+        /// What its answer lacked.
+        reason: String,
+    },
 }

@@ -504,10 +504,14 @@ impl<C: RaftRpcClient> ClusterController for RaftNode<C> {
         if members >= MAX_PEERS {
             return Err(ClusterError::Invalid(format!("the cluster already has {MAX_PEERS} nodes")));
         }
-        // Refuse a node that cannot be reached, refuses our cluster secret, or is not the
-        // node it claims to be, before it enters the membership.
+        // Refuse a node that cannot be reached, refuses our cluster secret, cannot prove it
+        // holds the secret itself, or is not the node it claims to be, before it enters the
+        // membership (and is sent the log).
         match self.inner.rpc.call(node.id, &node, RaftRpc::Ping).await {
             Ok(RaftRpcReply::Pong { node_id }) if node_id == node.id => {}
+            Err(RpcFailure::Unauthenticated { reason, .. }) => {
+                return Err(ClusterError::SecretNotProven { node: node.id, reason });
+            }
             Ok(RaftRpcReply::Pong { node_id }) => {
                 return Err(ClusterError::Invalid(format!("{} is node {node_id}, not node {}", node.addr, node.id)));
             }
