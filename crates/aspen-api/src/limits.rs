@@ -53,6 +53,11 @@ pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
 pub const MAX_IDLE_LANES_PER_PEER: usize = 32;
 /// Largest single RPC message, in bytes.
 pub const MAX_RPC_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
+/// Largest frame read from a stream that has not proven its credentials yet (its hello:
+/// a client token of at most 256 bytes, or a 32-byte secret proof), in bytes. A peer
+/// without credentials gets no more than this read, and nothing it sends decoded, before
+/// it is refused.
+pub const MAX_UNAUTHENTICATED_FRAME_SIZE: usize = 4 * 1024;
 /// Most concurrent watchers on one node.
 pub const MAX_WATCHERS: usize = 10_000;
 /// Largest encoded Raft entry payload the log accepts, in bytes: a full batch of

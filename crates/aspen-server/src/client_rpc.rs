@@ -1,8 +1,9 @@
-//! The client protocol: token check, then dispatch to the node's KV and cluster APIs.
+//! The client protocol: token check (on each stream's hello, before any request is read, and
+//! again on each request), then dispatch to the node's KV and cluster APIs.
 
 use std::sync::Arc;
 
-use aspen_api::{ClientEnvelope, ClientRequest, ClientResponse, ClusterController, KeyValueStore};
+use aspen_api::{ClientEnvelope, ClientHello, ClientRequest, ClientResponse, ClusterController, KeyValueStore};
 use aspen_consensus::RaftNode;
 use aspen_transport::auth::token_matches;
 use aspen_transport::{EndpointId, RpcHandler, TransportError};
@@ -25,8 +26,18 @@ impl ClientService {
 }
 
 impl RpcHandler for ClientService {
+    type Hello = ClientHello;
     type Request = ClientEnvelope;
     type Response = ClientResponse;
+
+    fn authenticate(&self, peer: EndpointId, hello: ClientHello) -> Result<(), String> {
+        if token_matches(&self.token, &hello.token) {
+            return Ok(());
+        }
+        self.metrics.unauthorized.inc();
+        tracing::warn!(peer = %peer.fmt_short(), "refused a client connection: wrong or missing token");
+        Err("wrong or missing client token".into())
+    }
 
     async fn handle(&self, peer: EndpointId, envelope: ClientEnvelope) -> ClientResponse {
         if !token_matches(&self.token, &envelope.token) {

@@ -26,6 +26,13 @@ use serde::{Deserialize, Serialize};
 use crate::discovery::AddressBook;
 use crate::metrics::Metrics;
 
+/// The credentials that open every Raft stream, checked before any request on it is read.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RaftHello {
+    /// `cluster_proof(secret, sender endpoint id)`.
+    pub proof: [u8; 32],
+}
+
 /// A Raft RPC with the sender's proof of the cluster secret.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RaftEnvelope {
@@ -100,17 +107,18 @@ pub struct IrohRaftClient {
 }
 
 impl IrohRaftClient {
-    /// A client sending from `rpc`'s endpoint, proving `secret`, sampling peer clocks into
-    /// `health`.
+    /// A client sending from `rpc`'s endpoint, proving `secret` (on each stream's hello and
+    /// in each request), sampling peer clocks into `health`.
     pub fn new(
         rpc: RpcClient,
         secret: &str,
         health: Arc<HealthTracker>,
         book: Arc<AddressBook>,
         metrics: Arc<Metrics>,
-    ) -> Self {
+    ) -> Result<Self, TransportError> {
         let proof = cluster_proof(secret, &rpc.endpoint().id());
-        IrohRaftClient {
+        rpc.set_hello(RAFT_ALPN, &RaftHello { proof })?;
+        Ok(IrohRaftClient {
             rpc,
             proof,
             secret: secret.to_string(),
@@ -119,7 +127,7 @@ impl IrohRaftClient {
             book,
             metrics,
             parsed: ParsedAddrs::default(),
-        }
+        })
     }
 }
 
@@ -133,7 +141,9 @@ fn failure(node: NodeId, error: TransportError) -> RpcFailure {
         TransportError::ConnectTimeout { .. }
         | TransportError::Connect { .. }
         | TransportError::OpenTimeout { .. }
-        | TransportError::InvalidPeerAddr { .. } => RpcFailure::Unreachable { node, reason: error.to_string() },
+        | TransportError::InvalidPeerAddr { .. }
+        // A peer that refuses our secret stays refused: back off as from an unreachable one.
+        | TransportError::Unauthenticated { .. } => RpcFailure::Unreachable { node, reason: error.to_string() },
         TransportError::ReadTimeout { after_ms, .. } => RpcFailure::Timeout { node, after_ms },
         other => RpcFailure::Network { node, reason: other.to_string() },
     }
@@ -186,8 +196,18 @@ impl RaftService {
 }
 
 impl RpcHandler for RaftService {
+    type Hello = RaftHello;
     type Request = RaftEnvelope;
     type Response = RaftEnvelopeReply;
+
+    fn authenticate(&self, peer: EndpointId, hello: RaftHello) -> Result<(), String> {
+        if verify_cluster_proof(&self.secret, &peer, &hello.proof) {
+            return Ok(());
+        }
+        self.metrics.raft_denied.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %peer.fmt_short(), "refused a Raft connection: wrong cluster secret");
+        Err("wrong cluster secret".into())
+    }
 
     async fn handle(&self, peer: EndpointId, envelope: RaftEnvelope) -> RaftEnvelopeReply {
         if !verify_cluster_proof(&self.secret, &peer, &envelope.proof) {

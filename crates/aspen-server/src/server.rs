@@ -137,7 +137,7 @@ impl Server {
             Arc::clone(&health),
             Arc::clone(&book),
             Arc::clone(&metrics),
-        ));
+        )?);
         let node = RaftNode::start(config.consensus.clone(), log, state_machine, raft_client, health).await?;
 
         let raft_service =

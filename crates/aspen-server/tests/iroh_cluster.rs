@@ -8,10 +8,10 @@ use std::time::Duration;
 use aspen_api::{ClusterController, ClusterError, ClusterNode, GetRequest, ReadConsistency, ScanRequest};
 use aspen_client::{AspenClient, ClientError};
 use aspen_consensus::{RaftRpc, RaftRpcReply};
-use aspen_server::raft_rpc::{RaftEnvelope, RaftEnvelopeReply};
+use aspen_server::raft_rpc::{RaftEnvelope, RaftEnvelopeReply, RaftHello};
 use aspen_server::{NodeConfig, Server};
 use aspen_transport::auth::responder_proof;
-use aspen_transport::{PeerAddr, RAFT_ALPN};
+use aspen_transport::{CLIENT_ALPN, PeerAddr, RAFT_ALPN};
 
 const SECRET: &str = "test-cluster-secret";
 const TOKEN: &str = "test-token";
@@ -344,8 +344,13 @@ struct Impostor {
 }
 
 impl aspen_transport::RpcHandler for Impostor {
+    type Hello = RaftHello;
     type Request = RaftEnvelope;
     type Response = RaftEnvelopeReply;
+
+    fn authenticate(&self, _peer: aspen_transport::EndpointId, _hello: RaftHello) -> Result<(), String> {
+        Ok(())
+    }
 
     async fn handle(&self, peer: aspen_transport::EndpointId, envelope: RaftEnvelope) -> RaftEnvelopeReply {
         if !matches!(envelope.rpc, RaftRpc::Ping) {
@@ -401,6 +406,47 @@ async fn a_learner_must_prove_the_cluster_secret_before_it_is_admitted() {
     leader.add_learner(member.server().member()).await.expect("a node with the secret joins");
     assert!(leader.metrics().membership_config.membership().get_node(&4).is_some());
     router.shutdown().await.expect("stop the impostor");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_without_credentials_is_refused_unread_and_a_client_puts_a_mebibyte_first() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let nodes = start_cluster(root.path(), 3).await;
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    wait_for_leader(&all).await;
+    let target = nodes[0].addr();
+
+    // A peer that skips the hello: its first frame announces 8 MiB and it sends them.
+    let stranger = aspen_transport::bind_endpoint(
+        aspen_transport::SecretKey::generate(),
+        "127.0.0.1:0".parse().expect("addr"),
+        vec![],
+    )
+    .await
+    .expect("bind");
+    for alpn in [CLIENT_ALPN, RAFT_ALPN] {
+        let connection = stranger.connect(target.endpoint_addr(), alpn).await.expect("connect");
+        let (mut send, _recv) = connection.open_bi().await.expect("open");
+        let size = 8 * 1024 * 1024;
+        let mut frame = (size as u32).to_le_bytes().to_vec();
+        frame.extend(std::iter::repeat_n(0u8, size));
+        let writer = tokio::spawn(async move { send.write_all(&frame).await });
+        let closed = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await.expect("closed in time");
+        let iroh::endpoint::ConnectionError::ApplicationClosed(close) = closed else { panic!("closed by {closed:?}") };
+        assert_eq!(close.error_code, iroh::endpoint::VarInt::from_u32(aspen_transport::rpc::CLOSE_UNAUTHENTICATED));
+        let reason = String::from_utf8_lossy(&close.reason).into_owned();
+        let limit = aspen_api::limits::MAX_UNAUTHENTICATED_FRAME_SIZE.to_string();
+        assert!(reason.contains(&limit), "refused for its size, unread: {reason}");
+        assert!(writer.await.expect("join").is_err(), "the node did not read the 8 MiB");
+    }
+    stranger.close().await;
+
+    // A client's very first request may be large: its hello goes ahead of it.
+    let fresh = AspenClient::connect(vec![target], TOKEN).await.expect("client");
+    let mebibyte = vec![7u8; 1024 * 1024];
+    fresh.put("big", mebibyte.clone()).await.expect("a 1 MiB put as the first request");
+    let got = fresh.get("big").await.expect("get");
+    assert_eq!(got.kv.map(|kv| kv.value), Some(mebibyte));
 }
 
 fn snapshotting(config: &mut NodeConfig) {
