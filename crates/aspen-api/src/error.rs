@@ -260,4 +260,12 @@ pub enum ClusterError {
         /// How many of those answered the leader within the leader lease.
         reachable: usize,
     },
+    /// The node answered without proving it holds the cluster secret, so it is not admitted.
+    #[error("node {node} did not prove it holds the cluster secret: {reason}")]
+    SecretNotProven {
+        /// The node refused.
+        node: NodeId,
+        /// What its answer lacked.
+        reason: String,
+    },
 }

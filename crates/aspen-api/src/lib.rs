@@ -26,7 +26,7 @@ pub use kv::{
     GetRequest, GetResponse, KeyRange, KeyValue, LeaseId, MAX_LEASE_ID, ReadConsistency, Revision, ScanRequest,
     ScanResponse, WriteCommand, WriteResponse, prefix_end, validate_key, validate_lease_id, validate_value,
 };
-pub use protocol::{ClientEnvelope, ClientRequest, ClientResponse};
+pub use protocol::{ClientEnvelope, ClientHello, ClientRequest, ClientResponse};
 pub use session::{ClientSession, ClientWrite, Proposal, SessionId, WriteId};
 pub use sql::{SqlRequest, SqlResponse, SqlValue};
 pub use store::{ClusterController, KeyValueStore};

@@ -1,5 +1,7 @@
-//! The client protocol: what a client sends to any node (ALPN `aspen-client/3`) and what
-//! comes back. Every request carries the client token configured on the node.
+//! The client protocol: what a client sends to any node (ALPN `aspen-client/4`) and what
+//! comes back. Every stream opens with a [`ClientHello`] carrying the client token
+//! configured on the node, checked before any request is read; every request carries it
+//! too.
 
 use std::collections::BTreeSet;
 
@@ -14,6 +16,14 @@ use crate::sql::{SqlRequest, SqlResponse};
 
 /// Longest client token, in bytes.
 pub const MAX_TOKEN_SIZE: usize = 256;
+
+/// The credentials that open every client stream, checked before any request on it is
+/// read (at most `MAX_UNAUTHENTICATED_FRAME_SIZE` bytes encoded).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClientHello {
+    /// The client token configured on the node.
+    pub token: String,
+}
 
 /// A request with its credentials.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -1,5 +1,5 @@
 //! A Rust client for Aspen. Connects to any node by its address (`<endpoint-id>@<ip:port>`
-//! or a ticket), sends requests over iroh QUIC (ALPN `aspen-client/3`, all
+//! or a ticket), sends requests over iroh QUIC (ALPN `aspen-client/4`, all
 //! of a client's concurrent requests to one node multiplexed on one stream) with the cluster's
 //! client token, follows leader redirects for cluster operations, and retries only what is
 //! safe to retry: reads always, and writes because each carries an identity (a session of
@@ -173,11 +173,15 @@ impl AspenClient {
         let bind: SocketAddr = "0.0.0.0:0".parse().map_err(|_| ClientError::Config("bind address".into()))?;
         let endpoint = bind_endpoint(SecretKey::generate(), bind, Vec::new()).await.map_err(ClientError::Endpoint)?;
         let rpc = Arc::new(RpcClient::new(endpoint));
+        let token = token.into();
+        // Every stream opens with the token, so a node checks it before reading a request.
+        rpc.set_hello(CLIENT_ALPN, &aspen_api::ClientHello { token: token.clone() })
+            .map_err(|error| ClientError::Config(format!("client token: {error}")))?;
         let preferred = AtomicUsize::new(first_to_connect(&rpc, &peers).await);
         Ok(AspenClient {
             rpc,
             peers,
-            token: token.into(),
+            token,
             preferred,
             retry_deadline: DEFAULT_RETRY_DEADLINE,
             confirmed_reads: true,
@@ -225,6 +229,7 @@ impl AspenClient {
             Ok(ClientResponse::Rejected(reason)) => Err(ClientError::Rejected(reason)),
             Ok(response) => Ok(response),
             Err(error @ TransportError::MessageTooLarge { .. }) => Err(ClientError::Rejected(error.to_string())),
+            Err(TransportError::Unauthenticated { reason, .. }) => Err(ClientError::Unauthorized(reason)),
             Err(error) => Err(ClientError::Unreachable(error)),
         }
     }

@@ -48,7 +48,10 @@ impl<C: RaftRpcClient> RaftNetworkFactory<TypeConfig> for NetworkFactory<C> {
 
 fn rpc_error(failure: RpcFailure) -> RPCError<TypeConfig> {
     match failure {
-        RpcFailure::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&failure)),
+        // A peer that cannot prove the secret is no peer: back off as from an unreachable one.
+        RpcFailure::Unreachable { .. } | RpcFailure::Unauthenticated { .. } => {
+            RPCError::Unreachable(Unreachable::new(&failure))
+        }
         RpcFailure::Timeout { .. } | RpcFailure::Network { .. } => RPCError::Network(NetworkError::new(&failure)),
     }
 }

@@ -175,6 +175,9 @@ impl<C: RaftRpcClient> RaftNode<C> {
             // The exchange broke after the request may have left: a forwarded write may
             // have been applied.
             RpcFailure::Network { .. } => KvError::OutcomeUnknown(failure.to_string()),
+            // An answer that did not prove the secret is no answer: the request reached a peer
+            // that may or may not have acted on it.
+            RpcFailure::Unauthenticated { .. } => KvError::OutcomeUnknown(failure.to_string()),
         })
     }
 
@@ -600,10 +603,14 @@ impl<C: RaftRpcClient> ClusterController for RaftNode<C> {
         if members >= MAX_PEERS {
             return Err(ClusterError::Invalid(format!("the cluster already has {MAX_PEERS} nodes")));
         }
-        // Refuse a node that cannot be reached, refuses our cluster secret, or is not the
-        // node it claims to be, before it enters the membership.
+        // Refuse a node that cannot be reached, refuses our cluster secret, cannot prove it
+        // holds the secret itself, or is not the node it claims to be, before it enters the
+        // membership (and is sent the log).
         match self.inner.rpc.call(node.id, &node, RaftRpc::Ping).await {
             Ok(RaftRpcReply::Pong { node_id }) if node_id == node.id => {}
+            Err(RpcFailure::Unauthenticated { reason, .. }) => {
+                return Err(ClusterError::SecretNotProven { node: node.id, reason });
+            }
             Ok(RaftRpcReply::Pong { node_id }) => {
                 return Err(ClusterError::Invalid(format!("{} is node {node_id}, not node {}", node.addr, node.id)));
             }

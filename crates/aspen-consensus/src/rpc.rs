@@ -47,7 +47,8 @@ pub enum RaftRpc {
     ReadIndex,
     /// A follower forwards a client write, with its identity, to the leader.
     Forward(ClientWrite),
-    /// Asks a node who it is, before adding it: proves it is reachable and admits us.
+    /// Asks a node who it is, before adding it: proves it is reachable, admits us and (through
+    /// the [`RaftRpcClient`]) holds the cluster secret.
     Ping,
 }
 
@@ -102,9 +103,22 @@ pub enum RpcFailure {
         /// Why.
         reason: String,
     },
+    /// The peer answered without proving it holds the cluster secret: whatever it said is
+    /// not from a member of this cluster.
+    #[error("peer {node} did not prove it holds the cluster secret: {reason}")]
+    Unauthenticated {
+        /// The peer.
+        node: NodeId,
+        /// What its answer lacked.
+        reason: String,
+    },
 }
 
 /// Carries one request to a peer and returns its reply.
+///
+/// Access control is the implementation's: the peer must prove it is a member (holds the
+/// cluster secret) for its reply to count, else the call fails with
+/// [`RpcFailure::Unauthenticated`]. `add_learner` relies on it before admitting a node.
 pub trait RaftRpcClient: Send + Sync + 'static {
     /// Sends `request` to `target` (reachable at `node.addr`) and waits for the reply.
     fn call(

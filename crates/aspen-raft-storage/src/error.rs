@@ -286,6 +286,18 @@ pub enum SqlError {
         /// The timeout.
         timeout_ms: u64,
     },
+    /// The query built a string, blob or row, or a result, larger than one reply carries.
+    #[error("query result or a value it builds exceeds {max_bytes} bytes")]
+    TooLarge {
+        /// The limit.
+        max_bytes: usize,
+    },
+    /// The query needed more memory than one query may use.
+    #[error("query needs more than {max_bytes} bytes of memory")]
+    OutOfMemory {
+        /// The limit.
+        max_bytes: usize,
+    },
     /// The query is not valid SQL or failed while running.
     #[error("query failed: {0}")]
     Invalid(String),

@@ -1,9 +1,10 @@
-//! The client protocol: token check and metrics around the node's own dispatch
+//! The client protocol: token check (on each stream's hello, before any request is read, and
+//! again on each request) and metrics around the node's own dispatch
 //! (`RaftNode::handle_client`, which the simulator calls too).
 
 use std::sync::Arc;
 
-use aspen_api::{ClientEnvelope, ClientRequest, ClientResponse};
+use aspen_api::{ClientEnvelope, ClientHello, ClientRequest, ClientResponse};
 use aspen_consensus::RaftNode;
 use aspen_transport::auth::token_matches;
 use aspen_transport::{EndpointId, RpcHandler, TransportError};
@@ -26,8 +27,18 @@ impl ClientService {
 }
 
 impl RpcHandler for ClientService {
+    type Hello = ClientHello;
     type Request = ClientEnvelope;
     type Response = ClientResponse;
+
+    fn authenticate(&self, peer: EndpointId, hello: ClientHello) -> Result<(), String> {
+        if token_matches(&self.token, &hello.token) {
+            return Ok(());
+        }
+        self.metrics.unauthorized.inc();
+        tracing::warn!(peer = %peer.fmt_short(), "refused a client connection: wrong or missing token");
+        Err("wrong or missing client token".into())
+    }
 
     async fn handle(&self, peer: EndpointId, envelope: ClientEnvelope) -> ClientResponse {
         if !token_matches(&self.token, &envelope.token) {

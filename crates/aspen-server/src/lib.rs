@@ -1,7 +1,8 @@
 //! Assembles an Aspen node from its parts: the redb log and SQLite state machine
 //! (aspen-raft-storage), consensus (aspen-consensus) and the iroh transport
-//! (aspen-transport). Serves Raft RPCs (ALPN `aspen-raft/2`, cluster-secret proof
-//! required) and client RPCs (ALPN `aspen-client/3`, multiplexed, token required), and Prometheus
+//! (aspen-transport). Serves Raft RPCs (ALPN `aspen-raft/4`, cluster-secret proofs both
+//! ways) and client RPCs (ALPN `aspen-client/4`, multiplexed, token required), both checking
+//! credentials on each stream's hello before reading a request, and Prometheus
 //! metrics over HTTP. The `aspen-node` binary is a thin shell around [`Server`].
 
 pub mod client_rpc;

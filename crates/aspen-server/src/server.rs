@@ -137,10 +137,11 @@ impl Server {
             Arc::clone(&health),
             Arc::clone(&book),
             Arc::clone(&metrics),
-        ));
+        )?);
         let node = RaftNode::start(config.consensus.clone(), log, state_machine, raft_client, health).await?;
 
-        let raft_service = RaftService::new(node.clone(), config.cluster_secret.clone(), Arc::clone(&metrics));
+        let raft_service =
+            RaftService::new(node.clone(), config.cluster_secret.clone(), endpoint.id(), Arc::clone(&metrics));
         let client_service = ClientService::new(node.clone(), config.client_token.clone(), Arc::clone(&metrics));
         let router = Router::builder(endpoint)
             .accept(RAFT_ALPN, RpcProtocol::new(Arc::new(raft_service)))

@@ -6,12 +6,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use aspen_api::{
-    ApplyError, ClientRequest, ClientResponse, ClientWrite, ClusterNode, Compare, CompareOp, CompareTarget, GetRequest,
-    KvError, ReadConsistency, ScanRequest, SessionId, TxnOp, TxnRequest, WriteCommand, WriteId, WriteResponse,
+    ApplyError, ClientRequest, ClientResponse, ClientWrite, ClusterController, ClusterError, ClusterNode, Compare,
+    CompareOp, CompareTarget, GetRequest, KvError, ReadConsistency, ScanRequest, SessionId, TxnOp, TxnRequest,
+    WriteCommand, WriteId, WriteResponse,
 };
 use aspen_client::{AspenClient, ClientError};
+use aspen_consensus::{RaftRpc, RaftRpcReply};
+use aspen_server::raft_rpc::{RaftEnvelope, RaftEnvelopeReply, RaftHello};
 use aspen_server::{NodeConfig, Server};
-use aspen_transport::PeerAddr;
+use aspen_transport::auth::responder_proof;
+use aspen_transport::{CLIENT_ALPN, PeerAddr, RAFT_ALPN};
 
 const SECRET: &str = "test-cluster-secret";
 const TOKEN: &str = "test-token";
@@ -279,7 +283,7 @@ async fn leader_kill_loses_no_acknowledged_write_and_restart_catches_up() {
     let new_leader_node = nodes.iter().find(|node| node.id == new_leader).expect("new leader");
     let mut verdict = None;
     for _ in 0..400 {
-        let status = aspen_api::ClusterController::status(new_leader_node.server().node()).await.expect("status");
+        let status = ClusterController::status(new_leader_node.server().node()).await.expect("status");
         let old = status.peers.iter().find(|peer| peer.node_id == leader).cloned();
         let live = status.peers.iter().find(|peer| peer.node_id != leader).cloned();
         if let (Some(old), Some(live)) = (old, live)
@@ -332,6 +336,121 @@ async fn wrong_secret_cannot_join_and_wrong_token_is_refused() {
     let got = short.get("secret-data").await.expect("cluster still serves");
     assert_eq!(got.kv.map(|kv| kv.value), Some(b"x".to_vec()));
     intruder.shutdown().await;
+}
+
+/// A modified node: answers every Raft RPC as node `id` answers a Ping, without the cluster
+/// secret; its answers carry its best guess at a proof (one under a secret of its own).
+struct Impostor {
+    id: u64,
+    me: aspen_transport::EndpointId,
+    /// Whether anything but a Ping reached it (log entries, votes, snapshots).
+    saw_more_than_ping: std::sync::atomic::AtomicBool,
+}
+
+impl aspen_transport::RpcHandler for Impostor {
+    type Hello = RaftHello;
+    type Request = RaftEnvelope;
+    type Response = RaftEnvelopeReply;
+
+    fn authenticate(&self, _peer: aspen_transport::EndpointId, _hello: RaftHello) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn handle(&self, peer: aspen_transport::EndpointId, envelope: RaftEnvelope) -> RaftEnvelopeReply {
+        if !matches!(envelope.rpc, RaftRpc::Ping) {
+            self.saw_more_than_ping.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let proof = responder_proof("a-guessed-secret", &self.me, &peer, &envelope.challenge);
+        RaftEnvelopeReply::Reply { reply: RaftRpcReply::Pong { node_id: self.id }, clock_ms: 0, proof }
+    }
+
+    fn reject(&self, _peer: aspen_transport::EndpointId, error: aspen_transport::TransportError) -> RaftEnvelopeReply {
+        RaftEnvelopeReply::Denied(error.to_string())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_learner_must_prove_the_cluster_secret_before_it_is_admitted() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let nodes = start_cluster(root.path(), 3).await;
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    let leader_id = wait_for_leader(&all).await;
+    let leader = nodes.iter().find(|node| node.id == leader_id).expect("leader").server().node();
+
+    let endpoint = aspen_transport::bind_endpoint(
+        aspen_transport::SecretKey::generate(),
+        "127.0.0.1:0".parse().expect("addr"),
+        vec![RAFT_ALPN.to_vec()],
+    )
+    .await
+    .expect("bind the impostor");
+    let impostor = std::sync::Arc::new(Impostor {
+        id: 9,
+        me: endpoint.id(),
+        saw_more_than_ping: std::sync::atomic::AtomicBool::new(false),
+    });
+    let impostor_addr = PeerAddr::from(endpoint.addr());
+    let router = iroh::protocol::Router::builder(endpoint)
+        .accept(RAFT_ALPN, aspen_transport::RpcProtocol::new(std::sync::Arc::clone(&impostor)))
+        .spawn();
+
+    let added = leader.add_learner(ClusterNode { id: 9, addr: impostor_addr.to_string() }).await;
+    assert!(
+        matches!(&added, Err(ClusterError::SecretNotProven { node: 9, .. })),
+        "an endpoint without the secret must be refused by name: {added:?}"
+    );
+    assert!(leader.metrics().membership_config.membership().get_node(&9).is_none(), "node 9 is not a member");
+    assert!(
+        !impostor.saw_more_than_ping.load(std::sync::atomic::Ordering::Relaxed),
+        "the impostor was sent nothing but the Ping"
+    );
+
+    // A real node holding the secret is still admitted.
+    let member = TestNode::start(4, root.path()).await;
+    leader.add_learner(member.server().member()).await.expect("a node with the secret joins");
+    assert!(leader.metrics().membership_config.membership().get_node(&4).is_some());
+    router.shutdown().await.expect("stop the impostor");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_without_credentials_is_refused_unread_and_a_client_puts_a_mebibyte_first() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let nodes = start_cluster(root.path(), 3).await;
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    wait_for_leader(&all).await;
+    let target = nodes[0].addr();
+
+    // A peer that skips the hello: its first frame announces 8 MiB and it sends them.
+    let stranger = aspen_transport::bind_endpoint(
+        aspen_transport::SecretKey::generate(),
+        "127.0.0.1:0".parse().expect("addr"),
+        vec![],
+    )
+    .await
+    .expect("bind");
+    for alpn in [CLIENT_ALPN, RAFT_ALPN] {
+        let connection = stranger.connect(target.endpoint_addr(), alpn).await.expect("connect");
+        let (mut send, _recv) = connection.open_bi().await.expect("open");
+        let size = 8 * 1024 * 1024;
+        let mut frame = (size as u32).to_le_bytes().to_vec();
+        frame.extend(std::iter::repeat_n(0u8, size));
+        let writer = tokio::spawn(async move { send.write_all(&frame).await });
+        let closed = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await.expect("closed in time");
+        let iroh::endpoint::ConnectionError::ApplicationClosed(close) = closed else { panic!("closed by {closed:?}") };
+        assert_eq!(close.error_code, iroh::endpoint::VarInt::from_u32(aspen_transport::rpc::CLOSE_UNAUTHENTICATED));
+        let reason = String::from_utf8_lossy(&close.reason).into_owned();
+        let limit = aspen_api::limits::MAX_UNAUTHENTICATED_FRAME_SIZE.to_string();
+        assert!(reason.contains(&limit), "refused for its size, unread: {reason}");
+        assert!(writer.await.expect("join").is_err(), "the node did not read the 8 MiB");
+    }
+    stranger.close().await;
+
+    // A client's very first request may be large: its hello goes ahead of it.
+    let fresh = AspenClient::connect(vec![target], TOKEN).await.expect("client");
+    let mebibyte = vec![7u8; 1024 * 1024];
+    fresh.put("big", mebibyte.clone()).await.expect("a 1 MiB put as the first request");
+    let got = fresh.get("big").await.expect("get");
+    assert_eq!(got.kv.map(|kv| kv.value), Some(mebibyte));
 }
 
 fn snapshotting(config: &mut NodeConfig) {

@@ -78,6 +78,15 @@ pub enum TransportError {
     /// A message could not be encoded or decoded.
     #[error("malformed message: {0}")]
     Codec(String),
+    /// The peer refused this endpoint's credentials (the hello that opens each stream) and
+    /// closed the connection before reading any request on it.
+    #[error("{peer} refused our credentials: {reason}")]
+    Unauthenticated {
+        /// The peer.
+        peer: String,
+        /// The peer's reason.
+        reason: String,
+    },
     /// The request was not sent: the stream it would have gone on had already failed.
     #[error("not sent to {peer}: {reason}")]
     NotSent {
@@ -89,7 +98,7 @@ pub enum TransportError {
 }
 
 impl TransportError {
-    /// Whether the request certainly did not reach the peer (safe to retry anything).
+    /// Whether the request certainly did not reach the peer's handler (safe to retry anything).
     pub fn is_before_send(&self) -> bool {
         matches!(
             self,
@@ -99,6 +108,7 @@ impl TransportError {
                 | TransportError::InvalidPeerAddr { .. }
                 | TransportError::MessageTooLarge { .. }
                 | TransportError::NotSent { .. }
+                | TransportError::Unauthenticated { .. }
         )
     }
 }

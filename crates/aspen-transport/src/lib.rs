@@ -21,7 +21,8 @@ pub use mux::MuxProtocol;
 pub use peer::PeerAddr;
 pub use rpc::{RpcClient, RpcHandler, RpcProtocol};
 
-/// ALPN of the Raft RPC protocol between nodes.
-pub const RAFT_ALPN: &[u8] = b"aspen-raft/2";
-/// ALPN of the client RPC protocol.
-pub const CLIENT_ALPN: &[u8] = b"aspen-client/3";
+/// ALPN of the Raft RPC protocol between nodes (3: replies prove the cluster secret too;
+/// 4: every stream opens with a hello).
+pub const RAFT_ALPN: &[u8] = b"aspen-raft/4";
+/// ALPN of the client RPC protocol (4: every stream opens with a hello).
+pub const CLIENT_ALPN: &[u8] = b"aspen-client/4";

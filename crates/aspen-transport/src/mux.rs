@@ -7,8 +7,10 @@
 //! [`crate::rpc`]), each reply and each request was its own write, its own datagram and
 //! its own acknowledgement: most of a write's packets.
 //!
-//! A frame is a little-endian u32 body length, a little-endian u64 request id and a postcard
-//! body of at most `MAX_RPC_MESSAGE_SIZE` bytes. At most [`MAX_MUX_IN_FLIGHT`] requests wait
+//! The stream opens with the caller's hello (a lane frame, see [`crate::rpc`]), checked
+//! before anything else on the stream is read. After it, a frame is a little-endian u32
+//! body length, a little-endian u64 request id and a postcard body of at most
+//! `MAX_RPC_MESSAGE_SIZE` bytes. At most [`MAX_MUX_IN_FLIGHT`] requests wait
 //! per stream on either side: callers beyond it wait for a slot, and a server at the bound
 //! stops reading, which QUIC's flow control turns into back-pressure. A reply that comes
 //! after its caller gave up is dropped by id, so it can never answer another request.
@@ -31,7 +33,7 @@ use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::error::TransportError;
-use crate::rpc::{ConnectionLimit, RpcHandler, accept_streams, answer, encode_with_header, lock};
+use crate::rpc::{ConnectionLimit, RpcHandler, accept_streams, answer, authenticate_stream, encode_with_header, lock};
 
 /// Most requests waiting for their reply on one multiplexed stream, on either side.
 pub const MAX_MUX_IN_FLIGHT: usize = 1024;
@@ -269,7 +271,7 @@ impl<H: RpcHandler> ProtocolHandler for MuxProtocol<H> {
         let peer = connection.remote_id();
         let Some(_permit) = self.connections.admit(&connection) else { return Ok(()) };
         accept_streams(&connection, |send, recv| {
-            tokio::spawn(serve_stream(Arc::clone(&self.handler), peer, send, recv));
+            tokio::spawn(serve_stream(Arc::clone(&self.handler), connection.clone(), peer, send, recv));
         })
         .await;
         Ok(())
@@ -281,11 +283,22 @@ async fn handle<H: RpcHandler>(handler: &H, peer: EndpointId, id: u64, body: Vec
     answer(handler, peer, &body, |reply| encode_mux_frame(id, reply)).await
 }
 
-/// Serves one multiplexed stream: runs up to [`MAX_MUX_IN_FLIGHT`] requests at once on this
-/// task and writes every reply finished by the time it gets to write in one go. Ends when
-/// the client finishes the stream and every reply is written, or the stream fails.
-async fn serve_stream<H: RpcHandler>(handler: Arc<H>, peer: EndpointId, mut send: SendStream, mut recv: RecvStream) {
+/// Serves one multiplexed stream, after its hello (see [`crate::rpc`]): runs up to
+/// [`MAX_MUX_IN_FLIGHT`] requests at once on this task and writes every reply finished by
+/// the time it gets to write in one go. Ends when the client finishes the stream and every
+/// reply is written, or the stream fails.
+async fn serve_stream<H: RpcHandler>(
+    handler: Arc<H>,
+    connection: Connection,
+    peer: EndpointId,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let handler = &*handler;
+    if !authenticate_stream(handler, &connection, peer, &mut recv).await {
+        return;
+    }
+    drop(connection);
     let mut in_flight = FuturesUnordered::new();
     let mut inbox: Vec<u8> = Vec::new();
     let mut replies: Vec<u8> = Vec::new();

@@ -12,6 +12,15 @@
 //! [`PEER_SILENCE_LIMIT`] while a request to it waits is taken for gone, the connection is
 //! closed, and the next call dials afresh.
 //!
+//! Every stream opens with a hello: one frame carrying the caller's credentials (the
+//! handler's [`RpcHandler::Hello`]), at most `MAX_UNAUTHENTICATED_FRAME_SIZE` bytes. The
+//! server reads and checks it before it reads anything else on the stream, so a peer
+//! without credentials never gets a request of up to `MAX_RPC_MESSAGE_SIZE` read or
+//! decoded: an oversized, malformed or refused hello closes the connection
+//! ([`CLOSE_UNAUTHENTICATED`], the reason as close reason). The client writes the hello and
+//! its first request together, so even a first request of megabytes costs no extra round
+//! trip.
+//!
 //! Why not irpc: its message bound is a fixed 16 MiB and an oversized message tears down
 //! the shared connection; Aspen needs its own 10 MiB bound, checked before sending with a
 //! typed error and no collateral damage to other calls (see docs/adr/0002).
@@ -22,7 +31,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use aspen_api::limits::{MAX_CONCURRENT_CONNECTIONS, MAX_IDLE_LANES_PER_PEER, MAX_RPC_MESSAGE_SIZE};
+use aspen_api::limits::{
+    MAX_CONCURRENT_CONNECTIONS, MAX_IDLE_LANES_PER_PEER, MAX_RPC_MESSAGE_SIZE, MAX_UNAUTHENTICATED_FRAME_SIZE,
+};
 use iroh::endpoint::{Connection, ConnectionError, ReadExactError, RecvStream, SendStream, VarInt};
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use iroh::{Endpoint, EndpointId};
@@ -66,6 +77,10 @@ const RESET_TOO_LARGE: u32 = 413;
 const CLOSE_BUSY: u32 = 503;
 /// Connection close code for a peer that went silent.
 const CLOSE_SILENT: u32 = 408;
+/// Connection close code for a peer whose hello was oversized, malformed or refused.
+pub const CLOSE_UNAUTHENTICATED: u32 = 401;
+/// Most bytes of a refusal's reason sent as the close reason (it must fit in one packet).
+const MAX_CLOSE_REASON: usize = 200;
 
 type PoolKey = (EndpointId, &'static [u8]);
 
@@ -158,6 +173,8 @@ pub struct RpcClient {
     /// Held while a multiplexed stream is being opened, so that callers arriving together
     /// open one stream, not one each.
     mux_opening: tokio::sync::Mutex<()>,
+    /// The encoded hello each new stream opens with, by ALPN ([`EMPTY_HELLO`] if none).
+    hellos: Mutex<HashMap<&'static [u8], Vec<u8>>>,
 }
 
 impl fmt::Debug for RpcClient {
@@ -171,6 +188,20 @@ impl fmt::Debug for RpcClient {
 fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, TransportError> {
     encode_with_header(message, FRAME_HEADER_SIZE)
 }
+
+/// Encodes a stream's hello frame, refusing one over `MAX_UNAUTHENTICATED_FRAME_SIZE`.
+fn encode_hello<T: Serialize>(hello: &T) -> Result<Vec<u8>, TransportError> {
+    let frame = encode_frame(hello)?;
+    let size = frame.len() - FRAME_HEADER_SIZE;
+    if size > MAX_UNAUTHENTICATED_FRAME_SIZE {
+        return Err(TransportError::MessageTooLarge { size, max: MAX_UNAUTHENTICATED_FRAME_SIZE });
+    }
+    Ok(frame)
+}
+
+/// The hello of a caller with no credentials for an ALPN: an empty body, which decodes as
+/// `()` (a handler that asks for nothing) and as nothing else.
+const EMPTY_HELLO: [u8; FRAME_HEADER_SIZE] = [0; FRAME_HEADER_SIZE];
 
 /// Encodes `message` behind a `header`-byte header whose first four bytes get the body's
 /// little-endian length (the caller fills in the rest), refusing a body over
@@ -212,14 +243,14 @@ pub(crate) async fn answer<H: RpcHandler>(
 enum FrameError {
     /// The stream ended cleanly where a frame would start.
     Ended,
-    /// The length prefix announces more than `MAX_RPC_MESSAGE_SIZE` bytes.
+    /// The length prefix announces more than the limit.
     TooLarge(usize),
     /// The stream failed or ended inside a frame.
     Stream(String),
 }
 
-/// Reads the length prefix of the next frame.
-async fn read_frame_header(recv: &mut RecvStream) -> Result<usize, FrameError> {
+/// Reads the length prefix of the next frame, of at most `max` bytes.
+async fn read_frame_header(recv: &mut RecvStream, max: usize) -> Result<usize, FrameError> {
     let mut header = [0u8; FRAME_HEADER_SIZE];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -227,7 +258,7 @@ async fn read_frame_header(recv: &mut RecvStream) -> Result<usize, FrameError> {
         Err(error) => return Err(FrameError::Stream(error.to_string())),
     }
     let size = u32::from_le_bytes(header) as usize;
-    if size > MAX_RPC_MESSAGE_SIZE {
+    if size > max {
         return Err(FrameError::TooLarge(size));
     }
     Ok(size)
@@ -258,7 +289,38 @@ impl RpcClient {
 
     /// A client with a custom reply timeout (for long operations such as snapshot installs).
     pub fn with_read_timeout(endpoint: Endpoint, read_timeout: Duration) -> Self {
-        RpcClient { endpoint, pool: Mutex::new(HashMap::new()), read_timeout, mux_opening: tokio::sync::Mutex::new(()) }
+        RpcClient {
+            endpoint,
+            pool: Mutex::new(HashMap::new()),
+            read_timeout,
+            mux_opening: tokio::sync::Mutex::new(()),
+            hellos: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sets the credentials every new stream on `alpn` opens with (the server's
+    /// [`RpcHandler::Hello`]); at most `MAX_UNAUTHENTICATED_FRAME_SIZE` bytes encoded.
+    pub fn set_hello<T: Serialize>(&self, alpn: &'static [u8], hello: &T) -> Result<(), TransportError> {
+        let frame = encode_hello(hello)?;
+        lock(&self.hellos).insert(alpn, frame);
+        Ok(())
+    }
+
+    fn hello_frame(&self, alpn: &'static [u8]) -> Vec<u8> {
+        lock(&self.hellos).get(alpn).cloned().unwrap_or_else(|| EMPTY_HELLO.to_vec())
+    }
+
+    /// The typed refusal if the peer closed `watched` for our credentials.
+    fn refusal(watched: &WatchedConnection, peer: &PeerAddr) -> Option<TransportError> {
+        match watched.connection.close_reason()? {
+            ConnectionError::ApplicationClosed(close)
+                if close.error_code == VarInt::from_u32(CLOSE_UNAUTHENTICATED) =>
+            {
+                let reason = String::from_utf8_lossy(&close.reason).into_owned();
+                Some(TransportError::Unauthenticated { peer: peer.short(), reason })
+            }
+            _ => None,
+        }
     }
 
     /// The endpoint requests are sent from.
@@ -349,19 +411,27 @@ impl RpcClient {
         Ok(Lane { send, recv, connection, idle_since: Instant::now() })
     }
 
-    /// Opens a bi-stream to `peer` on `alpn`, on the pooled connection or a new one.
+    /// Opens a bi-stream to `peer` on `alpn`, on the pooled connection or a new one, and
+    /// writes its hello.
     async fn open_stream(
         &self,
         peer: &PeerAddr,
         alpn: &'static [u8],
     ) -> Result<(Arc<WatchedConnection>, SendStream, RecvStream), TransportError> {
         let key = (peer.id, alpn);
+        let hello = self.hello_frame(alpn);
         // A pooled connection may have died since last use; opening a stream tells, and
-        // nothing was sent yet, so one retry on a fresh connection is always safe.
+        // no request was sent yet, so one retry on a fresh connection is always safe.
         let mut attempt = 0;
         loop {
             let watched = self.watched_connection(peer, alpn).await?;
-            let opened = tokio::time::timeout(STREAM_OPEN_TIMEOUT, watched.connection.open_bi()).await;
+            let open = async {
+                let (mut send, recv) = watched.connection.open_bi().await.map_err(|error| error.to_string())?;
+                // Returns once quinn holds it (no round trip): the first request follows at once.
+                send.write_all(&hello).await.map_err(|error| error.to_string())?;
+                Ok::<_, String>((send, recv))
+            };
+            let opened = tokio::time::timeout(STREAM_OPEN_TIMEOUT, open).await;
             match opened {
                 Ok(Ok((send, recv))) => return Ok((watched, send, recv)),
                 Ok(Err(error)) if attempt == 0 => {
@@ -371,7 +441,7 @@ impl RpcClient {
                 }
                 Ok(Err(error)) => {
                     self.forget(&key);
-                    return Err(TransportError::Connect { peer: peer.short(), reason: error.to_string() });
+                    return Err(TransportError::Connect { peer: peer.short(), reason: error });
                 }
                 Err(_) => {
                     self.forget(&key);
@@ -401,7 +471,7 @@ impl RpcClient {
         lane.connection.request_sent();
         let exchange = async {
             lane.send.write_all(&frame).await.map_err(|error| stream_error(error.to_string()))?;
-            let size = match read_frame_header(&mut lane.recv).await {
+            let size = match read_frame_header(&mut lane.recv, MAX_RPC_MESSAGE_SIZE).await {
                 Ok(size) => size,
                 Err(FrameError::TooLarge(size)) => {
                     return Err(TransportError::MessageTooLarge { size, max: MAX_RPC_MESSAGE_SIZE });
@@ -411,9 +481,13 @@ impl RpcClient {
             };
             read_frame_body(&mut lane.recv, size).await.map_err(stream_error)
         };
-        let reply = tokio::time::timeout(self.read_timeout, exchange).await.map_err(|_| {
-            TransportError::ReadTimeout { peer: peer.short(), after_ms: self.read_timeout.as_millis() as u64 }
-        })??;
+        let reply = tokio::time::timeout(self.read_timeout, exchange)
+            .await
+            .map_err(|_| TransportError::ReadTimeout {
+                peer: peer.short(),
+                after_ms: self.read_timeout.as_millis() as u64,
+            })?
+            .map_err(|error| RpcClient::refusal(&lane.connection, peer).unwrap_or(error))?;
         self.return_lane((peer.id, alpn), lane);
         postcard::from_bytes(&reply).map_err(|error| TransportError::Codec(error.to_string()))
     }
@@ -473,9 +547,13 @@ impl RpcClient {
             let mut claim = session.send(request).await?;
             claim.reply(&session).await
         };
-        let reply = tokio::time::timeout(self.read_timeout, exchange).await.map_err(|_| {
-            TransportError::ReadTimeout { peer: peer.short(), after_ms: self.read_timeout.as_millis() as u64 }
-        })??;
+        let reply = tokio::time::timeout(self.read_timeout, exchange)
+            .await
+            .map_err(|_| TransportError::ReadTimeout {
+                peer: peer.short(),
+                after_ms: self.read_timeout.as_millis() as u64,
+            })?
+            .map_err(|error| RpcClient::refusal(&watched, peer).unwrap_or(error))?;
         postcard::from_bytes(&reply).map_err(|error| TransportError::Codec(error.to_string()))
     }
 
@@ -488,12 +566,20 @@ impl RpcClient {
     }
 }
 
-/// The server side of one ALPN: decodes requests, hands them to the handler, encodes replies.
+/// The server side of one ALPN: checks each stream's hello, decodes requests, hands them
+/// to the handler, encodes replies.
 pub trait RpcHandler: Send + Sync + 'static {
+    /// The credentials that open every stream (`()` for none), at most
+    /// `MAX_UNAUTHENTICATED_FRAME_SIZE` bytes encoded.
+    type Hello: DeserializeOwned + Send;
     /// The request type.
     type Request: DeserializeOwned + Send;
     /// The reply type.
     type Response: Serialize + Send;
+
+    /// Checks a stream's hello from the authenticated endpoint `peer` before any request on
+    /// the stream is read; `Err(reason)` closes the connection with that reason.
+    fn authenticate(&self, peer: EndpointId, hello: Self::Hello) -> Result<(), String>;
 
     /// Handles one request from the authenticated endpoint `peer`.
     fn handle(&self, peer: EndpointId, request: Self::Request) -> impl Future<Output = Self::Response> + Send;
@@ -526,7 +612,7 @@ impl<H: RpcHandler> ProtocolHandler for RpcProtocol<H> {
         let peer = connection.remote_id();
         let Some(_permit) = self.connections.admit(&connection) else { return Ok(()) };
         accept_streams(&connection, |send, recv| {
-            tokio::spawn(serve_lane(Arc::clone(&self.handler), peer, send, recv));
+            tokio::spawn(serve_lane(Arc::clone(&self.handler), connection.clone(), peer, send, recv));
         })
         .await;
         Ok(())
@@ -576,30 +662,82 @@ pub(crate) async fn accept_streams(connection: &Connection, mut serve: impl FnMu
     }
 }
 
-/// Answers the requests of one lane in order until the client finishes it, it stays idle
-/// for `LANE_IDLE_TIMEOUT`, or it breaks.
-async fn serve_lane<H: RpcHandler>(handler: Arc<H>, peer: EndpointId, mut send: SendStream, mut recv: RecvStream) {
+/// Reads the hello that opens a stream and has `handler` check it; whether requests may
+/// follow. A hello that is oversized (its body is never read), malformed or refused closes
+/// the whole connection: every stream on it is the same peer's. A stream that ends or
+/// breaks before its hello, or sends none in time, just ends.
+pub(crate) async fn authenticate_stream<H: RpcHandler>(
+    handler: &H,
+    connection: &Connection,
+    peer: EndpointId,
+    recv: &mut RecvStream,
+) -> bool {
+    let hello = async {
+        let size = read_frame_header(recv, MAX_UNAUTHENTICATED_FRAME_SIZE).await?;
+        read_frame_body(recv, size).await.map_err(FrameError::Stream)
+    };
+    let verdict = match tokio::time::timeout(READ_TIMEOUT, hello).await {
+        Ok(Ok(body)) => match postcard::from_bytes::<H::Hello>(&body) {
+            Ok(hello) => handler.authenticate(peer, hello),
+            Err(error) => Err(format!("malformed hello: {error}")),
+        },
+        Ok(Err(FrameError::TooLarge(size))) => Err(format!(
+            "a first frame of {size} bytes before credentials; the limit is {MAX_UNAUTHENTICATED_FRAME_SIZE}"
+        )),
+        Ok(Err(FrameError::Ended | FrameError::Stream(_))) | Err(_) => return false,
+    };
+    match verdict {
+        Ok(()) => true,
+        Err(mut reason) => {
+            tracing::warn!(peer = %peer.fmt_short(), %reason, "refused a peer's credentials; closing the connection");
+            if reason.len() > MAX_CLOSE_REASON {
+                let mut end = MAX_CLOSE_REASON;
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                reason.truncate(end);
+            }
+            connection.close(VarInt::from_u32(CLOSE_UNAUTHENTICATED), reason.as_bytes());
+            false
+        }
+    }
+}
+
+/// Answers the requests of one lane in order, after its hello, until the client finishes
+/// it, it stays idle for `LANE_IDLE_TIMEOUT`, or it breaks.
+async fn serve_lane<H: RpcHandler>(
+    handler: Arc<H>,
+    connection: Connection,
+    peer: EndpointId,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    if !authenticate_stream(&*handler, &connection, peer, &mut recv).await {
+        return;
+    }
+    drop(connection);
     // The request that opened the lane is already on its way; later ones may take a while.
     let mut wait_for_request = READ_TIMEOUT;
     loop {
-        let size = match tokio::time::timeout(wait_for_request, read_frame_header(&mut recv)).await {
-            Ok(Ok(size)) => size,
-            Ok(Err(FrameError::Ended)) => return,
-            Ok(Err(FrameError::TooLarge(size))) => {
-                tracing::warn!(peer = %peer.fmt_short(), size, "request over the size limit");
-                let _ = send.reset(VarInt::from_u32(RESET_TOO_LARGE));
-                let _ = recv.stop(VarInt::from_u32(RESET_TOO_LARGE));
-                return;
-            }
-            Ok(Err(FrameError::Stream(reason))) => {
-                tracing::debug!(peer = %peer.fmt_short(), %reason, "request stream failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(peer = %peer.fmt_short(), "lane idle; ending it");
-                return;
-            }
-        };
+        let size =
+            match tokio::time::timeout(wait_for_request, read_frame_header(&mut recv, MAX_RPC_MESSAGE_SIZE)).await {
+                Ok(Ok(size)) => size,
+                Ok(Err(FrameError::Ended)) => return,
+                Ok(Err(FrameError::TooLarge(size))) => {
+                    tracing::warn!(peer = %peer.fmt_short(), size, "request over the size limit");
+                    let _ = send.reset(VarInt::from_u32(RESET_TOO_LARGE));
+                    let _ = recv.stop(VarInt::from_u32(RESET_TOO_LARGE));
+                    return;
+                }
+                Ok(Err(FrameError::Stream(reason))) => {
+                    tracing::debug!(peer = %peer.fmt_short(), %reason, "request stream failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %peer.fmt_short(), "lane idle; ending it");
+                    return;
+                }
+            };
         let body = match tokio::time::timeout(READ_TIMEOUT, read_frame_body(&mut recv, size)).await {
             Ok(Ok(body)) => body,
             Ok(Err(reason)) => {

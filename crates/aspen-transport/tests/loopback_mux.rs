@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 const TEST_ALPN: &[u8] = b"aspen-mux-test/1";
+/// The hello frame of a caller without credentials: an empty body.
+const EMPTY_HELLO: [u8; 4] = [0; 4];
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 enum Request {
@@ -36,8 +38,13 @@ struct Handler {
 }
 
 impl RpcHandler for Handler {
+    type Hello = ();
     type Request = Request;
     type Response = Reply;
+
+    fn authenticate(&self, _peer: EndpointId, _hello: ()) -> Result<(), String> {
+        Ok(())
+    }
 
     async fn handle(&self, peer: EndpointId, request: Request) -> Reply {
         match request {
@@ -195,8 +202,10 @@ async fn a_hostile_frame_resets_only_its_own_stream() {
     let _: Reply = client.call_muxed(&server.addr, TEST_ALPN, &Request::Echo(vec![])).await.expect("first");
     let connection = client.connect(&server.addr, TEST_ALPN).await.expect("pooled connection");
 
-    // A header announcing a body over the limit: that stream is reset.
+    // A header announcing a body over the limit (after the empty hello this server asks
+    // for): that stream is reset.
     let (mut send, mut recv) = connection.open_bi().await.expect("open");
+    send.write_all(&EMPTY_HELLO).await.expect("write hello");
     let mut header = [0u8; MUX_HEADER_SIZE];
     header[..4].copy_from_slice(&(MAX_RPC_MESSAGE_SIZE as u32 + 1).to_le_bytes());
     send.write_all(&header).await.expect("write header");
@@ -206,6 +215,7 @@ async fn a_hostile_frame_resets_only_its_own_stream() {
     // A good request followed by a truncated one, then the stream ends: the good one is
     // answered, the truncated one dropped, and the stream finished.
     let (mut send, mut recv) = connection.open_bi().await.expect("open");
+    send.write_all(&EMPTY_HELLO).await.expect("write hello");
     send.write_all(&encode_mux_frame(9, &Request::Echo(vec![1; 3])).expect("encode")).await.expect("write");
     let truncated = encode_mux_frame(10, &Request::Echo(vec![1; 100])).expect("encode");
     send.write_all(&truncated[..50]).await.expect("write part");

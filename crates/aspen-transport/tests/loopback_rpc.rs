@@ -12,6 +12,8 @@ use iroh::protocol::Router;
 use serde::{Deserialize, Serialize};
 
 const TEST_ALPN: &[u8] = b"aspen-test/1";
+/// The hello frame of a caller without credentials: an empty body.
+const EMPTY_HELLO: [u8; 4] = [0; 4];
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 enum Request {
@@ -28,8 +30,13 @@ enum Reply {
 struct EchoHandler;
 
 impl RpcHandler for EchoHandler {
+    type Hello = ();
     type Request = Request;
     type Response = Reply;
+
+    fn authenticate(&self, _peer: EndpointId, _hello: ()) -> Result<(), String> {
+        Ok(())
+    }
 
     async fn handle(&self, peer: EndpointId, request: Request) -> Reply {
         match request {
@@ -120,14 +127,17 @@ async fn oversized_frame_header_resets_only_its_lane() {
     let (router, addr) = server(SecretKey::generate()).await;
     let client = client().await;
     let _: Reply = client.call(&addr, TEST_ALPN, &Request::Echo(vec![])).await.expect("first");
-    // A hostile peer announces a frame over the limit on its own stream.
+    // A hostile peer announces a frame over the limit on its own stream (after the empty
+    // hello this server asks for).
     let connection = client.connect(&addr, TEST_ALPN).await.expect("pooled connection");
     let (mut send, mut recv) = connection.open_bi().await.expect("open");
+    send.write_all(&EMPTY_HELLO).await.expect("write hello");
     send.write_all(&(MAX_RPC_MESSAGE_SIZE as u32 + 1).to_le_bytes()).await.expect("write header");
     let outcome = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1024)).await.expect("answered");
     assert!(outcome.is_err(), "the stream is reset: {outcome:?}");
     // A frame that ends mid-body, then the stream finishes: dropped without a reply.
     let (mut send, mut recv) = connection.open_bi().await.expect("open");
+    send.write_all(&EMPTY_HELLO).await.expect("write hello");
     send.write_all(&100u32.to_le_bytes()).await.expect("write header");
     send.write_all(&[0; 10]).await.expect("write part");
     send.finish().expect("finish");

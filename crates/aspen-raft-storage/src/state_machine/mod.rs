@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod boot;
+mod heap;
 pub mod meta;
 mod pool;
 pub mod read;
@@ -121,6 +122,8 @@ impl SqliteStateMachine {
     /// purged), the snapshot is reinstalled before anything else; openraft re-applies the
     /// log after it.
     pub fn open_with(dir: impl AsRef<Path>, durability: Durability) -> Result<Self, StateMachineError> {
+        // Before the process's first SQLite connection, so SQL queries get a heap budget.
+        heap::install();
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir)?;
         let opened = boot::prepare(dir, &durability)?;
@@ -433,7 +436,12 @@ impl StateMachineReader {
     /// Runs a read-only SQL query over the `kv` view.
     pub fn sql(&self, request: &SqlRequest) -> Result<SqlResponse, SqlError> {
         let mut conn = self.pool.get().map_err(|error| SqlError::Storage(Box::new(error)))?;
-        sql::run_query(&mut conn, request)
+        let result = sql::run_query(&mut conn, request);
+        if matches!(result, Err(SqlError::OutOfMemory { .. })) {
+            // SQLite recovers from a failed allocation, but a fresh connection need not.
+            conn.discard();
+        }
+        result
     }
 
     /// A blake3 digest of every key (with its value, revisions and lease), every lease and

@@ -93,6 +93,7 @@ impl ReadPool {
 }
 
 fn connect(path: &PathBuf) -> Result<Connection, StateMachineError> {
+    super::heap::install();
     // Read-only at the file level: no statement on a pooled connection can write,
     // whatever the authorizer lets through.
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
@@ -105,6 +106,17 @@ fn connect(path: &PathBuf) -> Result<Connection, StateMachineError> {
 pub struct PooledConnection<'a> {
     pool: &'a ReadPool,
     conn: Option<Connection>,
+}
+
+impl PooledConnection<'_> {
+    /// Closes the connection instead of returning it to the pool.
+    pub fn discard(mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(conn);
+            self.pool.lock().open -= 1;
+            self.pool.returned.notify_one();
+        }
+    }
 }
 
 impl Deref for PooledConnection<'_> {

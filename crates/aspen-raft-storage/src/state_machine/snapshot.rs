@@ -118,6 +118,7 @@ impl SnapshotStore {
     pub fn build(&self, db_path: &Path) -> Result<(SnapshotMeta, SnapshotFile), SnapshotError> {
         let temp = self.temp_path("build");
         {
+            super::heap::install();
             let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
             let source = Connection::open_with_flags(db_path, flags).map_err(invalid)?;
             let temp_str = temp.to_str().ok_or_else(|| SnapshotError::Invalid("non-UTF-8 data path".into()))?;
@@ -268,6 +269,7 @@ impl Drop for SnapshotReceiver {
 /// Opens a snapshot database read-only and checks that it is an intact Aspen state
 /// machine within the limits; returns the applied state it holds.
 pub fn validate_database(path: &Path) -> Result<AppliedState, SnapshotError> {
+    super::heap::install();
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(invalid)?;
     let check: String = conn.query_row("PRAGMA quick_check", [], |row| row.get(0)).map_err(invalid)?;
