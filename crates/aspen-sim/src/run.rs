@@ -23,6 +23,14 @@ use crate::workload::SimClient;
 
 /// Voters the cluster starts with.
 pub const VOTERS: u64 = 3;
+/// Voters in the seeds that run a larger cluster: every fourth seed (those with
+/// `seed % 4 == 3`), so quorums of 3 of 5 and two-node minorities are exercised too.
+pub const VOTERS_LARGE: u64 = 5;
+
+/// How many voters the run of `seed` starts with.
+pub fn voters_for_seed(seed: u64) -> u64 {
+    if seed % 4 == 3 { VOTERS_LARGE } else { VOTERS }
+}
 /// How often the monitor looks at every node (simulated).
 pub const MONITOR_INTERVAL: Duration = Duration::from_millis(25);
 /// Longest the healed cluster may take to serve a write and converge (simulated).
@@ -243,6 +251,11 @@ impl Cluster {
 
     async fn membership_swap(&self) {
         let Some(leader) = self.leader() else { return };
+        // A third of the swaps take the leader out through `remove`, the path an operator
+        // uses (`aspen-cli cluster remove`): it must hand over, never panic a node.
+        if madsim::rand::random::<u64>() % 3 == 0 {
+            return self.remove_leader(leader).await;
+        }
         let voters = self.voters();
         let spare: Vec<NodeId> = self.hosts.keys().copied().filter(|id| !voters.contains(id)).collect();
         let (Some(remove), Some(add)) = (pick(&voters.iter().copied().collect::<Vec<_>>()), pick(&spare)) else {
@@ -254,6 +267,36 @@ impl Cluster {
         new_voters.remove(&remove);
         new_voters.insert(add);
         self.trace.event(now_ms(), format!("nemesis: membership {voters:?} -> {new_voters:?} via leader {leader}"));
+        let raft = node.raft.clone();
+        let result = host
+            .spawn(async move {
+                raft.add_learner(member(add)).await?;
+                raft.change_membership(new_voters).await
+            })
+            .await;
+        self.trace.event(now_ms(), format!("nemesis: membership change finished: {result:?}"));
+    }
+
+    /// Removes the leader from the voters through `ClusterController::remove`, then brings
+    /// the voter count back with a spare node, through whoever leads next.
+    async fn remove_leader(&self, leader: NodeId) {
+        let voters = self.voters();
+        let (Some(node), Some(host)) = (self.registry.get(leader), self.hosts.get(&leader)) else { return };
+        self.trace.event(now_ms(), format!("nemesis: remove the leader {leader} from {voters:?}"));
+        let raft = node.raft.clone();
+        let result = host.spawn(async move { raft.remove(leader).await }).await;
+        self.trace.event(now_ms(), format!("nemesis: removing the leader finished: {result:?}"));
+        if !matches!(result, Ok(Ok(()))) {
+            return;
+        }
+        madsim::time::sleep(Duration::from_millis(random_range(200, 2000))).await;
+        let Some(new_leader) = self.leader().filter(|id| *id != leader) else { return };
+        let mut new_voters = self.voters();
+        let spare: Vec<NodeId> = self.hosts.keys().copied().filter(|id| !new_voters.contains(id)).collect();
+        let Some(add) = pick(&spare) else { return };
+        new_voters.insert(add);
+        let (Some(node), Some(host)) = (self.registry.get(new_leader), self.hosts.get(&new_leader)) else { return };
+        self.trace.event(now_ms(), format!("nemesis: add node {add} back as a voter via leader {new_leader}"));
         let raft = node.raft.clone();
         let result = host
             .spawn(async move {
@@ -389,7 +432,8 @@ async fn simulate(config: SimConfig, root: PathBuf, trace: Trace, history: Histo
         faults.lose_reply_ppm.store(20_000, Ordering::Relaxed);
     }
     let registry = Registry::default();
-    let node_count = if config.faults.contains(&Fault::Membership) { VOTERS + 1 } else { VOTERS };
+    let voters = voters_for_seed(config.seed);
+    let node_count = if config.faults.contains(&Fault::Membership) { voters + 1 } else { voters };
     let mut hosts = BTreeMap::new();
     for id in 1..=node_count {
         let spec = NodeSpec {
@@ -420,8 +464,8 @@ async fn simulate(config: SimConfig, root: PathBuf, trace: Trace, history: Histo
     let (Some(raft), Some(first_host)) = (registry.get(1).map(|node| node.raft.clone()), cluster.hosts.get(&1)) else {
         return SimOutcome { sim_elapsed: started.elapsed(), progress_error: Some("node 1 missing".into()) };
     };
-    let init = first_host.spawn(async move { raft.init((1..=VOTERS).map(member).collect()).await }).await;
-    trace.event(now_ms(), format!("init voters 1..={VOTERS}: {init:?}"));
+    let init = first_host.spawn(async move { raft.init((1..=voters).map(member).collect()).await }).await;
+    trace.event(now_ms(), format!("init voters 1..={voters}: {init:?}"));
 
     // The monitor checks invariants every few simulated milliseconds until the end.
     let stop = Arc::new(AtomicBool::new(false));
