@@ -253,7 +253,7 @@ impl Cluster {
         let Some(leader) = self.leader() else { return };
         // A third of the swaps take the leader out through `remove`, the path an operator
         // uses (`aspen-cli cluster remove`): it must hand over, never panic a node.
-        if madsim::rand::random::<u64>() % 3 == 0 {
+        if madsim::rand::random::<u64>().is_multiple_of(3) {
             return self.remove_leader(leader).await;
         }
         let voters = self.voters();
