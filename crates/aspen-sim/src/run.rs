@@ -239,6 +239,13 @@ impl Cluster {
                 damage.push(format!("{file}: {keep} of {} bytes kept ({cut:?})", metadata.len()));
             }
         }
+        // The log journal loses what it wrote since its last sync: a random number of its
+        // newest unsynced writes, and the one before them is torn at a random byte.
+        for path in aspen_raft_storage::log::journal::journal_paths(&dir.join("raft.redb")) {
+            let lost = madsim::rand::random::<usize>() % 4;
+            let torn_keep = madsim::rand::random::<usize>() % 4096;
+            damage.push(aspen_raft_storage::log::sim_crash::lose_unsynced(&path, lost, torn_keep));
+        }
         let rebooted = cluster::next_boot(&dir);
         self.trace.event(
             now_ms(),

@@ -126,6 +126,8 @@ impl JournalFile {
             return Ok(());
         }
         self.file.sync_data().map_err(|error| journal_error(&self.path, format!("fdatasync: {error}")))?;
+        #[cfg(madsim)]
+        super::sim_crash::synced(&self.path);
         self.synced.fetch_max(written, Ordering::AcqRel);
         Ok(())
     }
@@ -137,6 +139,8 @@ impl JournalFile {
     }
 
     fn write_at(&self, bytes: &[u8], offset: u64) -> Result<(), LogStoreError> {
+        #[cfg(madsim)]
+        super::sim_crash::before_write(&self.path, &self.file, offset, bytes.len());
         self.file.write_all_at(bytes, offset).map_err(|error| journal_error(&self.path, error))?;
         self.written.fetch_add(1, Ordering::AcqRel);
         Ok(())

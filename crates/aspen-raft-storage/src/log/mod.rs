@@ -11,6 +11,8 @@
 
 pub mod chain;
 pub mod journal;
+#[cfg(madsim)]
+pub mod sim_crash;
 mod store;
 pub mod tail;
 
