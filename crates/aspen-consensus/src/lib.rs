@@ -7,6 +7,7 @@
 //! network is a trait, so the simulator runs this code unchanged over an in-memory network.
 
 pub mod batcher;
+pub mod chain;
 pub mod config;
 mod errors;
 pub mod health;
@@ -14,7 +15,8 @@ pub mod network;
 pub mod node;
 pub mod rpc;
 
+pub use chain::{ChainDivergence, ChainStats};
 pub use config::ConsensusConfig;
 pub use health::HealthTracker;
 pub use node::{RaftNode, StartError};
-pub use rpc::{RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure, SnapshotChunk};
+pub use rpc::{AppendEntries, RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure, SnapshotChunk};

@@ -1,10 +1,13 @@
-//! openraft's network traits over any [`RaftRpcClient`].
+//! openraft's network traits over any [`RaftRpcClient`]. Each AppendEntries and snapshot
+//! carries this node's chain hash at the entry it builds on, for the follower to compare
+//! (see [`crate::chain`]).
 
 use std::future::Future;
 use std::sync::Arc;
 
 use aspen_api::limits::MAX_SNAPSHOT_CHUNK_SIZE;
 use aspen_api::{ClusterNode, NodeId};
+use aspen_raft_storage::log::ChainHashes;
 use aspen_raft_storage::state_machine::Snapshot;
 use aspen_raft_storage::{SnapshotFile, TypeConfig, Vote};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -14,19 +17,22 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 
+use crate::chain::ChainDivergence;
 use crate::health::HealthTracker;
-use crate::rpc::{RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure, SnapshotChunk};
+use crate::rpc::{AppendEntries, RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure, SnapshotChunk};
 
 /// Creates per-peer network handles for openraft.
 pub struct NetworkFactory<C> {
     client: Arc<C>,
     health: Arc<HealthTracker>,
+    hashes: ChainHashes,
 }
 
 impl<C> NetworkFactory<C> {
-    /// A factory whose handles send through `client` and report outcomes to `health`.
-    pub fn new(client: Arc<C>, health: Arc<HealthTracker>) -> Self {
-        NetworkFactory { client, health }
+    /// A factory whose handles send through `client`, report outcomes to `health`, and
+    /// attach this node's chain hashes from `hashes`.
+    pub fn new(client: Arc<C>, health: Arc<HealthTracker>, hashes: ChainHashes) -> Self {
+        NetworkFactory { client, health, hashes }
     }
 }
 
@@ -34,15 +40,26 @@ impl<C> NetworkFactory<C> {
 pub struct PeerNetwork<C> {
     client: Arc<C>,
     health: Arc<HealthTracker>,
+    hashes: ChainHashes,
     target: NodeId,
     node: ClusterNode,
+    /// Whether this handle has logged the peer's divergence (openraft retries it, with
+    /// backoff, for as long as the peer stays in the membership).
+    divergence_logged: bool,
 }
 
 impl<C: RaftRpcClient> RaftNetworkFactory<TypeConfig> for NetworkFactory<C> {
     type Network = PeerNetwork<C>;
 
     async fn new_client(&mut self, target: NodeId, node: &ClusterNode) -> Self::Network {
-        PeerNetwork { client: Arc::clone(&self.client), health: Arc::clone(&self.health), target, node: node.clone() }
+        PeerNetwork {
+            client: Arc::clone(&self.client),
+            health: Arc::clone(&self.health),
+            hashes: self.hashes.clone(),
+            target,
+            node: node.clone(),
+            divergence_logged: false,
+        }
     }
 }
 
@@ -54,6 +71,12 @@ fn rpc_error(failure: RpcFailure) -> RPCError<TypeConfig> {
         }
         RpcFailure::Timeout { .. } | RpcFailure::Network { .. } => RPCError::Network(NetworkError::new(&failure)),
     }
+}
+
+/// A peer whose log diverged refuses every entry until it is rebuilt: to openraft it is
+/// unreachable, which backs replication off instead of retrying at once.
+fn diverged(divergence: &ChainDivergence) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::new(divergence))
 }
 
 fn unexpected(reply: RaftRpcReply) -> RPCError<TypeConfig> {
@@ -74,6 +97,21 @@ impl<C: RaftRpcClient> PeerNetwork<C> {
         }
         result.map_err(rpc_error)
     }
+
+    fn report_divergence(&mut self, divergence: &ChainDivergence) -> RPCError<TypeConfig> {
+        if !self.divergence_logged {
+            self.divergence_logged = true;
+            tracing::warn!(
+                follower = self.target,
+                index = divergence.index,
+                "follower {} reports its log diverged from this leader's at index {}: it refuses entries until \
+                 it is wiped and rejoined (if every follower reports this, this leader's log is the damaged one)",
+                self.target,
+                divergence.index
+            );
+        }
+        diverged(divergence)
+    }
 }
 
 impl<C: RaftRpcClient> RaftNetworkV2<TypeConfig> for PeerNetwork<C> {
@@ -84,8 +122,11 @@ impl<C: RaftRpcClient> RaftNetworkV2<TypeConfig> for PeerNetwork<C> {
         request: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self.call(RaftRpc::AppendEntries(request)).await? {
+        // Usually the last entry or one in the log's in-memory tail: no I/O.
+        let prev_hash = request.prev_log_id.as_ref().and_then(|log_id| self.hashes.hash_at(log_id));
+        match self.call(RaftRpc::AppendEntries(AppendEntries { request, prev_hash })).await? {
             RaftRpcReply::AppendEntries(response) => Ok(response),
+            RaftRpcReply::ChainDivergence(divergence) => Err(self.report_divergence(&divergence)),
             other => Err(unexpected(other)),
         }
     }
@@ -120,6 +161,7 @@ impl<C: RaftRpcClient> RaftNetworkV2<TypeConfig> for PeerNetwork<C> {
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let file = snapshot.snapshot;
+        let last_hash = snapshot.meta.last_log_id.as_ref().and_then(|log_id| self.hashes.hash_at(log_id));
         let mut cancel = std::pin::pin!(cancel);
         let mut offset = 0u64;
         loop {
@@ -133,6 +175,7 @@ impl<C: RaftRpcClient> RaftNetworkV2<TypeConfig> for PeerNetwork<C> {
                 checksum: file.checksum(),
                 offset,
                 data,
+                last_hash,
             };
             let sent = chunk.data.len() as u64;
             let reply = tokio::select! {
@@ -143,6 +186,7 @@ impl<C: RaftRpcClient> RaftNetworkV2<TypeConfig> for PeerNetwork<C> {
             match reply {
                 RaftRpcReply::Snapshot(Some(response)) => return Ok(response),
                 RaftRpcReply::Snapshot(None) if offset < file.size() => {}
+                RaftRpcReply::ChainDivergence(divergence) => return Err(self.report_divergence(&divergence).into()),
                 other => return Err(unexpected(other).into()),
             }
         }
@@ -155,6 +199,7 @@ impl<C: RaftRpcClient> RaftNetworkV2<TypeConfig> for PeerNetwork<C> {
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         match self.call(RaftRpc::TransferLeader(request)).await? {
             RaftRpcReply::TransferLeader => Ok(Ok(())),
+            RaftRpcReply::ChainDivergence(divergence) => Err(self.report_divergence(&divergence)),
             other => Err(unexpected(other)),
         }
     }

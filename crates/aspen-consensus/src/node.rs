@@ -24,11 +24,12 @@ use openraft::{ChangeMembers, RaftMetrics, ReadPolicy, ServerState};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::batcher::{self, AspenRaft, PendingWrite, Proposals};
+use crate::chain::{ChainDivergence, ChainGuard, ChainStats};
 use crate::config::ConsensusConfig;
 use crate::errors::{cluster_write_error, not_leader};
 use crate::health::HealthTracker;
 use crate::network::NetworkFactory;
-use crate::rpc::{RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
+use crate::rpc::{AppendEntries, RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
 
 /// Failures starting a node.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +78,8 @@ struct Inner<C> {
     snapshot_inbox: Mutex<Option<SnapshotInbox>>,
     /// The log's disk sync timings.
     disk: Arc<DiskTimings>,
+    /// This log compared with the leader's (see `crate::chain`).
+    chain: ChainGuard,
 }
 
 impl<C: RaftRpcClient> RaftNode<C> {
@@ -92,10 +95,11 @@ impl<C: RaftRpcClient> RaftNode<C> {
         let reader = state_machine.reader();
         let leader_switch = log.leader_switch();
         let disk = log.disk_timings();
+        let chain = ChainGuard::new(log.chain_hashes());
         let raft = AspenRaft::new(
             config.node_id,
             raft_config,
-            NetworkFactory::new(Arc::clone(&rpc), Arc::clone(&health)),
+            NetworkFactory::new(Arc::clone(&rpc), Arc::clone(&health), log.chain_hashes()),
             log,
             state_machine.clone(),
         )
@@ -118,6 +122,7 @@ impl<C: RaftRpcClient> RaftNode<C> {
             stamps: SharedRounds::default(),
             snapshot_inbox: Mutex::new(None),
             disk,
+            chain,
         };
         Ok(RaftNode { inner: Arc::new(inner) })
     }
@@ -140,6 +145,11 @@ impl<C: RaftRpcClient> RaftNode<C> {
     /// How long the log's journal syncs and durable commits take.
     pub fn disk_timings(&self) -> &Arc<DiskTimings> {
         &self.inner.disk
+    }
+
+    /// What comparing this node's log with the leader's found (see `crate::chain`).
+    pub fn chain_stats(&self) -> ChainStats {
+        self.inner.chain.stats()
     }
 
     /// The latest Raft metrics.
@@ -208,6 +218,10 @@ impl<C: RaftRpcClient> RaftNode<C> {
     pub async fn read_barrier(&self, consistency: ReadConsistency) -> Result<(), KvError> {
         if consistency == ReadConsistency::Stale {
             return Ok(());
+        }
+        // This node applies no more entries: it would wait for a read point it never reaches.
+        if let Some(divergence) = self.inner.chain.diverged() {
+            return Err(KvError::Unavailable(divergence.to_string()));
         }
         // Deliberate bug for the simulator's self-test (`cargo xtask sim --bug stale-read`):
         // a follower serves "linearizable" reads from its local state. Never in real builds.
@@ -358,10 +372,17 @@ impl<C: RaftRpcClient> RaftNode<C> {
     pub async fn handle_rpc(&self, request: RaftRpc) -> RaftRpcReply {
         let raft = &self.inner.raft;
         match request {
-            RaftRpc::AppendEntries(request) => match raft.append_entries(request).await {
-                Ok(response) => RaftRpcReply::AppendEntries(response),
-                Err(error) => RaftRpcReply::Failed(error.to_string()),
-            },
+            RaftRpc::AppendEntries(AppendEntries { request, prev_hash }) => {
+                let leader = request.vote.leader_id.voted_for;
+                let prev = request.prev_log_id.as_ref();
+                if let Err(divergence) = self.check_chain(leader, prev, prev_hash, &request.entries) {
+                    return RaftRpcReply::ChainDivergence(divergence);
+                }
+                match raft.append_entries(request).await {
+                    Ok(response) => RaftRpcReply::AppendEntries(response),
+                    Err(error) => RaftRpcReply::Failed(error.to_string()),
+                }
+            }
             RaftRpc::Vote(request) => match raft.vote(request).await {
                 Ok(response) => RaftRpcReply::Vote(response),
                 Err(error) => RaftRpcReply::Failed(error.to_string()),
@@ -370,6 +391,10 @@ impl<C: RaftRpcClient> RaftNode<C> {
                 Ok(response) => RaftRpcReply::Vote(response),
                 Err(error) => RaftRpcReply::Failed(error.to_string()),
             },
+            RaftRpc::TransferLeader(_) if let Some(divergence) = self.inner.chain.diverged() => {
+                // Leading would replicate the diverged log.
+                RaftRpcReply::ChainDivergence(divergence.clone())
+            }
             RaftRpc::TransferLeader(request) => match raft.handle_transfer_leader(request).await {
                 Ok(Ok(())) => RaftRpcReply::TransferLeader,
                 Ok(Err(error)) => RaftRpcReply::Failed(error.to_string()),
@@ -377,7 +402,8 @@ impl<C: RaftRpcClient> RaftNode<C> {
             },
             RaftRpc::Snapshot(chunk) => match self.receive_snapshot_chunk(chunk).await {
                 Ok(response) => RaftRpcReply::Snapshot(response),
-                Err(error) => RaftRpcReply::Failed(error),
+                Err(SnapshotRefused::Diverged(divergence)) => RaftRpcReply::ChainDivergence(divergence),
+                Err(SnapshotRefused::Failed(error)) => RaftRpcReply::Failed(error),
             },
             RaftRpc::ReadIndex => RaftRpcReply::ReadIndex(self.local_read_index().await),
             RaftRpc::Ping => RaftRpcReply::Pong { node_id: self.id() },
@@ -392,10 +418,30 @@ impl<C: RaftRpcClient> RaftNode<C> {
         }
     }
 
+    /// Compares the leader's chain hash at `at` (and at the last of `entries`, which follow
+    /// it, this log holds already) with this log's (see `crate::chain`). On a divergence this
+    /// node also stops campaigning: as leader it would replicate its log.
+    fn check_chain(
+        &self,
+        leader: NodeId,
+        at: Option<&aspen_raft_storage::LogId>,
+        leader_hash: Option<aspen_raft_storage::log::chain::ChainHash>,
+        entries: &[aspen_raft_storage::Entry],
+    ) -> Result<(), ChainDivergence> {
+        self.inner
+            .chain
+            .check_append(leader, at, leader_hash, entries)
+            .inspect_err(|_| self.inner.raft.runtime_config().elect(false))
+    }
+
     async fn receive_snapshot_chunk(
         &self,
         chunk: crate::rpc::SnapshotChunk,
-    ) -> Result<Option<openraft::raft::SnapshotResponse<aspen_raft_storage::TypeConfig>>, String> {
+    ) -> Result<Option<openraft::raft::SnapshotResponse<aspen_raft_storage::TypeConfig>>, SnapshotRefused> {
+        let leader = chunk.vote.leader_id.voted_for;
+        if let Some(divergence) = self.inner.chain.diverged() {
+            return Err(SnapshotRefused::Diverged(divergence.clone()));
+        }
         let mut inbox = self.inner.snapshot_inbox.lock().await;
         if chunk.offset == 0 {
             let receiver = self
@@ -406,7 +452,7 @@ impl<C: RaftRpcClient> RaftNode<C> {
             *inbox = Some(SnapshotInbox { vote: chunk.vote, meta: chunk.meta.clone(), receiver });
         }
         let Some(state) = inbox.as_mut() else {
-            return Err(format!("snapshot chunk at offset {} without a start", chunk.offset));
+            return Err(format!("snapshot chunk at offset {} without a start", chunk.offset).into());
         };
         if state.meta != chunk.meta || state.vote != chunk.vote {
             *inbox = None;
@@ -414,15 +460,23 @@ impl<C: RaftRpcClient> RaftNode<C> {
         }
         if let Err(error) = state.receiver.write_chunk(chunk.offset, &chunk.data) {
             *inbox = None;
-            return Err(error.to_string());
+            return Err(error.to_string().into());
         }
         if chunk.offset + (chunk.data.len() as u64) < chunk.size {
             return Ok(None);
         }
         let Some(done) = inbox.take() else { return Err("snapshot inbox vanished".into()) };
         let file = done.receiver.finish().map_err(|error| error.to_string())?;
+        // The snapshot's last entry, if this log holds it, must be the leader's; if the
+        // install purges this whole log, the chain goes on from the leader's hash there.
+        let last = done.meta.last_log_id;
+        self.check_chain(leader, last.as_ref(), chunk.last_hash, &[]).map_err(SnapshotRefused::Diverged)?;
+        if let (Some(last), Some(last_hash)) = (last, chunk.last_hash) {
+            self.inner.chain.hashes().expect_snapshot_anchor(last, last_hash);
+        }
         let snapshot = Snapshot { meta: done.meta, snapshot: file };
-        self.inner.raft.install_full_snapshot(done.vote, snapshot).await.map(Some).map_err(|error| error.to_string())
+        let installed = self.inner.raft.install_full_snapshot(done.vote, snapshot).await;
+        installed.map(Some).map_err(|error| SnapshotRefused::Failed(error.to_string()))
     }
 
     fn blocking_read<T, F>(&self, read: F) -> impl Future<Output = Result<T, KvError>> + Send + use<T, F, C>
@@ -436,6 +490,26 @@ impl<C: RaftRpcClient> RaftNode<C> {
                 .await
                 .map_err(|error| KvError::Storage(format!("read task failed: {error}")))?
         }
+    }
+}
+
+/// Why a snapshot chunk was not taken.
+enum SnapshotRefused {
+    /// This node's log diverged from the leader's.
+    Diverged(ChainDivergence),
+    /// The chunk could not be received or installed.
+    Failed(String),
+}
+
+impl From<String> for SnapshotRefused {
+    fn from(error: String) -> Self {
+        SnapshotRefused::Failed(error)
+    }
+}
+
+impl From<&str> for SnapshotRefused {
+    fn from(error: &str) -> Self {
+        SnapshotRefused::Failed(error.to_string())
     }
 }
 

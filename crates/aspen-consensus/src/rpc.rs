@@ -6,11 +6,14 @@
 use std::future::Future;
 
 use aspen_api::{ClientWrite, ClusterNode, KvError, NodeId, WriteResponse};
+use aspen_raft_storage::log::chain::ChainHash;
 use aspen_raft_storage::{SnapshotMeta, TypeConfig, Vote};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, VoteRequest, VoteResponse,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::chain::ChainDivergence;
 
 /// One piece of a snapshot being streamed to a follower.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -28,13 +31,27 @@ pub struct SnapshotChunk {
     /// The bytes (at most `MAX_SNAPSHOT_CHUNK_SIZE`).
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
+    /// The sender's chain hash of the snapshot's last entry, if its log has one there: the
+    /// receiver compares it with its own, and anchors its chain on it when the install
+    /// purges its whole log (see `crate::chain`).
+    pub last_hash: Option<ChainHash>,
+}
+
+/// openraft's AppendEntries with the leader's chain hash at `prev_log_id`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AppendEntries {
+    /// openraft's request.
+    pub request: AppendEntriesRequest<TypeConfig>,
+    /// The leader's chain hash of the entry at `request.prev_log_id`; `None` when there is
+    /// none or the leader's log has none there (see `crate::chain`).
+    pub prev_hash: Option<ChainHash>,
 }
 
 /// A request from one node to another.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RaftRpc {
     /// Replicate entries / heartbeat.
-    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    AppendEntries(AppendEntries),
     /// Ask for a vote.
     Vote(VoteRequest<TypeConfig>),
     /// Ask for a pre-vote.
@@ -74,6 +91,9 @@ pub enum RaftRpcReply {
     },
     /// The receiver failed to handle the request.
     Failed(String),
+    /// The receiver's log diverged from the leader's: it refuses entries, snapshots and
+    /// leadership (reply to `AppendEntries`, `Snapshot` and `TransferLeader`).
+    ChainDivergence(ChainDivergence),
 }
 
 /// Why an RPC did not produce a reply.

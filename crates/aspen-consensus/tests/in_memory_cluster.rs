@@ -11,7 +11,8 @@ use aspen_api::{
     ClientWrite, ClusterController, ClusterError, ClusterNode, GetRequest, KeyValueStore, KvError, NodeId, NodeRole,
     ReadConsistency, ScanRequest, WriteCommand, WriteResponse,
 };
-use aspen_consensus::{ConsensusConfig, RaftNode, RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
+use aspen_consensus::{ChainDivergence, ConsensusConfig, RaftNode, RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
+use aspen_raft_storage::log::LogStoreWatch;
 use aspen_raft_storage::{RedbLogStore, SqliteStateMachine};
 
 type Node = RaftNode<Link>;
@@ -23,6 +24,10 @@ struct Router {
     nodes: Mutex<BTreeMap<NodeId, Node>>,
     down: Mutex<BTreeSet<NodeId>>,
     cut: Mutex<BTreeSet<(NodeId, NodeId)>>,
+    /// Every chain divergence a node replied with, and who replied.
+    divergences: Mutex<Vec<(NodeId, ChainDivergence)>>,
+    /// Each node's log, to know when a stopped node has closed it.
+    logs: Mutex<BTreeMap<NodeId, LogStoreWatch>>,
 }
 
 impl Router {
@@ -72,7 +77,11 @@ impl RaftRpcClient for Link {
             return Err(unreachable("link is cut"));
         }
         let bytes = postcard::to_stdvec(&reply).map_err(|error| unreachable(&error.to_string()))?;
-        postcard::from_bytes(&bytes).map_err(|error| unreachable(&error.to_string()))
+        let reply: RaftRpcReply = postcard::from_bytes(&bytes).map_err(|error| unreachable(&error.to_string()))?;
+        if let RaftRpcReply::ChainDivergence(divergence) = &reply {
+            router.divergences.lock().expect("lock").push((target, divergence.clone()));
+        }
+        Ok(reply)
     }
 }
 
@@ -107,6 +116,7 @@ impl Cluster {
         let dir = self.node_dir(id);
         std::fs::create_dir_all(&dir).expect("node dir");
         let log = RedbLogStore::open(dir.join("raft-log.redb")).expect("log");
+        self.router.logs.lock().expect("lock").insert(id, log.watch());
         let state_machine = SqliteStateMachine::open(Path::new(&dir).join("state-machine")).expect("state machine");
         let link = Arc::new(Link { from: id, router: Arc::clone(&self.router) });
         let node =
@@ -122,6 +132,19 @@ impl Cluster {
         if let Some(node) = node {
             node.shutdown().await.expect("shutdown");
         }
+    }
+
+    /// Stops node `id` and waits until its log is closed, so its files can be opened.
+    async fn stop(&self, id: NodeId) {
+        self.kill(id).await;
+        let watch = self.router.logs.lock().expect("lock").get(&id).cloned().expect("node was started");
+        for _ in 0..200 {
+            if watch.is_closed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("node {id}'s log is still open after it stopped");
     }
 
     fn node(&self, id: NodeId) -> Node {
@@ -288,6 +311,16 @@ async fn leader_crash_loses_no_acknowledged_write_and_old_leader_catches_up() {
     cluster.wait_for_leader(&[1, 2, 3]).await;
     assert_eq!(linearizable_value(&restarted, "after-failover").await, Some(b"yes".to_vec()));
     assert_eq!(linearizable_value(&restarted, "acked/49").await, Some(b"49".to_vec()));
+    assert_no_divergence(&cluster, &[1, 2, 3]);
+}
+
+/// No node found its log diverged from a leader's, and none was told so.
+fn assert_no_divergence(cluster: &Cluster, ids: &[NodeId]) {
+    for id in ids {
+        let stats = cluster.node(*id).chain_stats();
+        assert_eq!(stats.divergences, 0, "node {id}: {stats:?}");
+    }
+    assert_eq!(*cluster.router.divergences.lock().expect("lock"), vec![]);
 }
 
 fn snapshotting_config(id: NodeId) -> ConsensusConfig {
@@ -498,6 +531,9 @@ async fn an_isolated_leader_stops_reporting_itself_leader_and_follows_the_new_on
     assert_eq!(cluster.node(new_id).metrics().current_leader, Some(new_id), "healing deposed the new leader");
     assert_eq!(linearizable_value(&old, "during").await, Some(b"2".to_vec()));
     assert_eq!(linearizable_value(&old, "refused").await, None, "a refused write was applied");
+    // Whatever the old leader appended alone was replaced by the new leader's entries: a
+    // conflict Raft resolves, not a divergence.
+    assert_no_divergence(&cluster, &[1, 2, 3]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -523,4 +559,154 @@ async fn a_leader_that_lost_its_quorum_goes_quiet_so_the_majority_can_elect() {
         .await
         .expect("the old leader learns of the new leader through the bridge");
     assert_ne!(old.metrics().state, openraft::ServerState::Leader);
+}
+
+/// Waits until node `id` has applied its log up to `index`.
+async fn wait_applied(node: &Node, index: u64) {
+    node.raft()
+        .wait(Some(Duration::from_secs(10)))
+        .applied_index_at_least(Some(index), "caught up")
+        .await
+        .expect("the node applies the log");
+}
+
+/// Forges the first client write in the log at `path` (its value changes), re-chaining the
+/// entries after it: the log verifies on open, and differs from every other node's. Returns
+/// the forged entry's index and the last index.
+fn forge_log(path: &Path) -> (u64, u64) {
+    use aspen_api::WriteCommand;
+    use openraft::EntryPayload;
+
+    let log = RedbLogStore::open(path).expect("open the stopped node's log");
+    let entries = log.read_entries(..).expect("read");
+    let mut forged = entries
+        .iter()
+        .find(|entry| matches!(&entry.payload, EntryPayload::Normal(proposal) if !proposal.writes.is_empty()))
+        .cloned()
+        .expect("a client write in the log");
+    let EntryPayload::Normal(proposal) = &mut forged.payload else { unreachable!("found above") };
+    proposal.writes[0].command =
+        WriteCommand::Put { key: b"forged".to_vec(), value: b"never written".to_vec(), lease: None };
+    assert!(log.rewrite_entry(forged.clone()).expect("rewrite"));
+    drop(log);
+    let last = entries.last().expect("entries").log_id.index;
+    let reopened = RedbLogStore::open(path).expect("the forged log verifies");
+    assert_eq!(reopened.verify().expect("verify").last.map(|log_id| log_id.index), Some(last));
+    (forged.log_id.index, last)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_whose_log_was_forged_on_disk_reports_divergence_and_refuses_entries_while_the_others_serve() {
+    let cluster = Cluster::new(fast_config);
+    cluster.start_initialized(&[1, 2, 3]).await;
+    let leader_id = cluster.wait_for_leader(&[1, 2, 3]).await;
+    let leader = cluster.node(leader_id);
+    for i in 0..20 {
+        leader.write(put(&format!("before/{i:02}"), "v")).await.expect("write");
+    }
+    let followers: Vec<NodeId> = [1, 2, 3].into_iter().filter(|id| *id != leader_id).collect();
+    let (forged_id, healthy_id) = (followers[0], followers[1]);
+    let last_before = leader.metrics().last_log_index.expect("leader log");
+    wait_applied(&cluster.node(forged_id), last_before).await;
+    let term = leader.metrics().current_term;
+
+    cluster.stop(forged_id).await;
+    let (forged_index, forged_last) = forge_log(&cluster.node_dir(forged_id).join("raft-log.redb"));
+    let forged = cluster.start(forged_id).await;
+    for i in 0..20 {
+        write_with_retry(&cluster, &[leader_id, healthy_id], put(&format!("after/{i:02}"), "v")).await;
+    }
+
+    // The follower found the divergence at an entry at or after the forged one, and said so.
+    let stats = forged.chain_stats();
+    assert_eq!(stats.divergences, 1, "{stats:?}");
+    let divergence = stats.divergence.expect("the divergence is recorded");
+    assert!(
+        (forged_index..=forged_last).contains(&divergence.index),
+        "divergence at {}, forged {forged_index}..={forged_last}",
+        divergence.index
+    );
+    assert_eq!(divergence.leader, leader_id);
+    assert_ne!(divergence.leader_hash, divergence.local_hash);
+    let replies = cluster.router.divergences.lock().expect("lock").clone();
+    assert!(!replies.is_empty(), "the leader never got the typed refusal");
+    assert!(replies.iter().all(|(from, reply)| *from == forged_id && *reply == divergence), "{replies:?}");
+
+    // It took no entry since, while the leader and the healthy follower went on.
+    let leader_last = leader.metrics().last_log_index.expect("leader log");
+    assert!(leader_last >= forged_last + 20, "the leader kept writing");
+    assert_eq!(forged.metrics().last_log_index, Some(forged_last), "the diverged follower accepted entries");
+    let healthy = cluster.node(healthy_id);
+    assert_eq!(linearizable_value(&healthy, "after/19").await, Some(b"v".to_vec()));
+    assert_eq!(linearizable_value(&leader, "after/19").await, Some(b"v".to_vec()));
+    assert_eq!(healthy.chain_stats().divergences, 0);
+
+    // It still answers: status, and reads of its own state; a linearizable read, which could
+    // never be served here, fails at once.
+    let status = forged.status().await.expect("status");
+    assert_eq!(status.last_log_index, Some(forged_last));
+    let stale = GetRequest { key: b"before/00".to_vec(), consistency: ReadConsistency::Stale };
+    assert_eq!(forged.get(stale).await.expect("stale read").kv.map(|kv| kv.value), Some(b"v".to_vec()));
+    let linearizable = GetRequest { key: b"after/19".to_vec(), consistency: ReadConsistency::Linearizable };
+    let refused = tokio::time::timeout(Duration::from_secs(1), forged.get(linearizable)).await;
+    assert!(matches!(refused, Ok(Err(KvError::Unavailable(_)))), "linearizable read on the diverged node: {refused:?}");
+
+    // It neither campaigns nor disturbs the leader.
+    tokio::time::sleep(Duration::from_millis(3 * fast_config(1).election_timeout_max_ms)).await;
+    assert_eq!(leader.metrics().current_leader, Some(leader_id));
+    assert_eq!(leader.metrics().current_term, term, "the term moved");
+    assert_eq!(forged.metrics().last_log_index, Some(forged_last));
+    write_with_retry(&cluster, &[leader_id, healthy_id], put("still", "serving")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replication_snapshot_installs_purges_and_restarts_never_report_divergence() {
+    let cluster = Cluster::new(snapshotting_config);
+    cluster.start_initialized(&[1, 2, 3]).await;
+    let leader_id = cluster.wait_for_leader(&[1, 2, 3]).await;
+    let leader = cluster.node(leader_id);
+    for i in 0..120 {
+        leader.write(put(&format!("snap/{i:03}"), "v")).await.expect("write");
+    }
+    for _ in 0..100 {
+        if leader.metrics().purged.is_some_and(|purged| purged.index > 50) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let purged = leader.metrics().purged.expect("leader purged its log");
+    // A new learner starts from a snapshot that overtakes its (empty) log.
+    let learner = cluster.start(4).await;
+    leader.add_learner(member(4)).await.expect("add learner");
+    learner
+        .raft()
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(|metrics| metrics.snapshot.is_some_and(|snapshot| snapshot.index >= purged.index), "snapshot")
+        .await
+        .expect("the learner installed a snapshot");
+    let checked_after_install = learner.chain_stats().checked;
+    for i in 0..40 {
+        leader.write(put(&format!("more/{i:03}"), "v")).await.expect("write");
+    }
+    wait_applied(&learner, leader.metrics().last_log_index.expect("log")).await;
+    assert!(
+        learner.chain_stats().checked > checked_after_install,
+        "the learner compared nothing after its snapshot install: its chain is not the leader's"
+    );
+
+    // A follower restarted from its purged log keeps comparing.
+    let follower_id = [1, 2, 3].into_iter().find(|id| *id != leader_id).expect("a follower");
+    cluster.stop(follower_id).await;
+    let follower = cluster.start(follower_id).await;
+    for i in 0..40 {
+        write_with_retry(&cluster, &[leader_id], put(&format!("last/{i:03}"), "v")).await;
+    }
+    wait_applied(&follower, leader.metrics().last_log_index.expect("log")).await;
+    assert!(follower.chain_stats().checked > 0, "the restarted follower compared nothing");
+
+    assert_no_divergence(&cluster, &[1, 2, 3, 4]);
+    for id in [1, 2, 3, 4].into_iter().filter(|id| *id != leader_id) {
+        assert!(cluster.node(id).chain_stats().checked > 0, "node {id} compared nothing");
+    }
+    assert_eq!(linearizable_value(&learner, "last/039").await, Some(b"v".to_vec()));
 }

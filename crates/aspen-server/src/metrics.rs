@@ -208,6 +208,20 @@ pub fn render(node: &RaftNode<IrohRaftClient>, metrics: &Metrics) -> String {
     );
     let denied = metrics.raft_denied.load(Ordering::Relaxed);
     let _ = writeln!(out, "# TYPE aspen_raft_rpc_denied_total counter\naspen_raft_rpc_denied_total {denied}");
+    let chain = node.chain_stats();
+    let _ = writeln!(
+        out,
+        "# HELP aspen_raft_chain_divergence_total times this node found its log diverged from the leader's \
+         (it then refuses entries until wiped and rejoined)\n# TYPE aspen_raft_chain_divergence_total counter\n\
+         aspen_raft_chain_divergence_total {}",
+        chain.divergences
+    );
+    let _ = writeln!(
+        out,
+        "# HELP aspen_raft_chain_checks_total requests whose leader chain hash this node compared with its own\n\
+         # TYPE aspen_raft_chain_checks_total counter\naspen_raft_chain_checks_total {}",
+        chain.checked
+    );
     out
 }
 

@@ -217,7 +217,8 @@ impl RpcHandler for RaftService {
         }
         let started = std::time::Instant::now();
         let reply = self.node.handle_rpc(envelope.rpc).await;
-        self.metrics.raft_served.record(started, matches!(reply, RaftRpcReply::Failed(_)));
+        let refused = matches!(reply, RaftRpcReply::Failed(_) | RaftRpcReply::ChainDivergence(_));
+        self.metrics.raft_served.record(started, refused);
         let proof = responder_proof(&self.secret, &self.me, &peer, &envelope.challenge);
         RaftEnvelopeReply::Reply { reply, clock_ms: unix_ms(), proof }
     }

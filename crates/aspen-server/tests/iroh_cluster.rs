@@ -762,3 +762,73 @@ async fn removing_the_leader_hands_over_and_leaves_a_working_cluster() {
         node.stop().await;
     }
 }
+
+/// The value of the unlabelled counter `name` in a node's Prometheus text.
+fn counter(server: &Server, name: &str) -> u64 {
+    let text = aspen_server::metrics::render(server.node(), server.metrics());
+    let line = text.lines().find(|line| line.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name}"));
+    line[name.len() + 1..].parse().unwrap_or_else(|error| panic!("{line}: {error}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_with_a_forged_log_reports_divergence_over_iroh_and_the_others_keep_serving() {
+    use aspen_raft_storage::RedbLogStore;
+    use openraft::EntryPayload;
+
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut nodes = start_cluster(root.path(), 3).await;
+    let leader = wait_for_leader(&nodes.iter().collect::<Vec<_>>()).await;
+    let everyone = client(&nodes.iter().collect::<Vec<_>>()).await;
+    for i in 0..10 {
+        everyone.put(format!("before/{i}"), "v").await.expect("write");
+    }
+    let forged_at = nodes.iter().position(|node| node.id != leader).expect("a follower");
+    nodes[forged_at].stop().await;
+
+    // Its log, rewritten with another value in one client write and re-chained, verifies on
+    // its own: only the leader's hashes can tell.
+    let path = nodes[forged_at].dir.join("raft-log.redb");
+    let log = RedbLogStore::open(&path).expect("open the stopped node's log");
+    let last = log.log_state().last_log_id.map(|log_id| log_id.index);
+    let mut forged = log
+        .read_entries(..)
+        .expect("read")
+        .into_iter()
+        .find(|entry| matches!(&entry.payload, EntryPayload::Normal(proposal) if !proposal.writes.is_empty()))
+        .expect("a client write");
+    let EntryPayload::Normal(proposal) = &mut forged.payload else { unreachable!("found above") };
+    proposal.writes[0].command = WriteCommand::Put { key: b"forged".to_vec(), value: b"x".to_vec(), lease: None };
+    assert!(log.rewrite_entry(forged).expect("rewrite"));
+    drop(log);
+
+    nodes[forged_at].restart().await;
+    let healthy: Vec<&TestNode> = nodes.iter().filter(|node| node.id != nodes[forged_at].id).collect();
+    let writer = client(&healthy).await;
+    for i in 0..10 {
+        writer.put(format!("after/{i}"), "v").await.expect("write with a diverged follower");
+    }
+    let forged_node = &nodes[forged_at];
+    let mut reported = 0;
+    for _ in 0..100 {
+        reported = counter(forged_node.server(), "aspen_raft_chain_divergence_total");
+        if reported > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(reported, 1, "the forged follower never reported the divergence");
+    assert_eq!(forged_node.server().node().metrics().last_log_index, last, "it accepted entries after");
+    for node in &healthy {
+        assert_eq!(counter(node.server(), "aspen_raft_chain_divergence_total"), 0, "node {}", node.id);
+        if node.id != leader {
+            assert!(counter(node.server(), "aspen_raft_chain_checks_total") > 0, "node {} compared nothing", node.id);
+        }
+        let got = client(&[node]).await.get("after/9").await.expect("linearizable get").kv.map(|kv| kv.value);
+        assert_eq!(got, Some(b"v".to_vec()), "node {}", node.id);
+    }
+    let status = aspen_api::ClusterController::status(forged_node.server().node()).await.expect("status");
+    assert_eq!(status.last_log_index, last);
+    for node in &mut nodes {
+        node.stop().await;
+    }
+}

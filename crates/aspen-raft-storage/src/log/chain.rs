@@ -4,6 +4,11 @@
 //! `prev_hash` is the hash of entry `i - 1`, or the anchor of the log's start: [`GENESIS`]
 //! for a log that was never purged, the hash of the last purged entry otherwise.
 
+use openraft::entry::RaftEntry;
+
+use crate::error::LogStoreError;
+use crate::type_config::Entry;
+
 /// A chain hash.
 pub type ChainHash = [u8; 32];
 
@@ -21,6 +26,28 @@ pub fn entry_hash(prev: &ChainHash, index: u64, term: u64, entry_bytes: &[u8]) -
     hasher.update(&term.to_le_bytes());
     hasher.update(entry_bytes);
     *hasher.finalize().as_bytes()
+}
+
+/// The bytes of an entry its hash covers (and its row stores).
+pub fn encode_entry(entry: &Entry) -> Result<Vec<u8>, LogStoreError> {
+    postcard::to_stdvec(entry).map_err(|error| LogStoreError::Encode(error.to_string()))
+}
+
+/// The hash the last of `entries` gets when they are appended, in order, after an entry
+/// whose hash is `prev`: what a log computes, for checking another node's entries against
+/// it. `None` for no entries; an error for entries that are not consecutive.
+pub fn hash_entries(prev: &ChainHash, entries: &[Entry]) -> Result<Option<ChainHash>, LogStoreError> {
+    let mut hash = None;
+    for (position, entry) in entries.iter().enumerate() {
+        if let Some(previous) = position.checked_sub(1).map(|before| entries[before].index())
+            && previous.checked_add(1) != Some(entry.index())
+        {
+            return Err(LogStoreError::NonContiguousAppend { last: previous, found: entry.index() });
+        }
+        let bytes = encode_entry(entry)?;
+        hash = Some(entry_hash(hash.as_ref().unwrap_or(prev), entry.index(), entry.log_id.leader_id.term, &bytes));
+    }
+    Ok(hash)
 }
 
 /// The anchor used when the log is purged past its last entry (after a snapshot install

@@ -8,6 +8,8 @@
 //! the redb file and checkpointed into redb's durable state off the write lock, one journal
 //! file at a time. The newest entries are also kept
 //! in memory ([`tail`]) for the reads that follow an append (replication, apply).
+//! [`RedbLogStore::hash_at`] gives an entry's chain hash, which consensus compares with the
+//! leader's to find a log that diverged from the cluster's.
 
 pub mod chain;
 pub mod journal;
@@ -16,4 +18,4 @@ pub mod sim_crash;
 mod store;
 pub mod tail;
 
-pub use store::{LeaderSwitch, LogStoreWatch, LogSummary, RedbLogStore};
+pub use store::{ChainHashes, LeaderSwitch, LogStoreWatch, LogSummary, RedbLogStore};

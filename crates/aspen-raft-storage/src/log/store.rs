@@ -27,6 +27,8 @@ const META: TableDefinition<&[u8], &[u8]> = TableDefinition::new("raft_log_meta"
 const META_VOTE: &[u8] = b"vote";
 const META_COMMITTED: &[u8] = b"committed";
 const META_PURGED: &[u8] = b"purged";
+/// Whether the chain is rooted (see [`RedbLogStore::hash_at`]): written with every purge.
+const META_ROOTED: &[u8] = b"chain_rooted";
 /// The last journal record a durable commit covers (see `journal`).
 const META_JOURNAL_SEQ: &[u8] = b"journal_seq";
 
@@ -67,6 +69,9 @@ struct Shared {
     /// leave it before the commit that removes them, so it never holds one the log does not;
     /// reads use it only while it ends at the published last entry.
     tail: Mutex<Tail>,
+    /// The leader's hash of the last entry of a snapshot about to be installed (see
+    /// [`RedbLogStore::expect_snapshot_anchor`]).
+    snapshot_anchor: Mutex<Option<(LogId, ChainHash)>>,
     /// The group-commit queue of appends waiting for their fsync, started on first use.
     flusher: OnceLock<mpsc::Sender<IOFlushed<TypeConfig>>>,
     /// Callbacks handed to the flusher and not yet completed.
@@ -104,6 +109,12 @@ struct ChainState {
     purged: Option<LogId>,
     /// The hash the first stored entry chains from: GENESIS, or the purge point's hash.
     anchor: ChainHash,
+    /// Whether `anchor` is the hash every node's chain has at the purge point (GENESIS, a
+    /// stored entry's hash, or the leader's hash received with a snapshot), so this log's
+    /// hashes can be compared with other nodes'. A purge past every entry without the
+    /// leader's hash anchors the chain on a hash of the purge point alone, and the log is
+    /// unrooted until a later snapshot install brings the leader's hash again.
+    rooted: bool,
     vote: Option<Vote>,
     /// The latest committed log id openraft reported.
     committed: Option<LogId>,
@@ -143,6 +154,40 @@ impl LeaderSwitch {
                 true
             }
             None => false,
+        }
+    }
+}
+
+/// See [`RedbLogStore::chain_hashes`].
+#[derive(Clone, Debug)]
+pub struct ChainHashes {
+    shared: Weak<Shared>,
+}
+
+impl ChainHashes {
+    /// [`RedbLogStore::hash_at`]; `None` also when the log is closed or cannot be read
+    /// (the comparison is skipped, and the failure is the reader's to report).
+    pub fn hash_at(&self, log_id: &LogId) -> Option<ChainHash> {
+        let shared = self.shared.upgrade()?;
+        match shared.hash_at(log_id) {
+            Ok(hash) => hash,
+            Err(error) => {
+                tracing::warn!(%error, index = log_id.index, "could not read the log's chain hash");
+                None
+            }
+        }
+    }
+
+    /// The index of the log's last entry, if it holds any (`None` also once closed).
+    pub fn last_index(&self) -> Option<u64> {
+        let shared = self.shared.upgrade()?;
+        shared.lock().last.map(|(log_id, _)| log_id.index)
+    }
+
+    /// [`RedbLogStore::expect_snapshot_anchor`]; does nothing once the log is closed.
+    pub fn expect_snapshot_anchor(&self, last: LogId, leader_hash: ChainHash) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.expect_snapshot_anchor(last, leader_hash);
         }
     }
 }
@@ -227,6 +272,7 @@ impl RedbLogStore {
             pending: Mutex::new(Vec::new()),
             sealed: Mutex::new(None),
             tail: Mutex::new(Tail::default()),
+            snapshot_anchor: Mutex::new(None),
             write_lock: Mutex::new(journal),
             flusher: OnceLock::new(),
             flushes_pending: AtomicUsize::new(0),
@@ -258,6 +304,27 @@ impl RedbLogStore {
         let checkpoint = self.shared.begin_checkpoint()?;
         checkpoint.txn.open_table(ENTRIES).map_err(redb_error)?.insert(index, row).map_err(redb_error)?;
         self.shared.commit_checkpoint(checkpoint, &mut journal)
+    }
+
+    /// For tests of a log that diverged from the cluster's: replaces the entry at `entry`'s
+    /// index with `entry` and appends the entries after it again, so the chain is recomputed
+    /// and verifies while no other node's log matches it. `false` when the log holds no
+    /// entry there.
+    #[doc(hidden)]
+    pub fn rewrite_entry(&self, entry: Entry) -> Result<bool, LogStoreError> {
+        let index = entry.index();
+        let mut entries = self.read_entries(index..)?;
+        let Some(first) = entries.first_mut() else { return Ok(false) };
+        *first = entry;
+        let before = match index.checked_sub(1) {
+            Some(before) => self.read_entries(before..index)?.first().map(|entry| entry.log_id),
+            None => None,
+        };
+        self.truncate_entries_after(before.or(self.log_state().last_purged_log_id))?;
+        for batch in entries.chunks(MAX_BATCH_SIZE) {
+            self.append_entries(batch)?;
+        }
+        Ok(true)
     }
 
     /// Raw access for tests that simulate corruption: the stored row of `index` (pending or
@@ -323,6 +390,32 @@ impl RedbLogStore {
     /// Durably records a vote.
     pub fn save_vote_now(&self, vote: &Vote) -> Result<(), LogStoreError> {
         self.shared.save_vote(vote)
+    }
+
+    /// The chain hash of the entry `log_id` names (same index and term), for comparing this
+    /// log with another node's: equal hashes at one log id mean equal logs up to it. `None`
+    /// when the log does not hold that entry (shorter, purged before it, or another term
+    /// there), except that the purge point itself answers with the chain's anchor; and
+    /// `None` while the chain is unrooted (anchored on a purge point alone after a snapshot
+    /// install without the leader's hash), whose hashes no other node shares. Cheap: the
+    /// last entry, the purge point and the in-memory tail answer without I/O, older
+    /// entries with one redb point read (no chain verification: that is `read_entries`).
+    pub fn hash_at(&self, log_id: &LogId) -> Result<Option<ChainHash>, LogStoreError> {
+        self.shared.hash_at(log_id)
+    }
+
+    /// Records the leader's chain hash at `last`, the last entry of a snapshot about to be
+    /// installed. If the install purges the log past every entry it holds, the chain is
+    /// anchored on this hash (and rooted) instead of a hash of the purge point alone, so the
+    /// entries appended after it keep the same hashes as on the leader.
+    pub fn expect_snapshot_anchor(&self, last: LogId, leader_hash: ChainHash) {
+        self.shared.expect_snapshot_anchor(last, leader_hash);
+    }
+
+    /// A handle to [`RedbLogStore::hash_at`] and [`RedbLogStore::expect_snapshot_anchor`]
+    /// that does not keep the database open, for consensus's network and RPC handling.
+    pub fn chain_hashes(&self) -> ChainHashes {
+        ChainHashes { shared: Arc::downgrade(&self.shared) }
     }
 
     /// The purge point and last log id.
@@ -437,6 +530,60 @@ impl Shared {
         current.committed = committed;
     }
 
+    fn snapshot_anchor(&self) -> MutexGuard<'_, Option<(LogId, ChainHash)>> {
+        // Only a hint, replaced whole.
+        self.snapshot_anchor.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn expect_snapshot_anchor(&self, last: LogId, leader_hash: ChainHash) {
+        *self.snapshot_anchor() = Some((last, leader_hash));
+    }
+
+    fn hash_at(&self, log_id: &LogId) -> Result<Option<ChainHash>, LogStoreError> {
+        let (rooted, last, purged, anchor) = {
+            let state = self.lock();
+            (state.rooted, state.last, state.purged, state.anchor)
+        };
+        if !rooted {
+            return Ok(None);
+        }
+        // Replication and heartbeats mostly name the last entry.
+        if let Some((last, hash)) = last
+            && last == *log_id
+        {
+            return Ok(Some(hash));
+        }
+        if purged == Some(*log_id) {
+            return Ok(Some(anchor));
+        }
+        let held = purged.is_none_or(|purged| log_id.index > purged.index)
+            && last.is_some_and(|(last, _)| log_id.index < last.index);
+        if !held {
+            return Ok(None);
+        }
+        if let Some(hash) = self.tail().hash_of(log_id) {
+            return Ok(Some(hash));
+        }
+        let term = log_id.leader_id.term;
+        let of_row = |row: &[u8]| chain::decode_row(row).filter(|row| row.term == term).map(|row| row.hash);
+        {
+            // A checkpoint commits rows to redb before it drops them from here: a row not
+            // found here (below the first pending one) is in redb by the time it is looked up.
+            let pending = self.pending();
+            if let Some((first, _)) = pending.first()
+                && log_id.index >= *first
+            {
+                let position = usize::try_from(log_id.index - first).ok();
+                let row = position.and_then(|position| pending.get(position));
+                return Ok(row.filter(|(index, _)| *index == log_id.index).and_then(|(_, row)| of_row(row)));
+            }
+        }
+        let txn = self.db.begin_read().map_err(redb_error)?;
+        let table = txn.open_table(ENTRIES).map_err(redb_error)?;
+        let row = table.get(log_id.index).map_err(redb_error)?;
+        Ok(row.and_then(|row| of_row(row.value())))
+    }
+
     fn tail(&self) -> MutexGuard<'_, Tail> {
         // The tail is only a cache; a panic mid-update can leave it short, so start over.
         self.tail.lock().unwrap_or_else(|poisoned| {
@@ -463,6 +610,9 @@ impl Shared {
         let vote: Option<Vote> = read_meta(&meta, META_VOTE)?;
         let committed: Option<LogId> = read_meta::<Option<LogId>>(&meta, META_COMMITTED)?.flatten();
         let purge_point: Option<(LogId, ChainHash)> = read_meta(&meta, META_PURGED)?;
+        // A log purged before the flag existed may be anchored anywhere: unrooted, so its
+        // hashes are never compared (a false divergence would stop a healthy follower).
+        let rooted = read_meta::<bool>(&meta, META_ROOTED)?.unwrap_or(purge_point.is_none());
         let (purged, anchor) = match purge_point {
             Some((log_id, hash)) => (Some(log_id), hash),
             None => (None, GENESIS),
@@ -498,7 +648,7 @@ impl Shared {
         }
         let summary =
             LogSummary { purged, last: last.as_ref().map(|(log_id, _)| *log_id), entries: count, last_hash: prev_hash };
-        Ok((ChainState { last, purged, anchor, vote, committed, committed_stored: committed }, summary))
+        Ok((ChainState { last, purged, anchor, rooted, vote, committed, committed_stored: committed }, summary))
     }
 
     /// Appends `entries`: readable at once, durable once the journal is synced (at once
@@ -592,19 +742,19 @@ impl Shared {
             None => state.anchor,
         };
         let mut rows = Vec::with_capacity(entries.len());
-        let mut sizes = Vec::with_capacity(entries.len());
+        let mut cached = Vec::with_capacity(entries.len());
         for (expected_index, entry) in (first.index()..).zip(entries) {
             let index = entry.index();
             if index != expected_index {
                 return Err(LogStoreError::NonContiguousAppend { last: expected_index - 1, found: index });
             }
-            let bytes = postcard::to_stdvec(entry).map_err(|error| LogStoreError::Encode(error.to_string()))?;
+            let bytes = chain::encode_entry(entry)?;
             if bytes.len() > MAX_ENTRY_SIZE {
                 return Err(LogStoreError::EntryTooLarge { index, size: bytes.len(), max: MAX_ENTRY_SIZE });
             }
             let term = entry.log_id.leader_id.term;
             let hash = chain::entry_hash(&prev_hash, index, term, &bytes);
-            sizes.push(bytes.len());
+            cached.push((bytes.len(), hash));
             rows.push((index, chain::encode_row(&hash, term, &bytes)));
             prev_hash = hash;
         }
@@ -645,8 +795,8 @@ impl Shared {
         };
         self.publish(state);
         let mut tail = self.tail();
-        for (entry, size) in entries.iter().zip(sizes) {
-            tail.push(entry.clone(), size);
+        for (entry, (size, hash)) in entries.iter().zip(cached) {
+            tail.push(entry.clone(), size, hash);
         }
         Ok(appended)
     }
@@ -777,13 +927,19 @@ impl Shared {
             let mut table = txn.open_table(ENTRIES).map_err(redb_error)?;
             let stored_hash = table.get(upto.index).map_err(redb_error)?.map(|row| row_hash(row.value()));
             let first_index = table.first().map_err(redb_error)?.map(|(key, _)| key.value());
-            state.anchor = match (stored_hash, first_index) {
+            (state.anchor, state.rooted) = match (stored_hash, first_index) {
                 // The purge point is stored: the remaining entries chain from its hash.
-                (Some(hash), _) => hash,
+                (Some(hash), _) => (hash, state.rooted),
                 // The purge point is before the first stored entry: the chain is unchanged.
-                (None, Some(first)) if upto.index < first => state.anchor,
-                // Everything stored is obsolete (a snapshot overtook the log).
-                _ => chain::anchor_hash(upto.index, upto.leader_id.term),
+                (None, Some(first)) if upto.index < first => (state.anchor, state.rooted),
+                // Everything stored is obsolete (a snapshot overtook the log): the chain goes
+                // on from the leader's hash of the snapshot's last entry when it came with
+                // the snapshot, else from a hash of the purge point alone, which no other
+                // node's chain shares.
+                _ => match self.snapshot_anchor().take().filter(|(last, _)| *last == upto) {
+                    Some((_, leader_hash)) => (leader_hash, true),
+                    None => (chain::anchor_hash(upto.index, upto.leader_id.term), false),
+                },
             };
             remove_range(&mut table, ..=upto.index)?;
             if state.last.is_some_and(|(last, _)| last.index <= upto.index) {
@@ -792,6 +948,7 @@ impl Shared {
             state.purged = Some(upto);
             let mut meta = txn.open_table(META).map_err(redb_error)?;
             write_meta(&mut meta, META_PURGED, &(upto, state.anchor))?;
+            write_meta(&mut meta, META_ROOTED, &state.rooted)?;
         }
         self.commit_checkpoint(checkpoint, &mut journal)?;
         self.publish(state);

@@ -1,6 +1,7 @@
 //! The newest log entries, kept in memory as they are appended, so replication and the
 //! state machine read what was just written without a trip to redb (a blocking-pool hop,
-//! a read transaction, decoding and re-verifying each row's hash).
+//! a read transaction, decoding and re-verifying each row's hash). Each keeps its chain
+//! hash too, so the hashes consensus compares across nodes are answered from memory.
 //!
 //! The tail always holds a contiguous run of entries ending at the log's last entry, or
 //! nothing. Entries leave it from the front when it outgrows [`MAX_TAIL_ENTRIES`] or
@@ -12,52 +13,73 @@ use std::ops::{Bound, RangeBounds};
 
 use openraft::entry::RaftEntry;
 
-use crate::type_config::Entry;
+use super::chain::ChainHash;
+use crate::type_config::{Entry, LogId};
 
 /// Most entries kept in memory.
 pub const MAX_TAIL_ENTRIES: usize = 4096;
 /// Most encoded entry bytes kept in memory.
 pub const MAX_TAIL_BYTES: usize = 32 * 1024 * 1024;
 
+/// One entry in the tail.
+#[derive(Debug)]
+struct Cached {
+    entry: Entry,
+    /// Encoded size, counted against [`MAX_TAIL_BYTES`].
+    size: usize,
+    /// The entry's chain hash.
+    hash: ChainHash,
+}
+
 /// See the module docs.
 #[derive(Debug, Default)]
 pub(crate) struct Tail {
-    /// Entries with their encoded sizes, oldest first, indexes consecutive.
-    entries: VecDeque<(Entry, usize)>,
+    /// Oldest first, indexes consecutive.
+    entries: VecDeque<Cached>,
     bytes: usize,
 }
 
 impl Tail {
-    /// Adds entries just appended after the current last one; `size` is each entry's encoded
-    /// size. Entries that do not follow on replace the tail.
-    pub(crate) fn push(&mut self, entry: Entry, size: usize) {
-        if self.entries.back().is_some_and(|(last, _)| last.index() + 1 != entry.index()) {
+    /// Adds an entry just appended after the current last one; `size` is its encoded size,
+    /// `hash` its chain hash. An entry that does not follow on replaces the tail.
+    pub(crate) fn push(&mut self, entry: Entry, size: usize, hash: ChainHash) {
+        if self.entries.back().is_some_and(|last| last.entry.index() + 1 != entry.index()) {
             self.clear();
         }
         self.bytes += size;
-        self.entries.push_back((entry, size));
+        self.entries.push_back(Cached { entry, size, hash });
         while self.entries.len() > MAX_TAIL_ENTRIES || self.bytes > MAX_TAIL_BYTES {
-            let Some((_, size)) = self.entries.pop_front() else { break };
-            self.bytes -= size;
+            let Some(oldest) = self.entries.pop_front() else { break };
+            self.bytes -= oldest.size;
         }
     }
 
     /// Forgets entries at `index` and after (the log is being truncated or overwritten there).
     pub(crate) fn truncate_from(&mut self, index: u64) {
-        while self.entries.back().is_some_and(|(last, _)| last.index() >= index) {
-            if let Some((_, size)) = self.entries.pop_back() {
-                self.bytes -= size;
+        while self.entries.back().is_some_and(|last| last.entry.index() >= index) {
+            if let Some(last) = self.entries.pop_back() {
+                self.bytes -= last.size;
             }
         }
     }
 
     /// Forgets entries up to and including `index` (the log is being purged there).
     pub(crate) fn purge_upto(&mut self, index: u64) {
-        while self.entries.front().is_some_and(|(first, _)| first.index() <= index) {
-            if let Some((_, size)) = self.entries.pop_front() {
-                self.bytes -= size;
+        while self.entries.front().is_some_and(|first| first.entry.index() <= index) {
+            if let Some(first) = self.entries.pop_front() {
+                self.bytes -= first.size;
             }
         }
+    }
+
+    /// The chain hash of the entry `log_id` names, if the tail holds that entry. Needs no
+    /// check against the log's last entry: the tail never holds an entry the log does not,
+    /// and the log id (index and term) names one entry.
+    pub(crate) fn hash_of(&self, log_id: &LogId) -> Option<ChainHash> {
+        let first = self.entries.front()?.entry.index();
+        let position = usize::try_from(log_id.index.checked_sub(first)?).ok()?;
+        let cached = self.entries.get(position)?;
+        (cached.entry.log_id == *log_id).then_some(cached.hash)
     }
 
     /// Forgets everything.
@@ -71,12 +93,11 @@ impl Tail {
     /// `None` if part of it is older than the tail, or if the tail does not end at
     /// `log_last`, the log's last index as published (mid-write, or after a failed one).
     pub(crate) fn get(&self, range: &impl RangeBounds<u64>, log_last: Option<u64>) -> Option<Vec<Entry>> {
-        let (last, _) = self.entries.back()?;
-        if Some(last.index()) != log_last {
+        let last = self.entries.back()?.entry.index();
+        if Some(last) != log_last {
             return None;
         }
-        let (first, _) = self.entries.front()?;
-        let first = first.index();
+        let first = self.entries.front()?.entry.index();
         let start = match range.start_bound() {
             Bound::Included(start) => *start,
             Bound::Excluded(start) => start.checked_add(1)?,
@@ -90,7 +111,7 @@ impl Tail {
             self.entries
                 .iter()
                 .skip(skip)
-                .map(|(entry, _)| entry)
+                .map(|cached| &cached.entry)
                 .take_while(|entry| range.contains(&entry.index()))
                 .cloned()
                 .collect(),
@@ -99,7 +120,7 @@ impl Tail {
 
     #[cfg(test)]
     fn indexes(&self) -> Vec<u64> {
-        self.entries.iter().map(|(entry, _)| entry.index()).collect()
+        self.entries.iter().map(|cached| cached.entry.index()).collect()
     }
 }
 
@@ -119,13 +140,20 @@ mod tests {
     fn tail_of(indexes: std::ops::RangeInclusive<u64>) -> Tail {
         let mut tail = Tail::default();
         for index in indexes {
-            tail.push(entry(index), 100);
+            tail.push(entry(index), 100, hash(index));
         }
         tail
     }
 
+    /// A distinct stand-in hash per index.
+    fn hash(index: u64) -> ChainHash {
+        let mut hash = [0; 32];
+        hash[..8].copy_from_slice(&index.to_le_bytes());
+        hash
+    }
+
     fn got(tail: &Tail, range: impl RangeBounds<u64>) -> Option<Vec<u64>> {
-        let last = tail.entries.back().map(|(entry, _)| entry.index());
+        let last = tail.entries.back().map(|cached| cached.entry.index());
         tail.get(&range, last).map(|entries| entries.iter().map(|entry| entry.index()).collect())
     }
 
@@ -147,16 +175,32 @@ mod tests {
     }
 
     #[test]
+    fn hashes_are_found_by_log_id_and_only_for_entries_held() {
+        let mut tail = tail_of(5..=9);
+        assert_eq!(tail.hash_of(&entry(5).log_id), Some(hash(5)));
+        assert_eq!(tail.hash_of(&entry(9).log_id), Some(hash(9)));
+        assert_eq!(tail.hash_of(&entry(4).log_id), None, "older than the tail");
+        assert_eq!(tail.hash_of(&entry(10).log_id), None, "past the end");
+        let other_term = LogId::new(<TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(2, 1), 7);
+        assert_eq!(tail.hash_of(&other_term), None, "same index, another term: another entry");
+        tail.truncate_from(8);
+        assert_eq!(tail.hash_of(&entry(8).log_id), None);
+        tail.purge_upto(6);
+        assert_eq!(tail.hash_of(&entry(6).log_id), None);
+        assert_eq!(tail.hash_of(&entry(7).log_id), Some(hash(7)));
+    }
+
+    #[test]
     fn truncation_purge_and_a_gap_keep_it_contiguous() {
         let mut tail = tail_of(1..=10);
         tail.truncate_from(8);
         assert_eq!(tail.indexes(), (1..=7).collect::<Vec<_>>());
         tail.purge_upto(3);
         assert_eq!(tail.indexes(), (4..=7).collect::<Vec<_>>());
-        tail.push(entry(8), 100);
+        tail.push(entry(8), 100, hash(8));
         assert_eq!(tail.indexes(), (4..=8).collect::<Vec<_>>());
         // An append that does not follow on (the log moved without the tail) starts over.
-        tail.push(entry(20), 100);
+        tail.push(entry(20), 100, hash(20));
         assert_eq!(tail.indexes(), vec![20]);
         assert_eq!(got(&tail, 8..9), None);
         assert_eq!(tail.bytes, 100);
@@ -166,11 +210,11 @@ mod tests {
     fn stays_within_its_entry_and_byte_limits() {
         let mut tail = Tail::default();
         for index in 1..=(MAX_TAIL_ENTRIES as u64 + 10) {
-            tail.push(entry(index), 1);
+            tail.push(entry(index), 1, hash(index));
         }
         assert_eq!(tail.entries.len(), MAX_TAIL_ENTRIES);
         assert_eq!(tail.indexes().first(), Some(&11));
-        tail.push(entry(MAX_TAIL_ENTRIES as u64 + 11), MAX_TAIL_BYTES);
+        tail.push(entry(MAX_TAIL_ENTRIES as u64 + 11), MAX_TAIL_BYTES, hash(0));
         assert_eq!(tail.indexes(), vec![MAX_TAIL_ENTRIES as u64 + 11], "the byte limit evicts from the front");
         assert_eq!(tail.bytes, MAX_TAIL_BYTES);
     }
