@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use aspen_api::limits::{MAX_SCAN_LIMIT, MAX_SQL_ROWS, MAX_SQL_TIMEOUT_MS};
+use aspen_api::{Right, Secret};
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
 /// Exit status when a command worked.
@@ -34,6 +35,11 @@ Exit codes:
                   administer a cluster, or start a local dev cluster.\n\n\
                   Which cluster: --peers (or ASPEN_PEERS) if given, else the cluster.env file in \
                   --cluster-dir, else ./aspen-dev/cluster.env as written by `aspen-cli dev`.\n\n\
+                  Which token: the data token (--token, ASPEN_TOKEN, or the cluster dir's `token` \
+                  file) reads and writes keys; the admin token (--admin-token, ASPEN_ADMIN_TOKEN, or \
+                  the cluster dir's `admin-token` file) also administers the cluster. A command uses \
+                  the token it needs if given, else the other one. Prefer the variables or files to \
+                  the options: a command line is visible to every user of the machine.\n\n\
                   Quick start:\n  \
                   aspen-cli dev                 # in one terminal: a 3-node cluster in ./aspen-dev\n  \
                   aspen-cli kv put hello world  # in another terminal, same directory\n  \
@@ -60,11 +66,17 @@ pub struct ConnectionArgs {
     /// the cluster's nodes works.
     #[arg(long, env = "ASPEN_PEERS", global = true, value_name = "ADDRS")]
     pub peers: Option<String>,
-    /// Client token configured on the nodes [default: the cluster dir's token, else dev-token].
+    /// Data token (client_token on the nodes): reads and writes keys [default: the cluster
+    /// dir's `token` file].
     #[arg(long, env = "ASPEN_TOKEN", global = true, hide_env_values = true, value_name = "TOKEN")]
-    pub token: Option<String>,
-    /// Directory holding a cluster.env (ASPEN_PEERS=..., ASPEN_TOKEN=...) as written by
-    /// `aspen-cli dev`; used when --peers is not given [default: ./aspen-dev if it has one].
+    pub token: Option<Secret>,
+    /// Admin token (admin_token on the nodes): needed by cluster init, add-learner, promote,
+    /// remove, snapshot and transfer-leader [default: the cluster dir's `admin-token` file].
+    #[arg(long, env = "ASPEN_ADMIN_TOKEN", global = true, hide_env_values = true, value_name = "TOKEN")]
+    pub admin_token: Option<Secret>,
+    /// Directory holding a cluster.env (ASPEN_PEERS=...) and the `token` and `admin-token`
+    /// files, as written by `aspen-cli dev`; used when --peers is not given [default:
+    /// ./aspen-dev if it has one].
     #[arg(long, env = "ASPEN_CLUSTER_DIR", global = true, value_name = "DIR")]
     pub cluster_dir: Option<PathBuf>,
     /// How long a command keeps retrying through leader elections and unreachable nodes.
@@ -95,9 +107,11 @@ pub enum Command {
     Ctrl-C or SIGTERM, then stop the nodes cleanly.\n\n\
     Node i listens on 127.0.0.1:(BASE_PORT+i-1), serves metrics on 127.0.0.1:(BASE_PORT+100+i-1) \
     and keeps its data and node.log in DATA_DIR/node-i. The cluster is initialized on first start; \
-    restarting on the same data dir reuses it. Peers and token are written to \
-    DATA_DIR/cluster.env, which other aspen-cli commands read. Clients authenticate with \
-    --token (default dev-token).")]
+    restarting on the same data dir reuses it. A new cluster gets a random cluster secret, data \
+    token and admin token, in DATA_DIR/secret, DATA_DIR/token and DATA_DIR/admin-token (mode \
+    0600; the nodes read them from there, so no secret is on any command line). The peers are \
+    written to DATA_DIR/cluster.env. Other aspen-cli commands run from the directory holding \
+    DATA_DIR, or given --cluster-dir DATA_DIR, find both.")]
     Dev(DevArgs),
 }
 
@@ -247,22 +261,34 @@ pub enum ClusterCommand {
     },
 }
 
-/// Options of `dev`; the client token is the global --token.
+impl ClusterCommand {
+    /// The right the command needs: status and metrics read, the others administer.
+    pub fn right(&self) -> Right {
+        match self {
+            ClusterCommand::Status | ClusterCommand::Metrics { .. } => Right::Data,
+            ClusterCommand::Init
+            | ClusterCommand::AddLearner { .. }
+            | ClusterCommand::Promote { .. }
+            | ClusterCommand::Remove { .. }
+            | ClusterCommand::Snapshot
+            | ClusterCommand::TransferLeader { .. } => Right::Admin,
+        }
+    }
+}
+
+/// Options of `dev`. Its secret and tokens are made up per cluster, never options.
 #[derive(Debug, Args)]
 pub struct DevArgs {
     /// Number of nodes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=7))]
     pub nodes: u8,
-    /// Directory for the nodes' data, logs and cluster.env.
+    /// Directory for the nodes' data and logs, cluster.env and the secret and token files.
     #[arg(long, default_value = "./aspen-dev", value_name = "DIR")]
     pub data_dir: PathBuf,
     /// Port of node 1; node i uses BASE_PORT+i-1, its metrics BASE_PORT+100+i-1.
     #[arg(long, default_value_t = 7101, value_name = "PORT",
           value_parser = clap::value_parser!(u16).range(1024..=65000))]
     pub base_port: u16,
-    /// Secret the nodes use to authenticate each other (at least 8 bytes).
-    #[arg(long, default_value = "dev-secret", value_name = "SECRET")]
-    pub secret: String,
     /// The aspen-node binary [default: next to aspen-cli, else on PATH].
     #[arg(long, value_name = "PATH")]
     pub node_bin: Option<PathBuf>,
@@ -298,8 +324,11 @@ mod tests {
 
     #[test]
     fn global_options_work_after_the_subcommand() {
-        let cli = Cli::try_parse_from(["aspen-cli", "dev", "--token", "t", "--nodes", "1"]).expect("parses");
-        assert_eq!(cli.connection.token.as_deref(), Some("t"));
+        let cli =
+            Cli::try_parse_from(["aspen-cli", "kv", "get", "k", "--token", "t", "--admin-token", "a"]).expect("parses");
+        assert_eq!(cli.connection.token.as_ref().map(Secret::expose), Some("t"));
+        assert_eq!(cli.connection.admin_token.as_ref().map(Secret::expose), Some("a"));
+        assert!(!format!("{cli:?}").contains("\"t\""), "Debug shows no token: {cli:?}");
         let cli = Cli::try_parse_from(["aspen-cli", "kv", "get", "k", "--json", "--peers", "p"]).expect("parses");
         assert!(cli.json);
         assert_eq!(cli.connection.peers.as_deref(), Some("p"));

@@ -1,23 +1,36 @@
-//! Which cluster a command talks to (--peers, --cluster-dir, or ./aspen-dev) and the
-//! cluster.env file that `aspen-cli dev` writes and the other commands read.
+//! Which cluster a command talks to (--peers, --cluster-dir, or ./aspen-dev) and with which
+//! token: the cluster dir's cluster.env (its peers) and token files, as `aspen-cli dev`
+//! writes them and the other commands read them.
+//!
+//! A command needing the data right (kv, sql, cluster status and metrics) uses the data
+//! token if it has one (--token, ASPEN_TOKEN, the dir's `token` file, a cluster.env
+//! ASPEN_TOKEN line), else the admin token, which grants everything. A cluster
+//! administration command uses the admin token if it has one (--admin-token,
+//! ASPEN_ADMIN_TOKEN, the dir's `admin-token` file), else the data token, which the node
+//! then refuses with a message naming the admin token: whoever holds a single token passes
+//! it as --token, whichever it is.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use aspen_api::protocol::MAX_TOKEN_SIZE;
+use aspen_api::{Right, Secret};
 use aspen_client::AspenClient;
 use aspen_transport::PeerAddr;
 
 use crate::cli::ConnectionArgs;
 
-/// Name of the file in a cluster dir that holds its peers and token.
+/// Name of the file in a cluster dir that holds its peers.
 pub const CLUSTER_ENV_FILE: &str = "cluster.env";
+/// Name of the file in a cluster dir that holds the data token (mode 0600).
+pub const TOKEN_FILE: &str = "token";
+/// Name of the file in a cluster dir that holds the admin token (mode 0600).
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 /// The cluster dir used when neither --peers nor --cluster-dir is given; also `dev`'s default.
 pub const DEFAULT_CLUSTER_DIR: &str = "./aspen-dev";
-/// The token used when neither --token nor a cluster.env gives one; also `dev`'s default.
-pub const DEFAULT_TOKEN: &str = "dev-token";
 /// Largest cluster.env read: a few lines of addresses, so anything bigger is not ours.
 const CLUSTER_ENV_BYTES_MAX: u64 = 64 * 1024;
 
@@ -26,8 +39,9 @@ const CLUSTER_ENV_BYTES_MAX: u64 = 64 * 1024;
 pub struct ClusterEnv {
     /// Comma-separated node addresses.
     pub peers: String,
-    /// The client token, if the file has one.
-    pub token: Option<String>,
+    /// The data token, if the file has one (files written by hand or by an older `dev`;
+    /// `dev` now keeps tokens in their own files).
+    pub token: Option<Secret>,
 }
 
 /// Why a cluster.env file could not be read.
@@ -63,7 +77,7 @@ pub fn parse_cluster_env(text: &str) -> Result<ClusterEnv, ClusterEnvError> {
             .unwrap_or(value);
         match key.trim() {
             "ASPEN_PEERS" => peers = Some(value.to_string()),
-            "ASPEN_TOKEN" => token = Some(value.to_string()),
+            "ASPEN_TOKEN" => token = Some(Secret::new(value)),
             _ => {}
         }
     }
@@ -71,10 +85,29 @@ pub fn parse_cluster_env(text: &str) -> Result<ClusterEnv, ClusterEnvError> {
     Ok(ClusterEnv { peers, token })
 }
 
-/// The cluster.env text for these peers and token.
-pub fn render_cluster_env(peers: &[PeerAddr], token: &str) -> String {
+/// The cluster.env text for these peers. No token: cluster.env is not a secret, the token
+/// files are.
+pub fn render_cluster_env(peers: &[PeerAddr]) -> String {
     let peers: Vec<String> = peers.iter().map(PeerAddr::to_string).collect();
-    format!("ASPEN_PEERS={}\nASPEN_TOKEN={token}\n", peers.join(","))
+    format!("ASPEN_PEERS={}\n", peers.join(","))
+}
+
+/// Reads a token file of a cluster dir: `None` when there is none, else its contents without
+/// surrounding whitespace, refused when larger than any token can be.
+pub fn read_token_file(path: &Path) -> anyhow::Result<Option<Secret>> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut text = String::new();
+    // Room for the longest token and a line ending around it.
+    let bytes_max = MAX_TOKEN_SIZE as u64 + 2;
+    file.take(bytes_max + 1).read_to_string(&mut text).with_context(|| format!("cannot read {}", path.display()))?;
+    if text.len() as u64 > bytes_max {
+        bail!("{} is larger than a token can be ({MAX_TOKEN_SIZE} bytes)", path.display());
+    }
+    Ok(Some(Secret::new(text.trim())))
 }
 
 /// Reads DIR/cluster.env.
@@ -93,22 +126,23 @@ pub fn read_cluster_env(dir: &Path) -> anyhow::Result<ClusterEnv> {
 pub struct Target {
     /// Node addresses.
     pub peers: Vec<PeerAddr>,
-    /// Client token.
-    pub token: String,
+    /// The data or admin token.
+    pub token: Secret,
 }
 
 /// Decides which cluster to use: --peers, else --cluster-dir's cluster.env, else
-/// `default_dir`'s cluster.env when it exists. An explicit --token always wins.
-pub fn resolve(args: &ConnectionArgs, default_dir: &Path) -> anyhow::Result<Target> {
-    let (peers_text, file_token, source) = match (&args.peers, &args.cluster_dir) {
-        (Some(peers), _) => (peers.clone(), None, "--peers".to_string()),
+/// `default_dir`'s cluster.env when it exists; and which token to present for a command
+/// needing `right` (see the module's comment). Tokens given as options beat the dir's files.
+pub fn resolve(args: &ConnectionArgs, default_dir: &Path, right: Right) -> anyhow::Result<Target> {
+    let (peers_text, dir, env_token, source) = match (&args.peers, &args.cluster_dir) {
+        (Some(peers), _) => (peers.clone(), None, None, "--peers".to_string()),
         (None, Some(dir)) => {
             let env = read_cluster_env(dir)?;
-            (env.peers, env.token, dir.join(CLUSTER_ENV_FILE).display().to_string())
+            (env.peers, Some(dir.as_path()), env.token, dir.join(CLUSTER_ENV_FILE).display().to_string())
         }
         (None, None) if default_dir.join(CLUSTER_ENV_FILE).is_file() => {
             let env = read_cluster_env(default_dir)?;
-            (env.peers, env.token, default_dir.join(CLUSTER_ENV_FILE).display().to_string())
+            (env.peers, Some(default_dir), env.token, default_dir.join(CLUSTER_ENV_FILE).display().to_string())
         }
         (None, None) => bail!(
             "no cluster given: pass --peers <ADDRS> (or set ASPEN_PEERS), pass --cluster-dir <DIR>, \
@@ -119,21 +153,40 @@ pub fn resolve(args: &ConnectionArgs, default_dir: &Path) -> anyhow::Result<Targ
     if peers.is_empty() {
         bail!("{source} lists no node addresses");
     }
-    let token = args.token.clone().or(file_token).unwrap_or_else(|| DEFAULT_TOKEN.to_string());
+    let dir_token = |name: &str| -> anyhow::Result<Option<Secret>> {
+        match dir {
+            Some(dir) => read_token_file(&dir.join(name)),
+            None => Ok(None),
+        }
+    };
+    let data = || -> anyhow::Result<Option<Secret>> {
+        Ok(args.token.clone().or(dir_token(TOKEN_FILE)?).or_else(|| env_token.clone()))
+    };
+    let admin = || -> anyhow::Result<Option<Secret>> { Ok(args.admin_token.clone().or(dir_token(ADMIN_TOKEN_FILE)?)) };
+    let token = match right {
+        Right::Data => data()?.or(admin()?),
+        Right::Admin => admin()?.or(data()?),
+    };
+    let Some(token) = token else {
+        bail!(
+            "no token: pass --token <TOKEN> (or set ASPEN_TOKEN; cluster administration needs --admin-token or \
+             ASPEN_ADMIN_TOKEN), or use a cluster dir whose token files `aspen-cli dev` wrote"
+        );
+    };
     if token.len() > MAX_TOKEN_SIZE {
         bail!("the token is {} bytes, the limit is {MAX_TOKEN_SIZE}", token.len());
     }
     Ok(Target { peers, token })
 }
 
-/// Connects to the cluster the options name.
-pub async fn connect(args: &ConnectionArgs) -> anyhow::Result<AspenClient> {
-    let target = resolve(args, &PathBuf::from(DEFAULT_CLUSTER_DIR))?;
-    connect_to(target.peers, &target.token, Duration::from_secs(args.timeout_secs)).await
+/// Connects to the cluster the options name, with the token for commands needing `right`.
+pub async fn connect(args: &ConnectionArgs, right: Right) -> anyhow::Result<AspenClient> {
+    let target = resolve(args, &PathBuf::from(DEFAULT_CLUSTER_DIR), right)?;
+    connect_to(target.peers, target.token, Duration::from_secs(args.timeout_secs)).await
 }
 
 /// Connects to `peers` with `token`, retrying calls for up to `retry_deadline`.
-pub async fn connect_to(peers: Vec<PeerAddr>, token: &str, retry_deadline: Duration) -> anyhow::Result<AspenClient> {
+pub async fn connect_to(peers: Vec<PeerAddr>, token: Secret, retry_deadline: Duration) -> anyhow::Result<AspenClient> {
     let client = AspenClient::connect(peers, token).await.context("cannot start the client")?;
     Ok(client.with_retry_deadline(retry_deadline))
 }
@@ -155,7 +208,8 @@ mod tests {
     fn args(peers: Option<&str>, token: Option<&str>, cluster_dir: Option<&Path>) -> ConnectionArgs {
         ConnectionArgs {
             peers: peers.map(str::to_string),
-            token: token.map(str::to_string),
+            token: token.map(Secret::new),
+            admin_token: None,
             cluster_dir: cluster_dir.map(Path::to_path_buf),
             timeout_secs: 15,
         }
@@ -163,10 +217,12 @@ mod tests {
 
     #[test]
     fn cluster_env_parsing_accepts_what_dev_writes_and_hand_edits() {
+        let token = |text: &str| Some(Secret::new(text));
         let cases: Vec<(&str, Result<ClusterEnv, ClusterEnvError>)> = vec![
-            ("ASPEN_PEERS=a,b\nASPEN_TOKEN=t\n", Ok(ClusterEnv { peers: "a,b".into(), token: Some("t".into()) })),
+            ("ASPEN_PEERS=a,b\n", Ok(ClusterEnv { peers: "a,b".into(), token: None })),
+            ("ASPEN_PEERS=a,b\nASPEN_TOKEN=t\n", Ok(ClusterEnv { peers: "a,b".into(), token: token("t") })),
             ("# dev cluster\n\nexport ASPEN_PEERS=\"a\"\nOTHER=x\n", Ok(ClusterEnv { peers: "a".into(), token: None })),
-            ("ASPEN_TOKEN='t'\nASPEN_PEERS = a \n", Ok(ClusterEnv { peers: "a".into(), token: Some("t".into()) })),
+            ("ASPEN_TOKEN='t'\nASPEN_PEERS = a \n", Ok(ClusterEnv { peers: "a".into(), token: token("t") })),
             ("ASPEN_TOKEN=t\n", Err(ClusterEnvError::MissingPeers)),
             ("ASPEN_PEERS=\n", Err(ClusterEnvError::MissingPeers)),
             ("ASPEN_PEERS=a\nnonsense\n", Err(ClusterEnvError::Malformed { line: 2 })),
@@ -177,14 +233,12 @@ mod tests {
     }
 
     #[test]
-    fn rendered_cluster_env_parses_back() {
+    fn rendered_cluster_env_parses_back_and_holds_no_token() {
         let peer = peer();
         let peers = AspenClient::parse_peers(&format!("{peer},{peer}")).expect("peers");
-        let text = render_cluster_env(&peers, "secret-token");
-        assert_eq!(
-            parse_cluster_env(&text),
-            Ok(ClusterEnv { peers: format!("{peer},{peer}"), token: Some("secret-token".into()) })
-        );
+        let text = render_cluster_env(&peers);
+        assert!(!text.contains("TOKEN"), "{text}");
+        assert_eq!(parse_cluster_env(&text), Ok(ClusterEnv { peers: format!("{peer},{peer}"), token: None }));
     }
 
     #[test]
@@ -195,22 +249,61 @@ mod tests {
             .expect("write");
         let missing = dir.path().join("missing");
 
-        let target = resolve(&args(Some(&peer), None, Some(dir.path())), &missing).expect("peers flag");
-        assert_eq!((target.peers.len(), target.token.as_str()), (1, DEFAULT_TOKEN));
+        let error = resolve(&args(Some(&peer), None, Some(dir.path())), &missing, Right::Data).expect_err("no token");
+        assert!(error.to_string().contains("--token"), "{error}");
+        let target = resolve(&args(Some(&peer), Some("flag"), Some(dir.path())), &missing, Right::Data).expect("peers");
+        assert_eq!((target.peers.len(), target.token.expose()), (1, "flag"));
 
-        let target = resolve(&args(None, None, Some(dir.path())), &missing).expect("cluster dir");
-        assert_eq!(target.token, "file");
+        let target = resolve(&args(None, None, Some(dir.path())), &missing, Right::Data).expect("cluster dir");
+        assert_eq!(target.token.expose(), "file");
 
-        let target = resolve(&args(None, Some("flag"), None), dir.path()).expect("default dir");
-        assert_eq!(target.token, "flag");
+        let target = resolve(&args(None, Some("flag"), None), dir.path(), Right::Data).expect("default dir");
+        assert_eq!(target.token.expose(), "flag");
 
-        let error = resolve(&args(None, None, None), &missing).expect_err("nothing given");
+        let error = resolve(&args(None, None, None), &missing, Right::Data).expect_err("nothing given");
         assert!(error.to_string().contains("aspen-cli dev"), "{error}");
 
-        let error = resolve(&args(None, None, Some(&missing)), dir.path()).expect_err("missing file");
+        let error = resolve(&args(None, None, Some(&missing)), dir.path(), Right::Data).expect_err("missing file");
         assert!(format!("{error:#}").contains("cluster.env"), "{error:#}");
 
-        let error = resolve(&args(Some("not-an-address"), None, None), &missing).expect_err("bad peer");
+        let error =
+            resolve(&args(Some("not-an-address"), Some("t"), None), &missing, Right::Data).expect_err("bad peer");
         assert!(format!("{error:#}").contains("--peers"), "{error:#}");
+    }
+
+    #[test]
+    fn each_command_takes_its_own_token_first_and_the_other_when_it_has_only_one() {
+        let peer = peer();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(CLUSTER_ENV_FILE), format!("ASPEN_PEERS={peer}\n")).expect("write");
+        std::fs::write(dir.path().join(TOKEN_FILE), "data-file\n").expect("write");
+        std::fs::write(dir.path().join(ADMIN_TOKEN_FILE), "admin-file\n").expect("write");
+        let token = |args: &ConnectionArgs, right| {
+            resolve(args, dir.path(), right).expect("resolve").token.expose().to_string()
+        };
+
+        // The dev dir's files: each command its own token.
+        let plain = args(None, None, None);
+        assert_eq!(token(&plain, Right::Data), "data-file");
+        assert_eq!(token(&plain, Right::Admin), "admin-file");
+        // Options beat files for the same right.
+        let both =
+            ConnectionArgs { admin_token: Some(Secret::new("admin-flag")), ..args(None, Some("data-flag"), None) };
+        assert_eq!(token(&both, Right::Data), "data-flag");
+        assert_eq!(token(&both, Right::Admin), "admin-flag");
+        // A token for the right itself, from any source, beats the other right's.
+        let data_flag = args(None, Some("data-flag"), None);
+        assert_eq!(token(&data_flag, Right::Admin), "admin-file");
+
+        // With one token only, every command presents it (the admin token can do anything;
+        // the data token is refused by the node for administration, naming the admin token).
+        std::fs::remove_file(dir.path().join(ADMIN_TOKEN_FILE)).expect("remove");
+        assert_eq!(token(&plain, Right::Admin), "data-file");
+        std::fs::remove_file(dir.path().join(TOKEN_FILE)).expect("remove");
+        let admin_only = ConnectionArgs { admin_token: Some(Secret::new("admin-flag")), ..args(None, None, None) };
+        assert_eq!(token(&admin_only, Right::Data), "admin-flag");
+
+        std::fs::write(dir.path().join(TOKEN_FILE), "x".repeat(MAX_TOKEN_SIZE + 3)).expect("write");
+        assert!(resolve(&plain, dir.path(), Right::Data).is_err(), "an oversized token file is refused");
     }
 }

@@ -1,5 +1,9 @@
 //! `aspen-cli dev`: a local cluster of aspen-node processes, ready for writes in a few
 //! seconds, initialized on first start, reused on restart, stopped cleanly on Ctrl-C.
+//!
+//! A new cluster gets a random cluster secret, data token and admin token, each in a file
+//! of the dev dir that only its owner can read; the nodes are given the files' paths, never
+//! the secrets, because a command line is visible to every user of the machine.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -8,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use aspen_api::{ClusterError, ClusterNode, NodeId};
+use aspen_api::{ClusterError, ClusterNode, NodeId, Secret};
 use aspen_client::{AspenClient, ClientError};
 use aspen_transport::PeerAddr;
 use serde_json::json;
@@ -19,7 +23,10 @@ use tokio::time::Instant;
 use crate::Outcome;
 use crate::cli::DevArgs;
 use crate::cluster::{id_list, node_status_until};
-use crate::connect::{CLUSTER_ENV_FILE, DEFAULT_CLUSTER_DIR, connect_to, release, render_cluster_env};
+use crate::connect::{
+    ADMIN_TOKEN_FILE, CLUSTER_ENV_FILE, DEFAULT_CLUSTER_DIR, TOKEN_FILE, connect_to, read_token_file, release,
+    render_cluster_env,
+};
 use crate::output::{print, print_json};
 
 /// The node binary's name, next to aspen-cli or on PATH.
@@ -50,6 +57,70 @@ const LOG_EXCERPT_LINES: usize = 15;
 const START_MARKER: &str = "--- aspen-cli dev: starting node";
 /// A key nobody writes: reading it through the leader proves the cluster serves.
 const PROBE_KEY: &[u8] = b"aspen-dev/ready-probe";
+/// File in the dev dir holding the cluster secret.
+const SECRET_FILE: &str = "secret";
+/// Random bytes in each secret and token made for a new cluster (written as hex).
+const SECRET_BYTES: usize = 32;
+/// Mode of the secret and token files: read and written by their owner only.
+const SECRET_FILE_MODE: u32 = 0o600;
+
+/// The files holding a dev cluster's secret and tokens.
+struct Credentials {
+    /// The cluster secret the nodes prove to each other.
+    secret: PathBuf,
+    /// The data token.
+    token: PathBuf,
+    /// The admin token.
+    admin_token: PathBuf,
+}
+
+impl Credentials {
+    /// The dev dir's secret and token files: kept from an earlier run, or made up now for
+    /// a new cluster; either way readable by their owner only.
+    fn ensure(dir: &Path) -> anyhow::Result<Credentials> {
+        let credentials = Credentials {
+            secret: dir.join(SECRET_FILE),
+            token: dir.join(TOKEN_FILE),
+            admin_token: dir.join(ADMIN_TOKEN_FILE),
+        };
+        for path in [&credentials.secret, &credentials.token, &credentials.admin_token] {
+            ensure_secret_file(path)?;
+        }
+        Ok(credentials)
+    }
+
+    /// The admin token, which dev itself uses: it initializes the cluster.
+    fn read_admin_token(&self) -> anyhow::Result<Secret> {
+        read_token_file(&self.admin_token)?.filter(|token| !token.is_empty()).with_context(|| {
+            format!("{} is empty; delete it and the dev dir's other secrets", self.admin_token.display())
+        })
+    }
+}
+
+/// `SECRET_BYTES` random bytes as hex.
+fn random_hex() -> anyhow::Result<String> {
+    let mut bytes = [0u8; SECRET_BYTES];
+    getrandom::fill(&mut bytes).map_err(|error| anyhow!("no randomness for a secret: {error}"))?;
+    Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
+}
+
+/// Makes `path` hold a random secret unless it exists, and leaves it mode 0600.
+fn ensure_secret_file(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    // Created with its final mode, so the secret is never readable by others, not even
+    // for a moment.
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(SECRET_FILE_MODE).open(path) {
+        Ok(mut file) => {
+            writeln!(file, "{}", random_hex()?).with_context(|| format!("cannot write {}", path.display()))?;
+            file.sync_all().with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(error) => return Err(error).with_context(|| format!("cannot create {}", path.display())),
+    }
+    // Also for a file kept from an earlier run, or created under a stricter umask.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SECRET_FILE_MODE))
+        .with_context(|| format!("cannot make {} private", path.display()))
+}
 
 /// One running aspen-node.
 struct NodeProcess {
@@ -84,23 +155,24 @@ impl ShutdownSignal {
 
 /// Starts the cluster, reports how to use it, runs until SIGINT or SIGTERM, and stops
 /// every node it started, whatever happened.
-pub async fn run(args: &DevArgs, token: &str, json: bool) -> anyhow::Result<Outcome> {
+pub async fn run(args: &DevArgs, json: bool) -> anyhow::Result<Outcome> {
     let mut nodes = Vec::with_capacity(usize::from(args.nodes));
-    let outcome = serve(args, token, json, &mut nodes).await;
+    let outcome = serve(args, json, &mut nodes).await;
     stop(&mut nodes).await;
     outcome.map(|()| Outcome::Done)
 }
 
-async fn serve(args: &DevArgs, token: &str, json: bool, nodes: &mut Vec<NodeProcess>) -> anyhow::Result<()> {
+async fn serve(args: &DevArgs, json: bool, nodes: &mut Vec<NodeProcess>) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut shutdown = ShutdownSignal::new()?;
     let node_bin = find_node_bin(args.node_bin.as_deref());
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let credentials = Credentials::ensure(&args.data_dir)?;
     let ready = tokio::select! {
-        ready = start(args, token, &node_bin, nodes) => ready?,
+        ready = start(args, &credentials, &node_bin, nodes) => ready?,
         () = shutdown.recv() => bail!("interrupted while starting"),
     };
-    report_ready(args, token, &ready, started.elapsed(), json)?;
+    report_ready(args, &credentials, &ready, started.elapsed(), json)?;
     watch(nodes, &mut shutdown).await
 }
 
@@ -110,14 +182,20 @@ struct Ready {
     leader: NodeId,
 }
 
-async fn start(args: &DevArgs, token: &str, node_bin: &Path, nodes: &mut Vec<NodeProcess>) -> anyhow::Result<Ready> {
+async fn start(
+    args: &DevArgs,
+    credentials: &Credentials,
+    node_bin: &Path,
+    nodes: &mut Vec<NodeProcess>,
+) -> anyhow::Result<Ready> {
     let noun = if args.nodes == 1 { "process" } else { "processes" };
     eprintln!("starting {} aspen-node {noun} in {}", args.nodes, args.data_dir.display());
+    let admin_token = credentials.read_admin_token()?;
     for id in 1..=NodeId::from(args.nodes) {
-        nodes.push(spawn_node(args, token, node_bin, id)?);
+        nodes.push(spawn_node(args, credentials, node_bin, id)?);
     }
     let peers = wait_until_serving(nodes).await?;
-    let client = Arc::new(connect_to(peers.clone(), token, LEADER_WAIT).await?);
+    let client = Arc::new(connect_to(peers.clone(), admin_token, LEADER_WAIT).await?);
     let leader = match initialize_if_new(&client, &peers).await {
         Ok(()) => wait_for_leader(&client, &peers).await,
         Err(error) => Err(error),
@@ -125,7 +203,7 @@ async fn start(args: &DevArgs, token: &str, node_bin: &Path, nodes: &mut Vec<Nod
     release(client).await;
     let leader = leader?;
     let env_path = args.data_dir.join(CLUSTER_ENV_FILE);
-    write_atomically(&env_path, &render_cluster_env(&peers, token))?;
+    write_atomically(&env_path, &render_cluster_env(&peers))?;
     Ok(Ready { peers, leader })
 }
 
@@ -146,7 +224,7 @@ fn node_port(base: u16, id: NodeId, offset: u16) -> anyhow::Result<u16> {
     u16::try_from(port).map_err(|_| anyhow!("port {port} for node {id} is above 65535; lower --base-port"))
 }
 
-fn spawn_node(args: &DevArgs, token: &str, node_bin: &Path, id: NodeId) -> anyhow::Result<NodeProcess> {
+fn spawn_node(args: &DevArgs, credentials: &Credentials, node_bin: &Path, id: NodeId) -> anyhow::Result<NodeProcess> {
     let dir = args.data_dir.join(format!("node-{id}"));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // A stale address from the last run would make a node look ready before it serves.
@@ -172,10 +250,13 @@ fn spawn_node(args: &DevArgs, token: &str, node_bin: &Path, id: NodeId) -> anyho
         .arg(&dir)
         .arg("--bind")
         .arg(format!("127.0.0.1:{}", node_port(args.base_port, id, 0)?))
-        .arg("--cluster-secret")
-        .arg(&args.secret)
-        .arg("--client-token")
-        .arg(token)
+        // Paths, not secrets: the command line is visible to every local user.
+        .arg("--cluster-secret-file")
+        .arg(&credentials.secret)
+        .arg("--client-token-file")
+        .arg(&credentials.token)
+        .arg("--admin-token-file")
+        .arg(&credentials.admin_token)
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{}", node_port(args.base_port, id, METRICS_PORT_OFFSET)?))
         .stdin(Stdio::null())
@@ -345,9 +426,17 @@ fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::rename(&temporary, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn report_ready(args: &DevArgs, token: &str, ready: &Ready, elapsed: Duration, json: bool) -> anyhow::Result<()> {
+fn report_ready(
+    args: &DevArgs,
+    credentials: &Credentials,
+    ready: &Ready,
+    elapsed: Duration,
+    json: bool,
+) -> anyhow::Result<()> {
     let peers: Vec<String> = ready.peers.iter().map(PeerAddr::to_string).collect();
     let dir = std::fs::canonicalize(&args.data_dir).unwrap_or_else(|_| args.data_dir.clone());
+    let absolute = |path: &Path| dir.join(path.file_name().unwrap_or_default()).display().to_string();
+    let (token_file, admin_token_file) = (absolute(&credentials.token), absolute(&credentials.admin_token));
     let metrics_port = node_port(args.base_port, 1, METRICS_PORT_OFFSET)?;
     if json {
         return print_json(&json!({
@@ -355,7 +444,8 @@ fn report_ready(args: &DevArgs, token: &str, ready: &Ready, elapsed: Duration, j
             "elapsed_ms": u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
             "leader": ready.leader,
             "peers": peers,
-            "token": token,
+            "token_file": token_file,
+            "admin_token_file": admin_token_file,
             "cluster_dir": dir.display().to_string(),
         }));
     }
@@ -378,8 +468,11 @@ fn report_ready(args: &DevArgs, token: &str, ready: &Ready, elapsed: Duration, j
     } else {
         lines.push(format!("  aspen-cli --cluster-dir {} kv put hello world", dir.display()));
     }
-    lines.push(format!("  export ASPEN_PEERS={} ASPEN_TOKEN={token}", peers.join(",")));
+    lines.push(format!("  export ASPEN_PEERS={} ASPEN_TOKEN=$(cat {token_file})", peers.join(",")));
     lines.push(String::new());
+    lines.push(format!(
+        "Tokens (mode 0600): {token_file} reads and writes keys; {admin_token_file} also administers the cluster."
+    ));
     lines.push(format!(
         "Logs: {}/node-*/{LOG_FILE}   Metrics: http://127.0.0.1:{metrics_port}/metrics (node 1)",
         dir.display()

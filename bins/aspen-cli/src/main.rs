@@ -12,10 +12,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aspen_api::Right;
 use clap::Parser;
 
 use crate::cli::{Cli, Command, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_OUTCOME_UNKNOWN};
-use crate::connect::{DEFAULT_TOKEN, connect, release};
+use crate::connect::{connect, release};
 
 /// How a command that did not fail ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,21 +72,21 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let deadline = Duration::from_secs(cli.connection.timeout_secs);
     let json = cli.json;
     match cli.command {
-        Command::Dev(args) => dev::run(&args, cli.connection.token.as_deref().unwrap_or(DEFAULT_TOKEN), json).await,
+        Command::Dev(args) => dev::run(&args, json).await,
         Command::Kv(command) => {
-            let client = Arc::new(connect(&cli.connection).await?);
+            let client = Arc::new(connect(&cli.connection, Right::Data).await?);
             let outcome = kv::run(&client, command, json).await;
             release(client).await;
             outcome
         }
         Command::Sql(args) => {
-            let client = Arc::new(connect(&cli.connection).await?);
+            let client = Arc::new(connect(&cli.connection, Right::Data).await?);
             let outcome = kv::sql(&client, args, json).await;
             release(client).await;
             outcome
         }
         Command::Cluster(command) => {
-            let client = Arc::new(connect(&cli.connection).await?);
+            let client = Arc::new(connect(&cli.connection, command.right()).await?);
             let outcome = cluster::run(Arc::clone(&client), command, json, deadline).await;
             release(client).await;
             outcome

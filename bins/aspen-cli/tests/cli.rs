@@ -1,14 +1,13 @@
 //! aspen-cli as a user runs it: exit codes, error output, and a real dev cluster of
 //! aspen-node processes.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 mod common;
 
-use common::{CLI, node_binary};
+use common::{CLI, DevCluster};
 
 /// A well-formed address nobody listens on.
 const SILENT_PEER: &str = "d59a253c4238f35ced0003979c3a86157534787a6cfe5ebc2f99a38033847565@127.0.0.1:9";
@@ -61,44 +60,12 @@ fn without_a_cluster_the_error_says_how_to_get_one() {
 #[test]
 fn txn_syntax_errors_point_at_the_problem_before_any_request() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let output = cli(dir.path(), &["--peers", SILENT_PEER, "kv", "txn", "if version(\"k\") = 0 then get \"k\""]);
+    let output =
+        cli(dir.path(), &["--peers", SILENT_PEER, "--token", "t", "kv", "txn", "if version(\"k\") = 0 then get \"k\""]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = text(&output.stderr);
     assert!(stderr.contains("line 1, column 17: `=` is not an operator"), "{stderr}");
     assert!(stderr.contains("\n                  ^"), "{stderr}");
-}
-
-/// A running `aspen-cli dev`, stopped (SIGTERM) on drop.
-struct DevCluster {
-    child: Child,
-}
-
-impl DevCluster {
-    /// Starts `aspen-cli dev` and waits for its ready line.
-    fn start(data_dir: &Path, base_port: u16) -> (DevCluster, Duration) {
-        let node_bin = node_binary();
-        let started = Instant::now();
-        let mut child = Command::new(CLI)
-            .args(["dev", "--nodes", "3", "--base-port", &base_port.to_string(), "--data-dir"])
-            .arg(data_dir)
-            .arg("--node-bin")
-            .arg(&node_bin)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start aspen-cli dev");
-        let stdout = child.stdout.take().expect("stdout");
-        let first_line = BufReader::new(stdout).lines().next().expect("a ready line").expect("read");
-        assert!(first_line.starts_with("Aspen dev cluster ready"), "{first_line}");
-        (DevCluster { child }, started.elapsed())
-    }
-}
-
-impl Drop for DevCluster {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

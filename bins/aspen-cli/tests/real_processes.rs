@@ -2,7 +2,8 @@
 //! One node is SIGKILLed while writes go on, then all of them; after a restart from their
 //! data dirs every acknowledged write is there. A client that stays connected through a
 //! node's crash and restart reaches it again within seconds; so does the leader, to a
-//! follower restarted or frozen (SIGSTOP) and thawed.
+//! follower restarted or frozen (SIGSTOP) and thawed. A dev cluster keeps its secrets in
+//! owner-only files and off every command line.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -11,9 +12,10 @@ use std::time::{Duration, Instant};
 mod common;
 
 use aspen_transport::rpc::PEER_SILENCE_LIMIT;
-use common::{CLI, node_binary};
+use common::{CLI, DevCluster, node_binary};
 const SECRET: &str = "e2e-cluster-secret";
 const TOKEN: &str = "e2e-token";
+const ADMIN_TOKEN: &str = "e2e-admin-token";
 
 fn free_port() -> u16 {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("probe socket");
@@ -36,7 +38,10 @@ impl NodeProcess {
             .args(["--node-id", &self.id.to_string(), "--bind", &format!("127.0.0.1:{}", self.port)])
             .arg("--data-dir")
             .arg(&self.dir)
-            .args(["--cluster-secret", SECRET, "--client-token", TOKEN])
+            // Secrets through the environment, not the command line.
+            .env("ASPEN_CLUSTER_SECRET", SECRET)
+            .env("ASPEN_CLIENT_TOKEN", TOKEN)
+            .env("ASPEN_ADMIN_TOKEN", ADMIN_TOKEN)
             .env_remove("ASPEN_NODE_PEERS")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -81,15 +86,25 @@ impl Drop for NodeProcess {
     }
 }
 
-fn cli(peers: &str, args: &[&str]) -> Output {
+/// Runs aspen-cli with none of the user's ASPEN_* settings and `env` set.
+fn cli_with(env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut command = Command::new(CLI);
-    command.args(["--peers", peers, "--token", TOKEN, "--timeout-secs", "20"]).args(args).stdin(Stdio::null());
+    command.args(args).stdin(Stdio::null());
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("ASPEN_") {
             command.env_remove(name);
         }
     }
+    command.envs(env.iter().copied());
     command.output().expect("run aspen-cli")
+}
+
+/// Runs aspen-cli against `peers` with both tokens.
+fn cli(peers: &str, args: &[&str]) -> Output {
+    let env = [("ASPEN_PEERS", peers), ("ASPEN_TOKEN", TOKEN), ("ASPEN_ADMIN_TOKEN", ADMIN_TOKEN)];
+    let mut all = vec!["--timeout-secs", "20"];
+    all.extend_from_slice(args);
+    cli_with(&env, &all)
 }
 
 fn put(peers: &str, key: &str, value: &str) -> bool {
@@ -262,4 +277,88 @@ fn wait_for_stale_value(node: &NodeProcess, key: &str, value: &str, since: Insta
         assert!(took < RECONNECT_BOUND, "node {} has not caught up on {key} {took:?} after {event}", node.id);
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Reads a file of the dev dir, and its permission bits.
+fn read_with_mode(path: &Path) -> (String, u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let text = std::fs::read_to_string(path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+    let mode = std::fs::metadata(path).expect("stat").permissions().mode() & 0o777;
+    (text.trim().to_string(), mode)
+}
+
+#[test]
+fn a_dev_cluster_keeps_its_secrets_in_private_files_and_off_every_command_line() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let data_dir = work.path().join("aspen-dev");
+    let (cluster, _) = DevCluster::start(&data_dir, 7601);
+
+    let files = ["secret", "token", "admin-token"].map(|name| data_dir.join(name));
+    let secrets = files.clone().map(|path| {
+        let (value, mode) = read_with_mode(&path);
+        assert_eq!(mode, 0o600, "{} has mode {mode:o}", path.display());
+        assert!(value.len() >= 32, "{} holds a short secret", path.display());
+        value
+    });
+    assert!(secrets[0] != secrets[1] && secrets[1] != secrets[2] && secrets[0] != secrets[2], "three secrets");
+    let (env, _) = read_with_mode(&data_dir.join("cluster.env"));
+    for secret in &secrets {
+        assert!(!env.contains(secret.as_str()), "cluster.env holds a secret: {env}");
+    }
+
+    // Every process's command line, the nodes' among them, and no secret in any.
+    let ps = Command::new("ps").args(["-ww", "-eo", "args"]).output().expect("run ps");
+    assert!(ps.status.success(), "ps failed");
+    let commands = String::from_utf8_lossy(&ps.stdout);
+    let dir_text = data_dir.display().to_string();
+    let nodes = commands.lines().filter(|line| line.contains("--node-id") && line.contains(&dir_text)).count();
+    assert_eq!(nodes, 3, "ps shows the three nodes:\n{commands}");
+    for (path, secret) in files.iter().zip(&secrets) {
+        assert!(!commands.contains(secret.as_str()), "the secret of {} is on a command line", path.display());
+    }
+
+    // The CLI finds the tokens from the directory holding the dev dir: the data token for
+    // data, the admin token for administration.
+    let here = |args: &[&str]| {
+        let mut command = Command::new(CLI);
+        command.current_dir(work.path()).args(args).stdin(Stdio::null());
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("ASPEN_") {
+                command.env_remove(name);
+            }
+        }
+        command.output().expect("run aspen-cli")
+    };
+    let put = here(&["kv", "put", "private", "yes"]);
+    assert!(put.status.success(), "put: {}", String::from_utf8_lossy(&put.stderr));
+    let snapshot = here(&["cluster", "snapshot"]);
+    assert!(snapshot.status.success(), "snapshot: {}", String::from_utf8_lossy(&snapshot.stderr));
+
+    // Whoever holds only the data token cannot administer, and is told which token it needs.
+    let peers = env.strip_prefix("ASPEN_PEERS=").expect("peers line").trim().to_string();
+    let data_only = [("ASPEN_PEERS", peers.as_str()), ("ASPEN_TOKEN", secrets[1].as_str())];
+    let get = cli_with(&data_only, &["--json", "kv", "get", "private"]);
+    assert!(get.status.success(), "get with the data token: {}", String::from_utf8_lossy(&get.stderr));
+    let refused = cli_with(&data_only, &["cluster", "snapshot"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("admin token"), "{stderr}");
+    let admin = [("ASPEN_PEERS", peers.as_str()), ("ASPEN_ADMIN_TOKEN", secrets[2].as_str())];
+    let snapshot = cli_with(&admin, &["cluster", "snapshot"]);
+    assert!(snapshot.status.success(), "snapshot: {}", String::from_utf8_lossy(&snapshot.stderr));
+    drop(cluster);
+
+    // A restart keeps the cluster's secrets, and makes a loosened file private again.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&files[1], std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    let (cluster, _) = DevCluster::start(&data_dir, 7601);
+    for (path, secret) in files.iter().zip(&secrets) {
+        assert_eq!(read_with_mode(path), (secret.clone(), 0o600), "{} after a restart", path.display());
+    }
+    let get = here(&["--json", "kv", "get", "private"]);
+    let body: serde_json::Value = serde_json::from_slice(&get.stdout).expect("get json");
+    assert_eq!(body["kv"]["value"], "yes");
+    drop(cluster);
 }

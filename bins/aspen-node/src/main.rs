@@ -5,20 +5,29 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use aspen_api::Secret;
 use aspen_server::{NodeConfig, PartialConfig, Server, StaticPeer};
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 
 /// An Aspen node: one member of a replicated, linearizable key-value cluster.
 ///
 /// Settings come from a TOML file (--config), then ASPEN_* environment variables, then
 /// flags; later sources win. On start the node writes its address to DATA_DIR/node.addr.
+///
+/// Clients hold one of two tokens: the client token reads and writes keys; the admin token
+/// also administers the cluster (init, add-learner, promote, remove, snapshot,
+/// transfer-leader). Give secrets as files (--cluster-secret-file, --client-token-file,
+/// --admin-token-file, mode 0600) or ASPEN_* variables rather than flags: a command line
+/// is visible to every user of the machine.
 #[derive(Debug, Parser)]
 #[command(name = "aspen-node", version, about)]
 struct Args {
     /// TOML config file (keys: node_id, data_dir, bind, peers = [{id, addr}], cluster_secret,
-    /// client_token, metrics_addr, heartbeat_interval_ms, election_timeout_min_ms,
-    /// election_timeout_max_ms, snapshot_after_entries, relays, dns_discovery, pkarr_discovery,
-    /// mdns_discovery).
+    /// client_token, admin_token, cluster_secret_file, client_token_file, admin_token_file,
+    /// metrics_addr, heartbeat_interval_ms, election_timeout_min_ms, election_timeout_max_ms,
+    /// snapshot_after_entries, relays, dns_discovery, pkarr_discovery, mdns_discovery). If it
+    /// holds a secret, make it readable by its owner only (chmod 600).
     #[arg(long, env = "ASPEN_CONFIG")]
     config: Option<PathBuf>,
     /// This node's id (1 or more).
@@ -34,11 +43,24 @@ struct Args {
     #[arg(long = "peer", env = "ASPEN_NODE_PEERS", value_delimiter = ',')]
     peers: Vec<StaticPeer>,
     /// Secret every cluster member must prove it holds (at least 8 bytes).
-    #[arg(long, env = "ASPEN_CLUSTER_SECRET", hide_env_values = true)]
-    cluster_secret: Option<String>,
-    /// Token clients must present.
-    #[arg(long, env = "ASPEN_CLIENT_TOKEN", hide_env_values = true)]
-    client_token: Option<String>,
+    #[arg(long, env = "ASPEN_CLUSTER_SECRET", hide_env_values = true, value_name = "SECRET")]
+    cluster_secret: Option<Secret>,
+    /// File holding the cluster secret (instead of --cluster-secret).
+    #[arg(long, env = "ASPEN_CLUSTER_SECRET_FILE", value_name = "FILE")]
+    cluster_secret_file: Option<PathBuf>,
+    /// Token that lets clients read and write keys (data access).
+    #[arg(long, env = "ASPEN_CLIENT_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    client_token: Option<Secret>,
+    /// File holding the client token (instead of --client-token).
+    #[arg(long, env = "ASPEN_CLIENT_TOKEN_FILE", value_name = "FILE")]
+    client_token_file: Option<PathBuf>,
+    /// Token that lets clients administer the cluster as well; must differ from the client
+    /// token.
+    #[arg(long, env = "ASPEN_ADMIN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    admin_token: Option<Secret>,
+    /// File holding the admin token (instead of --admin-token).
+    #[arg(long, env = "ASPEN_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
     /// Address of the Prometheus metrics HTTP endpoint (GET /metrics).
     #[arg(long, env = "ASPEN_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -71,7 +93,11 @@ impl Args {
             bind: self.bind,
             peers: (!self.peers.is_empty()).then(|| self.peers.clone()),
             cluster_secret: self.cluster_secret.clone(),
+            cluster_secret_file: self.cluster_secret_file.clone(),
             client_token: self.client_token.clone(),
+            client_token_file: self.client_token_file.clone(),
+            admin_token: self.admin_token.clone(),
+            admin_token_file: self.admin_token_file.clone(),
             metrics_addr: self.metrics_addr,
             relays: self.relays.then_some(true),
             dns_discovery: self.dns_discovery.then_some(true),
@@ -98,7 +124,17 @@ async fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    for (id, flag) in
+        [("cluster_secret", "--cluster-secret"), ("client_token", "--client-token"), ("admin_token", "--admin-token")]
+    {
+        if matches.value_source(id) == Some(ValueSource::CommandLine) {
+            tracing::warn!(
+                "{flag} puts a secret on the command line, where every local user can read it; use {flag}-file"
+            );
+        }
+    }
     let config = args.resolve()?;
     let peers: Vec<aspen_api::ClusterNode> =
         config.peers.iter().map(|peer| aspen_api::ClusterNode { id: peer.id, addr: peer.addr.clone() }).collect();

@@ -14,6 +14,7 @@ pub mod limits;
 pub mod protocol;
 pub mod retry;
 pub mod rounds;
+pub mod secret;
 pub mod session;
 pub mod sql;
 pub mod store;
@@ -26,7 +27,8 @@ pub use kv::{
     GetRequest, GetResponse, KeyRange, KeyValue, LeaseId, MAX_LEASE_ID, ReadConsistency, Revision, ScanRequest,
     ScanResponse, WriteCommand, WriteResponse, prefix_end, validate_key, validate_lease_id, validate_value,
 };
-pub use protocol::{ClientEnvelope, ClientHello, ClientRequest, ClientResponse};
+pub use protocol::{ClientEnvelope, ClientHello, ClientRequest, ClientResponse, Right};
+pub use secret::Secret;
 pub use session::{ClientSession, ClientWrite, Proposal, SessionId, WriteId};
 pub use sql::{SqlRequest, SqlResponse, SqlValue};
 pub use store::{ClusterController, KeyValueStore};

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use aspen_api::{ClientRequest, ClientResponse, ClusterNode, GetRequest, ReadConsistency};
+use aspen_api::{ClientRequest, ClientResponse, ClusterNode, GetRequest, ReadConsistency, Secret};
 use aspen_client::{AspenClient, ClientError};
 use aspen_transport::PeerAddr;
 use tokio::time::Instant;
@@ -291,10 +291,12 @@ pub struct AspenConfig {
     pub dir: PathBuf,
     /// Node ports are `base_port..base_port+3`.
     pub base_port: u16,
-    /// The client token.
-    pub token: String,
+    /// The client (data) token.
+    pub token: Secret,
+    /// The admin token (initializes the cluster).
+    pub admin_token: Secret,
     /// The cluster secret.
-    pub secret: String,
+    pub secret: Secret,
 }
 
 /// A running 3-node Aspen cluster.
@@ -326,11 +328,7 @@ impl AspenCluster {
                 .arg("--bind")
                 .arg(format!("127.0.0.1:{}", port(config.base_port, index)?))
                 .arg("--metrics-addr")
-                .arg(format!("127.0.0.1:{}", port(config.base_port, 10 + index)?))
-                .arg("--cluster-secret")
-                .arg(&config.secret)
-                .arg("--client-token")
-                .arg(&config.token);
+                .arg(format!("127.0.0.1:{}", port(config.base_port, 10 + index)?));
             // aspen-node reads ASPEN_* settings (ASPEN_BENCH_SECS among them) from the
             // environment; none may change the nodes.
             for (variable, _) in std::env::vars_os() {
@@ -338,10 +336,15 @@ impl AspenCluster {
                     command.env_remove(variable);
                 }
             }
+            // Secrets through the environment: a command line is visible to every user.
+            command
+                .env("ASPEN_CLUSTER_SECRET", config.secret.expose())
+                .env("ASPEN_CLIENT_TOKEN", config.token.expose())
+                .env("ASPEN_ADMIN_TOKEN", config.admin_token.expose());
             nodes.push(ChildGuard::spawn(format!("aspen-node {id}"), command, data_dir.join(LOG_FILE))?);
         }
         let peers = wait_for_addrs(&mut nodes, &config.dir).await?;
-        let client = AspenClient::connect(peers.clone(), config.token.clone()).await?;
+        let client = AspenClient::connect(peers.clone(), config.admin_token.clone()).await?;
         let members: Vec<ClusterNode> =
             (1..).zip(&peers).map(|(id, peer)| ClusterNode { id, addr: peer.to_string() }).collect();
         let ready = async {

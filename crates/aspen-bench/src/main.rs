@@ -173,6 +173,7 @@ async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
         dir: args.data_dir.join("aspen"),
         base_port: args.base_port.checked_add(20).context("--base-port too high")?,
         token: "aspen-bench-token".into(),
+        admin_token: "aspen-bench-admin-token".into(),
         secret: "aspen-bench-cluster-secret".into(),
     };
     let aspen = AspenCluster::start(&aspen_config).await.context("starting the Aspen cluster")?;

@@ -1,7 +1,8 @@
 //! A Rust client for Aspen. Connects to any node by its address (`<endpoint-id>@<ip:port>`
 //! or a ticket), sends requests over iroh QUIC (ALPN `aspen-client/4`, all
-//! of a client's concurrent requests to one node multiplexed on one stream) with the cluster's
-//! client token, follows leader redirects for cluster operations, and retries only what is
+//! of a client's concurrent requests to one node multiplexed on one stream) with one of the
+//! cluster's tokens (the data token for reads and writes, the admin token for cluster
+//! administration as well), follows leader redirects for cluster operations, and retries only what is
 //! safe to retry: reads always, and writes because each carries an identity (a session of
 //! this client and a sequence number) that the cluster applies at most once
 //! (`aspen_api::session`). A write the client gives up on after an attempt that may have
@@ -31,7 +32,7 @@ use aspen_api::session::{ClientSession, SessionId, WriteId};
 use aspen_api::{
     ApplyError, ClientEnvelope, ClientRequest, ClientResponse, ClientWrite, ClusterError, ClusterNode, ClusterStatus,
     GetRequest, GetResponse, KeyRange, KvError, LeaderStamp, NodeId, ReadConsistency, ScanRequest, ScanResponse,
-    SqlRequest, SqlResponse, Stamped, TermReply, TxnRequest, TxnResponse, WriteCommand, WriteResponse,
+    Secret, SqlRequest, SqlResponse, Stamped, TermReply, TxnRequest, TxnResponse, WriteCommand, WriteResponse,
 };
 use aspen_transport::{CLIENT_ALPN, PeerAddr, RpcClient, SecretKey, TransportError, bind_endpoint};
 
@@ -143,7 +144,7 @@ pub struct ReadPaths {
 pub struct AspenClient {
     rpc: Arc<RpcClient>,
     peers: Vec<PeerAddr>,
-    token: String,
+    token: Secret,
     /// Index of the node that answered last; calls start there.
     preferred: AtomicUsize,
     retry_deadline: Duration,
@@ -165,8 +166,9 @@ fn new_session() -> Result<ClientSession, ClientError> {
 }
 
 impl AspenClient {
-    /// Connects to the cluster through `peers` (any subset of its nodes) with `token`.
-    pub async fn connect(peers: Vec<PeerAddr>, token: impl Into<String>) -> Result<Self, ClientError> {
+    /// Connects to the cluster through `peers` (any subset of its nodes) with `token`: the
+    /// data token (reads and writes) or the admin token (everything).
+    pub async fn connect(peers: Vec<PeerAddr>, token: impl Into<Secret>) -> Result<Self, ClientError> {
         if peers.is_empty() || peers.len() > MAX_CLIENT_PEERS {
             return Err(ClientError::Config(format!("give 1..={MAX_CLIENT_PEERS} node addresses")));
         }

@@ -16,6 +16,7 @@ use aspen_server::{NodeConfig, Server};
 
 const SECRET: &str = "bench-cluster-secret";
 const TOKEN: &str = "bench-token";
+const ADMIN_TOKEN: &str = "bench-admin-token";
 const VALUE_SIZE: usize = 256;
 const KEY_SPACE: u64 = 10_000;
 const CLIENT_CONNECTIONS: usize = 4;
@@ -40,7 +41,7 @@ struct Row {
 async fn start_cluster(root: &std::path::Path) -> Vec<Server> {
     let mut servers = Vec::new();
     for id in 1..=3 {
-        let config = NodeConfig::local(id, root.join(format!("node-{id}")), SECRET, TOKEN);
+        let config = NodeConfig::local(id, root.join(format!("node-{id}")), SECRET, TOKEN, ADMIN_TOKEN);
         servers.push(Server::start(config).await.expect("start node"));
     }
     let peers: Vec<ClusterNode> = servers[1..].iter().map(Server::member).collect();

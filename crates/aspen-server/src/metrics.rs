@@ -115,7 +115,8 @@ pub struct Metrics {
     /// Raft RPCs this node served, timed from decoded request to reply (the receiver's
     /// share of `raft_rpcs` on the sender).
     pub raft_served: OpStats,
-    /// Client requests refused for a wrong or missing token.
+    /// Client connections and requests refused for a wrong or missing token, or for a data
+    /// token asking for an admin operation.
     pub unauthorized: Counter,
     /// Raft RPCs refused for a wrong cluster secret.
     pub raft_denied: Arc<AtomicU64>,

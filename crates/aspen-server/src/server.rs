@@ -15,7 +15,7 @@ use iroh::protocol::Router;
 use iroh_gossip::Gossip;
 use tokio::task::JoinHandle;
 
-use crate::client_rpc::ClientService;
+use crate::client_rpc::{ClientService, ClientTokens};
 use crate::config::NodeConfig;
 use crate::discovery::{AddressBook, Discovery, MAX_ANNOUNCEMENT_SIZE, mdns_service_name};
 use crate::metrics::{Metrics, bind_http, serve_http};
@@ -133,16 +133,21 @@ impl Server {
         let metrics = Arc::new(Metrics { raft_denied: Arc::new(AtomicU64::new(0)), ..Default::default() });
         let raft_client = Arc::new(IrohRaftClient::new(
             RpcClient::new(endpoint.clone()),
-            &config.cluster_secret,
+            config.cluster_secret.expose(),
             Arc::clone(&health),
             Arc::clone(&book),
             Arc::clone(&metrics),
         )?);
         let node = RaftNode::start(config.consensus.clone(), log, state_machine, raft_client, health).await?;
 
-        let raft_service =
-            RaftService::new(node.clone(), config.cluster_secret.clone(), endpoint.id(), Arc::clone(&metrics));
-        let client_service = ClientService::new(node.clone(), config.client_token.clone(), Arc::clone(&metrics));
+        let raft_service = RaftService::new(
+            node.clone(),
+            config.cluster_secret.expose().to_string(),
+            endpoint.id(),
+            Arc::clone(&metrics),
+        );
+        let tokens = ClientTokens { data: config.client_token.clone(), admin: config.admin_token.clone() };
+        let client_service = ClientService::new(node.clone(), tokens, Arc::clone(&metrics));
         let router = Router::builder(endpoint)
             .accept(RAFT_ALPN, RpcProtocol::new(Arc::new(raft_service)))
             .accept(CLIENT_ALPN, MuxProtocol::new(Arc::new(client_service)))
@@ -158,12 +163,15 @@ impl Server {
                 bootstrap.push(member_addr.id);
             }
         }
-        let local_peers =
-            if config.mdns_discovery { Some(start_mdns(&endpoint_for_mdns, &config.cluster_secret)?) } else { None };
+        let local_peers = if config.mdns_discovery {
+            Some(start_mdns(&endpoint_for_mdns, config.cluster_secret.expose())?)
+        } else {
+            None
+        };
         let discovery = Discovery {
             gossip,
             key,
-            secret: config.cluster_secret.clone(),
+            secret: config.cluster_secret.expose().to_string(),
             me: (config.node_id, addr.clone()),
             book: Arc::clone(&book),
             lookup,

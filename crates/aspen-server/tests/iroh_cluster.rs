@@ -19,6 +19,7 @@ use aspen_transport::{CLIENT_ALPN, PeerAddr, RAFT_ALPN};
 
 const SECRET: &str = "test-cluster-secret";
 const TOKEN: &str = "test-token";
+const ADMIN_TOKEN: &str = "test-admin-token";
 
 struct TestNode {
     id: u64,
@@ -28,7 +29,7 @@ struct TestNode {
 }
 
 fn config(id: u64, dir: PathBuf, bind: SocketAddr, secret: &str) -> NodeConfig {
-    let mut config = NodeConfig::local(id, dir, secret, TOKEN);
+    let mut config = NodeConfig::local(id, dir, secret, TOKEN, ADMIN_TOKEN);
     config.bind = bind;
     config.consensus.heartbeat_interval_ms = 50;
     config.consensus.election_timeout_min_ms = 300;
@@ -85,8 +86,14 @@ async fn start_cluster(root: &std::path::Path, size: u64) -> Vec<TestNode> {
     nodes
 }
 
+/// A client holding the data token: reads and writes.
 async fn client(nodes: &[&TestNode]) -> AspenClient {
     AspenClient::connect(nodes.iter().map(|node| node.addr()).collect(), TOKEN).await.expect("client")
+}
+
+/// A client holding the admin token: everything, cluster administration too.
+async fn admin_client(nodes: &[&TestNode]) -> AspenClient {
+    AspenClient::connect(nodes.iter().map(|node| node.addr()).collect(), ADMIN_TOKEN).await.expect("admin client")
 }
 
 async fn wait_for_leader(nodes: &[&TestNode]) -> u64 {
@@ -326,9 +333,12 @@ async fn wrong_secret_cannot_join_and_wrong_token_is_refused() {
     let intruder = Server::start(intruder_config).await.expect("intruder starts");
     client(&all).await.put("secret-data", "x").await.expect("write");
     let leader_node = nodes.iter().find(|node| node.id == leader).expect("leader");
-    let mut short = client(&[leader_node]).await.with_retry_deadline(Duration::from_secs(1));
+    let mut short = admin_client(&[leader_node]).await.with_retry_deadline(Duration::from_secs(1));
     let added = short.add_learner(intruder.member()).await;
-    assert!(added.is_err(), "a node with the wrong secret must not join: {added:?}");
+    assert!(
+        added.as_ref().is_err_and(|error| !matches!(error, ClientError::Unauthorized(_))),
+        "a node with the wrong secret must not join: {added:?}"
+    );
     assert!(intruder.node().metrics().last_applied.is_none(), "the intruder received no entries");
     let denied = intruder.metrics().raft_denied.load(std::sync::atomic::Ordering::Relaxed);
     assert!(denied > 0, "the intruder refused the leader's RPCs as unauthenticated");
@@ -366,6 +376,81 @@ impl aspen_transport::RpcHandler for Impostor {
 
     fn reject(&self, _peer: aspen_transport::EndpointId, error: aspen_transport::TransportError) -> RaftEnvelopeReply {
         RaftEnvelopeReply::Denied(error.to_string())
+    }
+}
+
+/// Client refusals counted by every node together.
+fn unauthorized_total(nodes: &[TestNode]) -> u64 {
+    nodes.iter().filter_map(|node| node.server.as_ref()).map(|server| server.metrics().unauthorized.get()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_data_token_reads_and_writes_but_only_the_admin_token_changes_the_cluster() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut nodes = start_cluster(root.path(), 3).await;
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    let leader = wait_for_leader(&all).await;
+    let follower = nodes.iter().find(|node| node.id != leader).expect("a follower").id;
+
+    // The data token: every data request, the reads confirmed through Status and Term.
+    let data = client(&all).await.with_retry_deadline(Duration::from_secs(5));
+    data.put("k", "v").await.expect("the data token writes");
+    assert!(read_until_confirmed(&data, b"v", 40).await, "the data token's linearizable reads are confirmed");
+    let scan = data.scan(ScanRequest::prefix(b"k".to_vec(), 0)).await.expect("the data token scans");
+    assert_eq!(scan.kvs.len(), 1);
+    data.sql(aspen_api::SqlRequest::new("SELECT key FROM kv")).await.expect("the data token runs SQL");
+    data.delete("k").await.expect("the data token deletes");
+    assert_eq!(data.status().await.expect("the data token reads the status").leader, Some(leader));
+    data.node_metrics(&nodes[0].addr()).await.expect("the data token reads metrics");
+
+    // ... but no administration, and each refusal says which token it needs.
+    let mut newcomer = TestNode::start(4, root.path()).await;
+    let before = unauthorized_total(&nodes);
+    let attempts = [
+        ("init", data.init(vec![newcomer.server().member()]).await),
+        ("add learner", data.add_learner(newcomer.server().member()).await),
+        ("change membership", data.change_membership([1, 2, 3, 4].into()).await),
+        ("remove node", data.remove(follower).await),
+        ("transfer leader", data.transfer_leader(follower).await),
+        ("trigger snapshot", data.trigger_snapshot().await),
+    ];
+    for (operation, outcome) in attempts {
+        match outcome {
+            Err(ClientError::Unauthorized(reason)) => {
+                assert!(reason.contains(operation) && reason.contains("admin token"), "{operation}: {reason}")
+            }
+            other => panic!("{operation} with the data token: {other:?}"),
+        }
+    }
+    assert!(unauthorized_total(&nodes) >= before + 6, "every refusal is counted");
+    let status = data.status().await.expect("status");
+    assert_eq!(status.voters, [1, 2, 3].into(), "nothing changed");
+    assert!(status.learners.is_empty(), "nothing changed: {status:?}");
+    assert_eq!(wait_for_leader(&all).await, leader, "leadership stayed");
+    assert!(nodes.iter().all(|node| node.server().node().metrics().snapshot.is_none()), "no snapshot was built");
+
+    // The admin token does all of it, and data requests too.
+    let admin = admin_client(&all).await.with_retry_deadline(Duration::from_secs(10));
+    admin.add_learner(newcomer.server().member()).await.expect("the admin token adds a learner");
+    admin.change_membership([1, 2, 3, 4].into()).await.expect("the admin token promotes it");
+    admin.transfer_leader(follower).await.expect("the admin token hands over leadership");
+    let mut voters: Vec<&TestNode> = all.clone();
+    voters.push(&newcomer);
+    for _ in 0..100 {
+        if wait_for_leader(&voters).await == follower {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(wait_for_leader(&voters).await, follower, "leadership moved to node {follower}");
+    admin.remove(4).await.expect("the admin token removes a node");
+    admin.trigger_snapshot().await.expect("the admin token triggers a snapshot");
+    admin.put("k", "admin").await.expect("the admin token writes");
+    let status = admin.status().await.expect("status");
+    assert_eq!(status.voters, [1, 2, 3].into());
+    newcomer.stop().await;
+    for node in &mut nodes {
+        node.stop().await;
     }
 }
 
@@ -522,7 +607,7 @@ async fn membership_three_to_five_to_three_over_iroh_while_writes_continue() {
     let nodes = start_cluster(root.path(), 3).await;
     let all: Vec<&TestNode> = nodes.iter().collect();
     wait_for_leader(&all).await;
-    let admin = client(&all).await;
+    let admin = admin_client(&all).await;
     let writer = std::sync::Arc::new(client(&all).await);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writes = {
@@ -726,7 +811,7 @@ async fn removing_the_leader_hands_over_and_leaves_a_working_cluster() {
     let old_leader = wait_for_leader(&all).await;
     let follower = nodes.iter().find(|node| node.id != old_leader).expect("a follower");
     // The client knows only a follower: the removal reaches the leader by its redirect.
-    let admin = client(&[follower]).await;
+    let admin = admin_client(&[follower]).await;
     admin.put("before", "1").await.expect("write before the removal");
     admin.remove(old_leader).await.expect("remove the leader");
 
