@@ -65,16 +65,21 @@ impl Sessions {
         if cfg!(feature = "sim-bug-no-dedup") {
             return apply::apply_command(conn, revision, &write.command);
         }
-        let mut session = match self.load(conn, id.session)? {
-            Some(session) => session,
+        if !self.load(conn, id.session)? {
             // Only a client still waiting for its first write may start a session: any later
             // write to an unknown session means it expired, and starting afresh could apply
             // a retried write twice.
-            None if id.first_outstanding == 1 => match self.make_room(conn, now_ms)? {
-                Ok(()) => Session { floor: 1, last_used_ms: now_ms, replies: BTreeMap::new() },
-                Err(error) => return Ok(Err(error)),
-            },
-            None => return Ok(Err(ApplyError::SessionExpired { session: id.session })),
+            if id.first_outstanding != 1 {
+                return Ok(Err(ApplyError::SessionExpired { session: id.session }));
+            }
+            if let Err(error) = self.make_room(conn, now_ms)? {
+                return Ok(Err(error));
+            }
+            self.rows.insert(id.session, Session { floor: 1, last_used_ms: now_ms, replies: BTreeMap::new() });
+        }
+        // Worked on in place: a client with many writes in one apply pays for its row once.
+        let Some(session) = self.rows.get_mut(&id.session) else {
+            return Ok(Err(ApplyError::SessionExpired { session: id.session }));
         };
         if id.seq < session.floor {
             return Ok(Err(ApplyError::WriteTooOld { seq: id.seq, floor: session.floor }));
@@ -91,30 +96,32 @@ impl Sessions {
             return Ok(Err(ApplyError::WriteTooOld { seq: id.seq, floor }));
         }
         let result = apply::apply_command(conn, revision, &write.command)?;
-        session.floor = floor;
-        session.replies = session.replies.split_off(&floor);
+        if floor > session.floor {
+            session.floor = floor;
+            session.replies = session.replies.split_off(&floor);
+        }
         session.replies.insert(id.seq, remember(&result, revision));
         session.last_used_ms = session.last_used_ms.max(now_ms);
-        self.rows.insert(id.session, session);
         Ok(result)
     }
 
-    fn load(&mut self, conn: &Connection, id: SessionId) -> rusqlite::Result<Option<Session>> {
-        if let Some(session) = self.rows.get(&id) {
-            return Ok(Some(session.clone()));
+    /// Makes sure `id`'s row is in [`Sessions::rows`]; `false` if the session does not exist.
+    fn load(&mut self, conn: &Connection, id: SessionId) -> rusqlite::Result<bool> {
+        if self.rows.contains_key(&id) {
+            return Ok(true);
         }
         let row: Option<Vec<u8>> = conn
             .prepare_cached("SELECT state FROM sessions WHERE id = ?1")?
             .query_row(params![id.0.to_be_bytes()], |row| row.get(0))
             .optional()?;
-        let Some(bytes) = row else { return Ok(None) };
+        let Some(bytes) = row else { return Ok(false) };
         // A row that does not decode was written by another version or damaged; the
         // error stops the apply (a fault, not a result), like any other SQLite failure.
         let session = postcard::from_bytes(&bytes).map_err(|error| {
             rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(error))
         })?;
         self.rows.insert(id, session);
-        Ok(self.rows.get(&id).cloned())
+        Ok(true)
     }
 
     /// Makes room for one more session: below [`MAX_SESSIONS`], or by replacing the least
@@ -197,6 +204,11 @@ fn read_count(conn: &Connection) -> rusqlite::Result<u64> {
 
 /// What to keep of `result`: the answer itself when it is small enough.
 fn remember(result: &Result<WriteResponse, ApplyError>, revision: Revision) -> Remembered {
+    // Only transaction and batch answers can be large; the others are a few bytes, and
+    // measuring them would cost an encoding per write.
+    if !matches!(result, Ok(WriteResponse::Txn(_) | WriteResponse::Batch(_))) {
+        return Remembered::Reply(result.clone());
+    }
     match postcard::to_stdvec(result) {
         Ok(bytes) if bytes.len() <= MAX_SESSION_REPLY_SIZE => Remembered::Reply(result.clone()),
         _ => Remembered::Applied(revision),
