@@ -30,11 +30,15 @@ where
     }
 }
 
-/// This node's wall-clock time in ms since the Unix epoch (the simulated clock under madsim,
-/// which intercepts the system clock). Only for times that are then replicated, such as a
+/// This node's wall-clock time in ms since the Unix epoch (madsim's simulated clock under the
+/// simulator, so a seed replays exactly). Only for times that are then replicated, such as a
 /// proposal's stamp: nodes' clocks differ, so no decision reads it directly.
 pub fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
+    #[cfg(not(madsim))]
+    let now = std::time::SystemTime::now();
+    #[cfg(madsim)]
+    let now = madsim::time::TimeHandle::current().now_time();
+    now.duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
 /// Spawns a task on the current runtime (the current simulated node under madsim).

@@ -56,11 +56,13 @@ pub(crate) fn synced(path: &Path) {
 /// `torn_keep` of its bytes when `torn_keep` is shorter than it. Returns a description for
 /// the simulator's trace.
 pub fn lose_unsynced(path: &Path, lost: usize, torn_keep: usize) -> String {
+    // The file name only: the directory holds the process id, and traces must replay exactly.
+    let name = path.file_name().map_or_else(|| path.display().to_string(), |name| name.to_string_lossy().into_owned());
     let Some(mut undos) = unsynced().as_mut().and_then(|map| map.remove(path)) else {
-        return format!("{}: nothing unsynced", path.display());
+        return format!("{name}: nothing unsynced");
     };
     let Ok(file) = std::fs::OpenOptions::new().write(true).open(path) else {
-        return format!("{}: cannot open", path.display());
+        return format!("{name}: cannot open");
     };
     let total = undos.len();
     let lost = lost.min(total);
@@ -77,5 +79,5 @@ pub fn lose_unsynced(path: &Path, lost: usize, torn_keep: usize) -> String {
         torn = format!(", the write before them torn after {keep} of {} bytes", last.new_len);
     }
     let failed = result.iter().filter(|outcome| outcome.is_err()).count();
-    format!("{}: {lost} of {total} unsynced writes lost{torn} ({failed} restores failed)", path.display())
+    format!("{name}: {lost} of {total} unsynced writes lost{torn} ({failed} restores failed)")
 }

@@ -12,7 +12,7 @@
 //! the same sessions at the same index; `--features sim-bug-no-dedup` (a deliberate bug for
 //! the simulator's self-test) skips the check.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use aspen_api::session::{
     MAX_SESSION_REPLY_SIZE, MAX_SESSION_WINDOW, MAX_SESSIONS, SESSION_IDLE_EXPIRY_MS, SESSION_MIN_IDLE_MS,
@@ -50,7 +50,8 @@ struct Session {
 /// The sessions one apply transaction touches, written back by [`Sessions::flush`].
 #[derive(Default)]
 pub struct Sessions {
-    rows: HashMap<SessionId, Session>,
+    /// Ordered, so rows are written back in the same order on every replica.
+    rows: BTreeMap<SessionId, Session>,
     /// Live sessions, loaded from `raft_meta` on first need.
     count: Option<u64>,
 }
@@ -179,7 +180,7 @@ impl Sessions {
             "INSERT INTO sessions (id, last_used_ms, state) VALUES (?1, ?2, ?3)
              ON CONFLICT(id) DO UPDATE SET last_used_ms = excluded.last_used_ms, state = excluded.state",
         )?;
-        for (id, session) in self.rows.drain() {
+        for (id, session) in std::mem::take(&mut self.rows) {
             let state = postcard::to_stdvec(&session)
                 .map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))?;
             upsert.execute(params![id.0.to_be_bytes(), session.last_used_ms, state])?;
