@@ -297,22 +297,31 @@ impl Cluster {
         Some((leader, metrics.current_term))
     }
 
+    /// A write through `leader`'s own node: `Some(committed)`, or `None` if it could not be
+    /// started there (a host restarted by an earlier crash step refuses tasks spawned through
+    /// its old handle).
+    async fn probe_write(&self, leader: NodeId) -> Option<bool> {
+        let (node, host) = (self.registry.get(leader)?, self.hosts.get(&leader)?);
+        let raft = node.raft.clone();
+        let probe = WriteCommand::Put { key: b"probe/minority".to_vec(), value: b"up".to_vec(), lease: None };
+        let written =
+            madsim::time::timeout(MINORITY_WRITE_BOUND, host.spawn(async move { raft.write(probe.into()).await }))
+                .await;
+        match written {
+            Ok(Ok(result)) => Some(result.is_ok()),
+            Ok(Err(_)) => None,
+            Err(_) => Some(false),
+        }
+    }
+
     /// While `minority` is cut off for `held`: the majority's leader stays leader of `term`
     /// and a write through it commits within `MINORITY_WRITE_BOUND`.
     async fn check_quiet_minority(&self, minority: &[NodeId], leader: NodeId, term: u64, held: Duration) {
         let started = madsim::time::Instant::now();
-        let write = async {
-            let (node, host) = (self.registry.get(leader)?, self.hosts.get(&leader)?);
-            let raft = node.raft.clone();
-            let probe = WriteCommand::Put { key: b"probe/minority".to_vec(), value: b"up".to_vec(), lease: None };
-            let written = host.spawn(async move { raft.write(probe.into()).await }).await.ok()?;
-            Some(written.is_ok())
-        };
-        let committed = madsim::time::timeout(MINORITY_WRITE_BOUND, write).await;
+        let committed = madsim::time::timeout(MINORITY_WRITE_BOUND, self.probe_write(leader)).await;
         self.trace
             .event(now_ms(), format!("availability: with {minority:?} cut off a write took {:?}", started.elapsed()));
-        // `Ok(None)`: the probe could not be started on the leader's host (a host restarted
-        // by an earlier crash step refuses tasks spawned through its old handle); no verdict.
+        // `Ok(None)`: the probe could not be started on the leader's host; no verdict.
         if self.registry.get(leader).is_some() && matches!(committed, Ok(Some(false)) | Err(_)) {
             self.trace.violation(
                 now_ms(),
@@ -378,7 +387,14 @@ impl Cluster {
                 // Cutting off a minority that does not hold the leader must cost nothing
                 // (Pre-Vote): the same leader and term throughout, and writes keep committing.
                 let voters = self.voters();
-                let before = self.leader_and_term();
+                // Armed only behind a leader that commits a write now: a leader deposed by an
+                // earlier step that has not noticed yet is no baseline.
+                let before = match self.leader_and_term() {
+                    Some((leader, term)) if self.probe_write(leader).await == Some(true) => {
+                        self.leader_and_term().filter(|now| *now == (leader, term))
+                    }
+                    _ => None,
+                };
                 let quiet_minority = before.and_then(|(leader, _)| {
                     let minority = if left.contains(&leader) { &right } else { &left };
                     let cut = minority.iter().filter(|id| voters.contains(id)).count();
