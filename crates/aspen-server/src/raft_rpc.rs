@@ -108,6 +108,7 @@ fn failure(node: NodeId, error: TransportError) -> RpcFailure {
         TransportError::ConnectTimeout { .. }
         | TransportError::Connect { .. }
         | TransportError::OpenTimeout { .. }
+        | TransportError::PeerDown { .. }
         | TransportError::InvalidPeerAddr { .. } => RpcFailure::Unreachable { node, reason: error.to_string() },
         TransportError::ReadTimeout { after_ms, .. } => RpcFailure::Timeout { node, after_ms },
         other => RpcFailure::Network { node, reason: other.to_string() },

@@ -78,6 +78,17 @@ pub enum TransportError {
     /// A message could not be encoded or decoded.
     #[error("malformed message: {0}")]
     Codec(String),
+    /// The peer is taken for down (its last dial failed or its connection went silent), so
+    /// the request was not sent; it is redialed in the background.
+    #[error("{peer} is unreachable ({reason}; down for {for_ms} ms)")]
+    PeerDown {
+        /// The peer.
+        peer: String,
+        /// How long it has been down, in milliseconds.
+        for_ms: u64,
+        /// Why it was taken for down.
+        reason: String,
+    },
     /// The request was not sent: the stream it would have gone on had already failed.
     #[error("not sent to {peer}: {reason}")]
     NotSent {
@@ -99,6 +110,7 @@ impl TransportError {
                 | TransportError::InvalidPeerAddr { .. }
                 | TransportError::MessageTooLarge { .. }
                 | TransportError::NotSent { .. }
+                | TransportError::PeerDown { .. }
         )
     }
 }

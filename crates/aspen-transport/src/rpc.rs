@@ -10,7 +10,8 @@
 //! knows; QUIC alone would notice only at its idle timeout, cutting the peer off for that
 //! long. So each pooled connection is watched: a peer that sends nothing at all for
 //! [`PEER_SILENCE_LIMIT`] while a request to it waits is taken for gone, the connection is
-//! closed, and the next call dials afresh.
+//! closed, and the peer is marked down: calls to it fail at once while it is redialed in
+//! the background (see [`crate::dial`]), so no caller waits out a connect timeout.
 //!
 //! Why not irpc: its message bound is a fixed 16 MiB and an oversized message tears down
 //! the shared connection; Aspen needs its own 10 MiB bound, checked before sending with a
@@ -30,6 +31,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::dial::{Dials, PoolKey, Reachability};
 use crate::error::TransportError;
 use crate::mux::MuxSession;
 use crate::peer::PeerAddr;
@@ -66,8 +68,6 @@ const RESET_TOO_LARGE: u32 = 413;
 const CLOSE_BUSY: u32 = 503;
 /// Connection close code for a peer that went silent.
 const CLOSE_SILENT: u32 = 408;
-
-type PoolKey = (EndpointId, &'static [u8]);
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -114,9 +114,10 @@ impl WatchedConnection {
     }
 }
 
-/// Closes `watched`'s connection once its peer has been silent for [`PEER_SILENCE_LIMIT`];
-/// ends when the connection closes or leaves the pool and every lane on it is gone.
-async fn close_when_silent(watched: Weak<WatchedConnection>, peer: String) {
+/// Closes `watched`'s connection once its peer has been silent for [`PEER_SILENCE_LIMIT`]
+/// and marks the peer down in `dials`; ends when the connection closes or leaves the pool
+/// and every lane on it is gone.
+async fn close_when_silent(watched: Weak<WatchedConnection>, dials: Dials, key: PoolKey, peer: String) {
     loop {
         tokio::time::sleep(SILENCE_CHECK_PERIOD).await;
         let Some(watched) = watched.upgrade() else { return };
@@ -126,8 +127,10 @@ async fn close_when_silent(watched: Weak<WatchedConnection>, peer: String) {
         if let Some(silent) = watched.silent_for()
             && silent >= PEER_SILENCE_LIMIT
         {
-            tracing::warn!(peer, silent_ms = silent.as_millis() as u64, "peer went silent; closing the connection");
+            let silent_ms = silent.as_millis() as u64;
+            tracing::warn!(peer, silent_ms, "peer went silent; closing the connection");
             watched.connection.close(VarInt::from_u32(CLOSE_SILENT), b"peer silent");
+            dials.mark_down(key, format!("sent nothing for {silent_ms} ms while a request waited"));
             return;
         }
     }
@@ -150,20 +153,55 @@ struct PoolEntry {
     mux: Option<Arc<MuxSession>>,
 }
 
+/// The connection pool, shared with the dial tasks that fill it.
+type Pool = Arc<Mutex<HashMap<PoolKey, PoolEntry>>>;
+
 /// Sends requests to peers over pooled connections and lanes.
 pub struct RpcClient {
     endpoint: Endpoint,
-    pool: Mutex<HashMap<PoolKey, PoolEntry>>,
+    pool: Pool,
+    dials: Dials,
     read_timeout: Duration,
-    /// Held while a multiplexed stream is being opened, so that callers arriving together
-    /// open one stream, not one each.
-    mux_opening: tokio::sync::Mutex<()>,
+    /// Per peer, held while a multiplexed stream to it is being opened, so that callers
+    /// arriving together open one stream, not one each (and a peer slow to answer holds up
+    /// no other).
+    mux_opening: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl fmt::Debug for RpcClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RpcClient").field("endpoint", &self.endpoint.id()).finish()
     }
+}
+
+impl Drop for RpcClient {
+    fn drop(&mut self) {
+        // A dial task holds the pool, not the client: stop it with the client.
+        self.dials.abort_all();
+    }
+}
+
+/// Dials `peer` on `alpn` from `endpoint` within [`CONNECT_TIMEOUT`] and pools the
+/// connection, watched for silence.
+async fn open_connection(
+    endpoint: Endpoint,
+    pool: Pool,
+    dials: Dials,
+    peer: PeerAddr,
+    alpn: &'static [u8],
+) -> Result<(), TransportError> {
+    let connection = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(peer.endpoint_addr(), alpn))
+        .await
+        .map_err(|_| TransportError::ConnectTimeout {
+            peer: peer.short(),
+            after_ms: CONNECT_TIMEOUT.as_millis() as u64,
+        })?
+        .map_err(|error| TransportError::Connect { peer: peer.short(), reason: error.to_string() })?;
+    let key = (peer.id, alpn);
+    let watched = Arc::new(WatchedConnection { connection, unheard: Mutex::new(None) });
+    tokio::spawn(close_when_silent(Arc::downgrade(&watched), dials, key, peer.short()));
+    lock(&pool).insert(key, PoolEntry { connection: watched, idle: Vec::new(), mux: None });
+    Ok(())
 }
 
 /// Encodes `message` as one frame (length prefix and postcard bytes), refusing one over
@@ -258,7 +296,13 @@ impl RpcClient {
 
     /// A client with a custom reply timeout (for long operations such as snapshot installs).
     pub fn with_read_timeout(endpoint: Endpoint, read_timeout: Duration) -> Self {
-        RpcClient { endpoint, pool: Mutex::new(HashMap::new()), read_timeout, mux_opening: tokio::sync::Mutex::new(()) }
+        RpcClient {
+            endpoint,
+            pool: Pool::default(),
+            dials: Dials::default(),
+            read_timeout,
+            mux_opening: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The endpoint requests are sent from.
@@ -312,11 +356,22 @@ impl RpcClient {
     }
 
     /// Connects to `peer` on `alpn` (or reuses the pooled connection), without a request.
+    /// Fails at once with [`TransportError::PeerDown`] while the peer is taken for down.
     pub async fn connect(&self, peer: &PeerAddr, alpn: &'static [u8]) -> Result<Connection, TransportError> {
         Ok(self.watched_connection(peer, alpn).await?.connection.clone())
     }
 
-    /// The pooled connection to `peer` on `alpn`, or a new one (then watched for silence).
+    /// What the pool knows about reaching `peer` on `alpn`.
+    pub fn reachability(&self, peer: &PeerAddr, alpn: &'static [u8]) -> Reachability {
+        let key = (peer.id, alpn);
+        if self.pooled(&key).is_some() {
+            return Reachability::Connected;
+        }
+        self.dials.reachability(&key).unwrap_or(Reachability::Unknown)
+    }
+
+    /// The pooled connection to `peer` on `alpn`, or a new one (then watched for silence),
+    /// dialed once however many callers need it; fails at once while the peer is down.
     async fn watched_connection(
         &self,
         peer: &PeerAddr,
@@ -326,17 +381,13 @@ impl RpcClient {
         if let Some(watched) = self.pooled(&key) {
             return Ok(watched);
         }
-        let connection = tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint.connect(peer.endpoint_addr(), alpn))
-            .await
-            .map_err(|_| TransportError::ConnectTimeout {
-                peer: peer.short(),
-                after_ms: CONNECT_TIMEOUT.as_millis() as u64,
-            })?
-            .map_err(|error| TransportError::Connect { peer: peer.short(), reason: error.to_string() })?;
-        let watched = Arc::new(WatchedConnection { connection, unheard: Mutex::new(None) });
-        tokio::spawn(close_when_silent(Arc::downgrade(&watched), peer.short()));
-        self.lock_pool().insert(key, PoolEntry { connection: Arc::clone(&watched), idle: Vec::new(), mux: None });
-        Ok(watched)
+        let (endpoint, pool, dials) = (self.endpoint.clone(), Arc::clone(&self.pool), self.dials.clone());
+        let target = peer.clone();
+        self.dials.dial(key, &peer.short(), move || open_connection(endpoint, pool, dials, target, alpn)).await?;
+        self.pooled(&key).ok_or_else(|| TransportError::Connect {
+            peer: peer.short(),
+            reason: "the new connection closed at once".into(),
+        })
     }
 
     /// A lane to `peer`: an idle pooled one, or a new stream.
@@ -440,7 +491,8 @@ impl RpcClient {
         if let Some(found) = self.pooled_mux(&key) {
             return Ok(found);
         }
-        let _opening = self.mux_opening.lock().await;
+        let opening = Arc::clone(lock(&self.mux_opening).entry(key).or_default());
+        let _opening = opening.lock().await;
         if let Some(found) = self.pooled_mux(&key) {
             return Ok(found);
         }
@@ -479,8 +531,10 @@ impl RpcClient {
         postcard::from_bytes(&reply).map_err(|error| TransportError::Codec(error.to_string()))
     }
 
-    /// Closes every pooled connection.
+    /// Cancels every dial under way and closes every pooled connection.
     pub fn close_all(&self) {
+        self.dials.abort_all();
+        lock(&self.mux_opening).clear();
         let mut pool = self.lock_pool();
         for (_, entry) in pool.drain() {
             entry.connection.connection.close(VarInt::from_u32(0), b"closing");

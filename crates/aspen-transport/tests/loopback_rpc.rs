@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use aspen_api::limits::{MAX_IDLE_LANES_PER_PEER, MAX_RPC_MESSAGE_SIZE};
 use aspen_transport::{
-    EndpointId, PeerAddr, RpcClient, RpcHandler, RpcProtocol, SecretKey, TransportError, bind_endpoint,
+    EndpointId, PeerAddr, Reachability, RpcClient, RpcHandler, RpcProtocol, SecretKey, TransportError, bind_endpoint,
     load_or_create_secret_key,
 };
 use iroh::protocol::Router;
@@ -166,6 +166,14 @@ async fn unreachable_peer_fails_within_the_connect_timeout() {
     let error = client.call::<_, Reply>(&nobody, TEST_ALPN, &Request::Echo(vec![])).await.expect_err("unreachable");
     assert!(matches!(error, TransportError::ConnectTimeout { .. } | TransportError::Connect { .. }), "{error}");
     assert!(started.elapsed() < Duration::from_secs(8), "bounded by the connect timeout");
+
+    // Now known to be down: the next call fails at once instead of dialing and waiting again.
+    assert!(matches!(client.reachability(&nobody, TEST_ALPN), Reachability::Down { .. }));
+    let started = Instant::now();
+    let error = client.call::<_, Reply>(&nobody, TEST_ALPN, &Request::Echo(vec![])).await.expect_err("down");
+    assert!(matches!(error, TransportError::PeerDown { .. }), "{error}");
+    assert!(error.is_before_send(), "nothing was sent to a peer known down");
+    assert!(started.elapsed() < Duration::from_secs(1), "no connect timeout for a peer known down");
 
     // Right address, wrong identity: the handshake refuses it.
     let (router, addr) = server(SecretKey::generate()).await;
