@@ -152,7 +152,7 @@ impl Dials {
                     let (since, failures) =
                         state.down.as_ref().map_or((now, 1), |down| (down.since, down.failures + 1));
                     let retry_after = now + backoff(failures);
-                    state.down = Some(PeerDown { since, failures, reason: error.to_string(), retry_after });
+                    state.down = Some(PeerDown { since, failures, reason: error.reason(), retry_after });
                 }
             }
         }

@@ -17,6 +17,10 @@ use crate::error::TransportError;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Keep-alive period on idle connections.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// Bytes of unread datagrams a connection keeps. Datagrams carry only the liveness probes
+/// of the RPC client's connection watcher (see `rpc`), acknowledged by QUIC and never read;
+/// beyond this the oldest are dropped, which costs nothing.
+pub const DATAGRAM_RECEIVE_BUFFER: usize = 4096;
 /// The round-trip time a client assumes before its first sample (QUIC's default is 333 ms).
 /// A connection closed while its handshake is under way, such as a dial to a crashed node
 /// that a client stops waiting for, drains for three probe timeouts, nine times this, and
@@ -106,7 +110,8 @@ async fn bind(
     let mut transport = QuicTransportConfig::builder()
         .max_idle_timeout(Some(idle))
         .keep_alive_interval(KEEP_ALIVE)
-        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION as u32));
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION as u32))
+        .datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER));
     if let Some(rtt) = initial_rtt {
         transport = transport.initial_rtt(rtt);
     }

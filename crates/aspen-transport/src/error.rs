@@ -100,6 +100,20 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// What went wrong, without naming the peer (for lists that name it already).
+    pub fn reason(&self) -> String {
+        match self {
+            TransportError::ConnectTimeout { after_ms, .. } => format!("connecting timed out after {after_ms} ms"),
+            TransportError::Connect { reason, .. }
+            | TransportError::Stream { reason, .. }
+            | TransportError::NotSent { reason, .. } => reason.clone(),
+            TransportError::OpenTimeout { after_ms, .. } => format!("opening a stream timed out after {after_ms} ms"),
+            TransportError::ReadTimeout { after_ms, .. } => format!("no reply within {after_ms} ms"),
+            TransportError::PeerDown { for_ms, reason, .. } => format!("{reason}; down for {for_ms} ms"),
+            other => other.to_string(),
+        }
+    }
+
     /// Whether the request certainly did not reach the peer (safe to retry anything).
     pub fn is_before_send(&self) -> bool {
         matches!(

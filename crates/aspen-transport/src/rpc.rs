@@ -11,7 +11,11 @@
 //! long. So each pooled connection is watched: a peer that sends nothing at all for
 //! [`PEER_SILENCE_LIMIT`] while a request to it waits is taken for gone, the connection is
 //! closed, and the peer is marked down: calls to it fail at once while it is redialed in
-//! the background (see [`crate::dial`]), so no caller waits out a connect timeout.
+//! the background (see [`crate::dial`]), so no caller waits out a connect timeout. A peer
+//! may also die after acknowledging a request and before answering it; while a request
+//! waits and the peer has been quiet for a check period, the watcher sends it a one-byte
+//! datagram, which a live peer's QUIC stack acknowledges within its ack delay whatever its
+//! application is doing, so that silence is noticed too.
 //!
 //! Why not irpc: its message bound is a fixed 16 MiB and an oversized message tears down
 //! the shared connection; Aspen needs its own 10 MiB bound, checked before sending with a
@@ -20,6 +24,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -55,8 +60,12 @@ pub const LANE_REUSE_WINDOW: Duration = Duration::from_secs(30);
 /// round trip plus its ack delay (25 ms), however long it takes to answer, so this is
 /// generous even on a loaded machine.
 pub const PEER_SILENCE_LIMIT: Duration = Duration::from_secs(2);
-/// How often each pooled connection is checked for a silent peer.
-const SILENCE_CHECK_PERIOD: Duration = Duration::from_millis(500);
+/// How often each pooled connection is checked for a silent peer (and, while a request
+/// waits on a quiet peer, probed).
+const SILENCE_CHECK_PERIOD: Duration = Duration::from_millis(100);
+/// The liveness probe: an unreliable datagram, acknowledged by the peer's QUIC stack and
+/// never read by its application.
+const PROBE_DATAGRAM: &[u8] = b"?";
 
 /// Bytes of the length prefix in front of every frame.
 const FRAME_HEADER_SIZE: usize = 4;
@@ -79,6 +88,17 @@ struct WatchedConnection {
     /// While a request waits to be heard: when it was sent and how many frames the
     /// connection had received by then. Cleared once any frame arrives after that.
     unheard: Mutex<Option<(Instant, u64)>>,
+    /// Requests on this connection waiting for their replies.
+    waiting: AtomicUsize,
+}
+
+/// Counts one request as waiting on a connection until dropped.
+struct WaitingReply<'a>(&'a WatchedConnection);
+
+impl Drop for WaitingReply<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl WatchedConnection {
@@ -102,6 +122,12 @@ impl WatchedConnection {
         }
     }
 
+    /// Counts a request as waiting for its reply until the returned guard drops.
+    fn wait_for_reply(&self) -> WaitingReply<'_> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        WaitingReply(self)
+    }
+
     /// How long the peer has sent nothing while a request waited to be heard, if it has.
     fn silent_for(&self) -> Option<Duration> {
         let mut unheard = lock(&self.unheard);
@@ -118,12 +144,22 @@ impl WatchedConnection {
 /// and marks the peer down in `dials`; ends when the connection closes or leaves the pool
 /// and every lane on it is gone.
 async fn close_when_silent(watched: Weak<WatchedConnection>, dials: Dials, key: PoolKey, peer: String) {
+    let mut received_before = 0;
     loop {
         tokio::time::sleep(SILENCE_CHECK_PERIOD).await;
         let Some(watched) = watched.upgrade() else { return };
         if watched.connection.close_reason().is_some() {
             return;
         }
+        // A reply is awaited and the peer sent nothing for a whole period: make it answer
+        // (its acknowledgement of the probe), and count the probe as a request to be heard.
+        let received = watched.received();
+        if watched.waiting.load(Ordering::Relaxed) > 0 && received == received_before {
+            watched.request_sent();
+            // A peer without datagram support just keeps the old rule.
+            let _ = watched.connection.send_datagram(bytes::Bytes::from_static(PROBE_DATAGRAM));
+        }
+        received_before = received;
         if let Some(silent) = watched.silent_for()
             && silent >= PEER_SILENCE_LIMIT
         {
@@ -198,7 +234,7 @@ async fn open_connection(
         })?
         .map_err(|error| TransportError::Connect { peer: peer.short(), reason: error.to_string() })?;
     let key = (peer.id, alpn);
-    let watched = Arc::new(WatchedConnection { connection, unheard: Mutex::new(None) });
+    let watched = Arc::new(WatchedConnection { connection, unheard: Mutex::new(None), waiting: AtomicUsize::new(0) });
     tokio::spawn(close_when_silent(Arc::downgrade(&watched), dials, key, peer.short()));
     lock(&pool).insert(key, PoolEntry { connection: watched, idle: Vec::new(), mux: None });
     Ok(())
@@ -450,6 +486,8 @@ impl RpcClient {
         // A failed or timed-out exchange drops the lane (its stream is finished, never
         // reused), so a late reply can never be read as the answer to a later request.
         lane.connection.request_sent();
+        let connection = Arc::clone(&lane.connection);
+        let waiting = connection.wait_for_reply();
         let exchange = async {
             lane.send.write_all(&frame).await.map_err(|error| stream_error(error.to_string()))?;
             let size = match read_frame_header(&mut lane.recv).await {
@@ -465,6 +503,7 @@ impl RpcClient {
         let reply = tokio::time::timeout(self.read_timeout, exchange).await.map_err(|_| {
             TransportError::ReadTimeout { peer: peer.short(), after_ms: self.read_timeout.as_millis() as u64 }
         })??;
+        drop(waiting);
         self.return_lane((peer.id, alpn), lane);
         postcard::from_bytes(&reply).map_err(|error| TransportError::Codec(error.to_string()))
     }
@@ -520,6 +559,7 @@ impl RpcClient {
         Resp: DeserializeOwned,
     {
         let (watched, session) = self.mux_session(peer, alpn).await?;
+        let _waiting = watched.wait_for_reply();
         let exchange = async {
             watched.request_sent();
             let mut claim = session.send(request).await?;

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aspen_api::limits::{MAX_IDLE_LANES_PER_PEER, MAX_RPC_MESSAGE_SIZE};
+use aspen_transport::rpc::PEER_SILENCE_LIMIT;
 use aspen_transport::{
     EndpointId, PeerAddr, Reachability, RpcClient, RpcHandler, RpcProtocol, SecretKey, TransportError, bind_endpoint,
     load_or_create_secret_key,
@@ -221,6 +222,20 @@ async fn client_reconnects_after_the_server_restarts_with_the_same_identity() {
         result = client.call::<_, Reply>(&addr, TEST_ALPN, &Request::Echo(vec![1])).await;
     }
     assert!(matches!(result, Ok(Reply::Echo { bytes: 1, .. })), "{result:?}");
+    router.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_peer_slower_to_answer_than_the_silence_limit_is_not_taken_for_gone() {
+    // The peer acknowledges the request, then says nothing until it answers: the watcher's
+    // probes must find it alive, not close the connection under the waiting call.
+    let (router, addr) = server(SecretKey::generate()).await;
+    let client = client().await;
+    let slow = PEER_SILENCE_LIMIT + Duration::from_millis(500);
+    let reply: Reply =
+        client.call(&addr, TEST_ALPN, &Request::Slow(slow.as_millis() as u64)).await.expect("slow reply");
+    assert!(matches!(reply, Reply::Echo { bytes: 0, .. }), "{reply:?}");
+    assert_eq!(client.reachability(&addr, TEST_ALPN), Reachability::Connected, "the connection stayed up");
     router.shutdown().await.expect("shutdown");
 }
 
