@@ -419,7 +419,10 @@ impl AspenClient {
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => return Err(ClientError::Unreachable(error)),
                 Err(_) => {
-                    let reason = format!("no connection within {} ms; still dialing", connect_wait.as_millis());
+                    let reason = match connect_wait.as_millis() {
+                        0 => "no answer to the handshake yet".to_string(),
+                        waited => format!("no answer to the handshake within {waited} ms"),
+                    };
                     return Err(ClientError::Unreachable(TransportError::Connect { peer: peer.short(), reason }));
                 }
             }
@@ -598,7 +601,7 @@ impl AspenClient {
             let reason = match (failures.get(&peer.short()), reachability) {
                 (Some(error), _) => error.clone(),
                 (None, Reachability::Down { reason, .. }) => reason,
-                (None, Reachability::Dialing) => "still dialing".into(),
+                (None, Reachability::Dialing) => "no answer to the handshake yet".into(),
                 (None, _) => "not tried".into(),
             };
             unreachable.push((peer.short(), reason));
