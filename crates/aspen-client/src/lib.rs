@@ -41,8 +41,11 @@ use aspen_transport::{
 use futures::StreamExt;
 
 pub use aspen_api::retry::DEFAULT_RETRY_DEADLINE;
-/// Longest `close` waits for connections to finish closing.
-const CLOSE_GRACE: Duration = Duration::from_millis(250);
+/// Longest `close` waits for connections to finish closing. Closing takes milliseconds: a
+/// closed connection drains for three probe timeouts, from its measured round trip, or from
+/// the client's 2 ms first guess for a handshake still under way (a dial to a dead node),
+/// 18 ms. This bound only guards against the unforeseen; past it iroh logs an error.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Most nodes a client is configured with.
 pub const MAX_CLIENT_PEERS: usize = aspen_api::limits::MAX_PEERS;
 /// Longest a client-confirmed read waits for a voter's term before it falls back to the
@@ -963,8 +966,9 @@ impl AspenClient {
         &self.peers
     }
 
-    /// Closes the client's connections (peers see a clean close). Bounded: a dial still
-    /// pending to a dead node would otherwise hold the close for seconds.
+    /// Closes the client's connections (peers see a clean close) and cancels its dials
+    /// still under way (to dead nodes, most likely), which then hold the close for
+    /// milliseconds, not seconds (see [`aspen_transport::endpoint::CLIENT_INITIAL_RTT`]).
     pub async fn close(&self) {
         self.rpc.close_all();
         let _ = tokio::time::timeout(CLOSE_GRACE, self.rpc.endpoint().close()).await;
