@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use aspen_api::{ClusterNode, ClusterStatus, NodeId};
+use aspen_api::{ClusterNode, ClusterStatus, Liveness, NodeId, PeerHealth};
 use aspen_client::{AspenClient, ClientError};
 use aspen_transport::PeerAddr;
 use serde_json::json;
@@ -17,6 +17,15 @@ use crate::output::{NodeRow, peer_health_table, print, print_json, status_table}
 
 /// Pause between status polls of a node that is not answering yet.
 const STATUS_RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// How long `cluster status` still waits for the other nodes once one has answered: a live
+/// node answers in milliseconds, a crashed one never, and the dial to it would only end at
+/// the connect timeout.
+const STATUS_ANSWER_GRACE: Duration = Duration::from_secs(1);
+/// How long `cluster status` still waits, once the leader has answered, for nodes that the
+/// leader's failure detector calls down or suspect. A crashed node never answers, and a
+/// dial to it would only end at the connect timeout (seconds); a live one answers in
+/// milliseconds.
+const STATUS_DOWN_GRACE: Duration = Duration::from_millis(250);
 
 /// Runs one `cluster` command.
 pub async fn run(
@@ -119,9 +128,52 @@ async fn status(client: Arc<AspenClient>, json: bool, deadline: Duration) -> any
         });
     }
     let mut answers = Vec::with_capacity(client.peers().len());
-    while let Some(joined) = tasks.join_next().await {
+    let mut give_up_at: Option<Instant> = None;
+    loop {
+        let joined = match give_up_at {
+            Some(at) => match tokio::time::timeout_at(at, tasks.join_next()).await {
+                Ok(joined) => joined,
+                Err(_) => break,
+            },
+            None => tasks.join_next().await,
+        };
+        let Some(joined) = joined else { break };
         answers.push(joined.context("status task failed")?);
+        let grace =
+            if leader_calls_the_rest_down(client.peers(), &answers) { STATUS_DOWN_GRACE } else { STATUS_ANSWER_GRACE };
+        if answers.iter().any(|(_, _, answer)| answer.is_ok()) {
+            let at = Instant::now() + grace;
+            give_up_at = Some(give_up_at.map_or(at, |earlier| earlier.min(at)));
+        }
     }
+    // Whoever has not answered by now is one the leader calls down, or took far longer than
+    // the others: say so, without waiting for a connect timeout.
+    let leader_view = answers.iter().find_map(|(_, _, answer)| answer.as_ref().ok().filter(|status| leads(status)));
+    let missing: Vec<(usize, PeerAddr, Result<ClusterStatus, String>)> = client
+        .peers()
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| !answers.iter().any(|(answered, _, _)| answered == index))
+        .map(|(index, peer)| {
+            let seen = leader_view.and_then(|view| peer_seen_by(view, peer));
+            let error = match seen {
+                None if leader_view.is_none() => {
+                    format!("no answer within {} ms of another node's", STATUS_ANSWER_GRACE.as_millis())
+                }
+                Some(health) => format!(
+                    "no answer within {} ms; the leader calls node {} {}{}",
+                    STATUS_DOWN_GRACE.as_millis(),
+                    health.node_id,
+                    format!("{:?}", health.liveness).to_lowercase(),
+                    health.last_error.as_deref().map(|error| format!(" ({error})")).unwrap_or_default()
+                ),
+                None => format!("no answer within {} ms of the leader's", STATUS_ANSWER_GRACE.as_millis()),
+            };
+            (index, peer.clone(), Err(error))
+        })
+        .collect();
+    tasks.abort_all();
+    answers.extend(missing);
     answers.sort_by_key(|(index, _, _)| *index);
     // The leader's view of membership is the authoritative one; any answer beats none.
     let view = answers
@@ -167,6 +219,34 @@ async fn status(client: Arc<AspenClient>, json: bool, deadline: Duration) -> any
         bail!("no node answered");
     }
     Ok(Outcome::Done)
+}
+
+/// Whether `status` comes from the leader.
+fn leads(status: &ClusterStatus) -> bool {
+    status.leader == Some(status.node_id)
+}
+
+/// How the leader whose status is `view` sees the node at `peer`, if it is a member.
+fn peer_seen_by<'a>(view: &'a ClusterStatus, peer: &PeerAddr) -> Option<&'a PeerHealth> {
+    let id = member_id(view, peer)?;
+    view.peers.iter().find(|health| health.node_id == id)
+}
+
+/// Whether the leader has answered and every configured node yet to answer is one it calls
+/// down or suspect.
+fn leader_calls_the_rest_down(
+    peers: &[PeerAddr],
+    answers: &[(usize, PeerAddr, Result<ClusterStatus, String>)],
+) -> bool {
+    let Some(view) = answers.iter().find_map(|(_, _, answer)| answer.as_ref().ok().filter(|status| leads(status)))
+    else {
+        return false;
+    };
+    peers
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| !answers.iter().any(|(answered, _, _)| answered == index))
+        .all(|(_, peer)| peer_seen_by(view, peer).is_some_and(|health| health.liveness != Liveness::Healthy))
 }
 
 /// The id `view`'s membership gives the node at `peer`, matched by endpoint id (the socket

@@ -3,7 +3,8 @@
 //! data dirs every acknowledged write is there. A client that stays connected through a
 //! node's crash and restart reaches it again within seconds; so does the leader, to a
 //! follower restarted or frozen (SIGSTOP) and thawed. A dev cluster keeps its secrets in
-//! owner-only files and off every command line.
+//! owner-only files and off every command line. With a node down, commands do not wait for
+//! it; with two down, the error says how many nodes answered.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use aspen_transport::rpc::PEER_SILENCE_LIMIT;
+use aspen_transport::rpc::{CONNECT_TIMEOUT, PEER_SILENCE_LIMIT};
 use common::{CLI, DevCluster, node_binary};
 const SECRET: &str = "e2e-cluster-secret";
 const TOKEN: &str = "e2e-token";
@@ -101,8 +102,14 @@ fn cli_with(env: &[(&str, &str)], args: &[&str]) -> Output {
 
 /// Runs aspen-cli against `peers` with both tokens.
 fn cli(peers: &str, args: &[&str]) -> Output {
+    cli_within(peers, 20, args)
+}
+
+/// Runs aspen-cli against `peers` with both tokens, calls retried for at most `timeout_secs`.
+fn cli_within(peers: &str, timeout_secs: u64, args: &[&str]) -> Output {
     let env = [("ASPEN_PEERS", peers), ("ASPEN_TOKEN", TOKEN), ("ASPEN_ADMIN_TOKEN", ADMIN_TOKEN)];
-    let mut all = vec!["--timeout-secs", "20"];
+    let timeout = timeout_secs.to_string();
+    let mut all = vec!["--timeout-secs", timeout.as_str()];
     all.extend_from_slice(args);
     cli_with(&env, &all)
 }
@@ -361,4 +368,71 @@ fn a_dev_cluster_keeps_its_secrets_in_private_files_and_off_every_command_line()
     let body: serde_json::Value = serde_json::from_slice(&get.stdout).expect("get json");
     assert_eq!(body["kv"]["value"], "yes");
     drop(cluster);
+}
+
+/// What iroh logs when a process drops its endpoint before closing it finished: a client
+/// whose close waited on a dial to a dead node past its grace period.
+const UNGRACEFUL_CLOSE: &str = "Endpoint dropped without calling";
+
+/// Runs `args` with one node dead and checks that the command succeeded, did not wait for a
+/// connect timeout, and closed its endpoint without waiting on the dead node.
+fn fast_and_clean(peers: &str, args: &[&str]) -> Output {
+    let started = Instant::now();
+    let output = cli(peers, args);
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{args:?} with a node down: {stderr}");
+    assert!(!stderr.contains(UNGRACEFUL_CLOSE), "{args:?} waited on the dead node at exit: {stderr}");
+    // Generous: such a call takes tens of milliseconds; before, a status waited for the
+    // dead node's connect timeout.
+    assert!(took < CONNECT_TIMEOUT, "{args:?} took {took:?} with a node down");
+    output
+}
+
+#[test]
+fn with_one_node_down_commands_skip_it_and_with_two_down_the_error_counts_reachable_nodes() {
+    let node_bin = node_binary();
+    let root = tempfile::tempdir().expect("tempdir");
+    let (mut nodes, peers) = start_cluster(&node_bin, root.path(), 3);
+    assert!(put(&peers, "down/before", "1"), "a write on a healthy cluster");
+    let status = cli(&peers, &["--json", "cluster", "status"]);
+    let body: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    let leader = body["nodes"][0]["status"]["leader"].as_u64().expect("a leader");
+
+    // A follower dies; the leader's failure detector calls it down within seconds.
+    let dead = nodes.iter().position(|node| node.id != leader).expect("a follower");
+    nodes[dead].sigkill();
+    let dead_id = nodes[dead].id;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let output = fast_and_clean(&peers, &["--json", "cluster", "status"]);
+        let body: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status json");
+        let rows = body["nodes"].as_array().expect("rows");
+        let error = rows.iter().find(|row| row["node_id"].as_u64() == Some(dead_id)).map(|row| &row["error"]);
+        // The dead node's row is not waited for once the leader calls it down or suspect.
+        if let Some(error) = error.and_then(|error| error.as_str())
+            && error.contains(&format!("the leader calls node {dead_id}"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dead node's row never cited the leader: {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for i in 0..3 {
+        fast_and_clean(&peers, &["kv", "put", &format!("down/{i}"), "v"]);
+        let get = fast_and_clean(&peers, &["--json", "kv", "get", &format!("down/{i}")]);
+        let body: serde_json::Value = serde_json::from_slice(&get.stdout).expect("get json");
+        assert_eq!(body["kv"]["value"].as_str(), Some("v"));
+    }
+
+    // A second node dies: no quorum, and the error says how many nodes answered.
+    let second = nodes.iter().position(|node| node.id != leader && node.id != dead_id).expect("the other follower");
+    nodes[second].sigkill();
+    // The leader stops taking writes once its followers' acknowledgements are older than
+    // its lease; a write proposed before that would wait for its commit instead.
+    std::thread::sleep(Duration::from_secs(2));
+    let output = cli_within(&peers, 3, &["kv", "put", "down/lost", "v"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a write without a quorum must fail: {stderr}");
+    assert!(stderr.contains("no quorum: 1 of 3 nodes reachable"), "{stderr}");
 }

@@ -212,6 +212,7 @@ mod tests {
                 Comparison::new(Workload::Scan, 16, measured(7000.0), measured(0.0), None),
             ],
             skipped: Vec::new(),
+            failover: Vec::new(),
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("chart.png");

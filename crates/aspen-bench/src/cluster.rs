@@ -101,6 +101,16 @@ impl ChildGuard {
         Ok(ChildGuard { name: name.into(), log, child })
     }
 
+    /// Kills the process with SIGKILL (no chance to say goodbye to its peers, as in a crash)
+    /// and reaps it.
+    pub fn sigkill(&mut self) -> Result<(), ClusterError> {
+        if let Ok(None) = self.child.try_wait() {
+            self.child.kill().map_err(io_error(format!("cannot kill {}", self.name)))?;
+        }
+        self.child.wait().map_err(io_error(format!("cannot reap {}", self.name)))?;
+        Ok(())
+    }
+
     /// Fails with the end of the log if the process has exited.
     pub fn check_running(&mut self) -> Result<(), ClusterError> {
         match self.child.try_wait() {
@@ -177,61 +187,96 @@ pub struct EtcdCluster {
     pub leader_url: String,
     /// The server version etcd reports.
     pub version: String,
+    config: EtcdConfig,
     /// The processes; dropping the cluster stops them.
-    _members: Vec<ChildGuard>,
+    members: Vec<ChildGuard>,
+}
+
+/// The command that starts etcd member `index` (from 0) of the cluster `config` describes;
+/// also restarts it on its data dir (etcd then ignores the initial-cluster settings).
+fn etcd_member(config: &EtcdConfig, index: usize) -> Result<(String, Command, PathBuf), ClusterError> {
+    let client_url = |index| Ok::<_, ClusterError>(format!("http://127.0.0.1:{}", port(config.base_port, index)?));
+    let peer_url = |index| Ok::<_, ClusterError>(format!("http://127.0.0.1:{}", port(config.base_port, 10 + index)?));
+    let initial_cluster = (0..MEMBERS)
+        .map(|index| Ok(format!("e{}={}", index + 1, peer_url(index)?)))
+        .collect::<Result<Vec<String>, ClusterError>>()?;
+    let name = format!("e{}", index + 1);
+    let data_dir = config.dir.join(&name);
+    std::fs::create_dir_all(&data_dir).map_err(io_error(format!("cannot create {}", data_dir.display())))?;
+    let mut command = Command::new(&config.bin);
+    command
+        .arg("--name")
+        .arg(&name)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg("--listen-client-urls")
+        .arg(client_url(index)?)
+        .arg("--advertise-client-urls")
+        .arg(client_url(index)?)
+        .arg("--listen-peer-urls")
+        .arg(peer_url(index)?)
+        .arg("--initial-advertise-peer-urls")
+        .arg(peer_url(index)?)
+        .arg("--initial-cluster")
+        .arg(initial_cluster.join(","))
+        .arg("--initial-cluster-token")
+        .arg("aspen-bench")
+        .arg("--initial-cluster-state")
+        .arg("new")
+        .arg("--logger")
+        .arg("zap")
+        .arg("--log-outputs")
+        .arg("stderr");
+    // etcd reads ETCD_* settings from the environment; the user's must not leak in.
+    for (variable, _) in std::env::vars_os() {
+        if variable.to_string_lossy().starts_with("ETCD") {
+            command.env_remove(variable);
+        }
+    }
+    Ok((format!("etcd member {name}"), command, data_dir.join(LOG_FILE)))
 }
 
 impl EtcdCluster {
     /// Starts the members with etcd's defaults (fsync on), waits for a leader and a write.
     pub async fn start(config: &EtcdConfig) -> Result<EtcdCluster, ClusterError> {
         fresh_dir(&config.dir)?;
-        let mut client_urls = Vec::new();
-        let mut peer_urls = Vec::new();
-        for index in 0..MEMBERS {
-            client_urls.push(format!("http://127.0.0.1:{}", port(config.base_port, index)?));
-            peer_urls.push(format!("http://127.0.0.1:{}", port(config.base_port, 10 + index)?));
-        }
-        let initial_cluster: Vec<String> =
-            peer_urls.iter().enumerate().map(|(index, url)| format!("e{}={url}", index + 1)).collect();
+        let client_urls = (0..MEMBERS)
+            .map(|index| Ok(format!("http://127.0.0.1:{}", port(config.base_port, index)?)))
+            .collect::<Result<Vec<String>, ClusterError>>()?;
         let mut members = Vec::new();
         for index in 0..MEMBERS {
-            let name = format!("e{}", index + 1);
-            let data_dir = config.dir.join(&name);
-            std::fs::create_dir_all(&data_dir).map_err(io_error(format!("cannot create {}", data_dir.display())))?;
-            let mut command = Command::new(&config.bin);
-            command
-                .arg("--name")
-                .arg(&name)
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .arg("--listen-client-urls")
-                .arg(&client_urls[index])
-                .arg("--advertise-client-urls")
-                .arg(&client_urls[index])
-                .arg("--listen-peer-urls")
-                .arg(&peer_urls[index])
-                .arg("--initial-advertise-peer-urls")
-                .arg(&peer_urls[index])
-                .arg("--initial-cluster")
-                .arg(initial_cluster.join(","))
-                .arg("--initial-cluster-token")
-                .arg("aspen-bench")
-                .arg("--initial-cluster-state")
-                .arg("new")
-                .arg("--logger")
-                .arg("zap")
-                .arg("--log-outputs")
-                .arg("stderr");
-            // etcd reads ETCD_* settings from the environment; the user's must not leak in.
-            for (variable, _) in std::env::vars_os() {
-                if variable.to_string_lossy().starts_with("ETCD") {
-                    command.env_remove(variable);
-                }
-            }
-            members.push(ChildGuard::spawn(format!("etcd member {name}"), command, data_dir.join(LOG_FILE))?);
+            let (name, command, log) = etcd_member(config, index)?;
+            members.push(ChildGuard::spawn(name, command, log)?);
         }
         let (leader_url, version) = wait_for_etcd_leader(&mut members, &client_urls).await?;
-        Ok(EtcdCluster { client_urls, leader_url, version, _members: members })
+        Ok(EtcdCluster { client_urls, leader_url, version, config: config.clone(), members })
+    }
+
+    /// SIGKILLs the member that leads now; returns its index.
+    pub async fn kill_leader(&mut self) -> Result<usize, ClusterError> {
+        let (leader_url, _) = etcd_leader(&self.client_urls).await.map_err(|detail| ClusterError::NotReady {
+            what: "etcd leader".into(),
+            waited: Duration::ZERO,
+            detail,
+        })?;
+        let index =
+            self.client_urls.iter().position(|url| *url == leader_url).ok_or_else(|| ClusterError::NotReady {
+                what: "etcd leader".into(),
+                waited: Duration::ZERO,
+                detail: format!("{leader_url} is not a member's URL"),
+            })?;
+        self.members[index].sigkill()?;
+        Ok(index)
+    }
+
+    /// Restarts member `index` on its data dir and waits until every member names the same
+    /// leader and a write goes through.
+    pub async fn restart(&mut self, index: usize) -> Result<(), ClusterError> {
+        let (name, command, log) = etcd_member(&self.config, index)?;
+        self.members[index] = ChildGuard::spawn(name, command, log)?;
+        let (leader_url, _) = wait_for_etcd_leader(&mut self.members, &self.client_urls).await?;
+        self.leader_url = leader_url;
+        Ok(())
     }
 }
 
@@ -305,8 +350,40 @@ pub struct AspenCluster {
     pub peers: Vec<PeerAddr>,
     /// Address of the leader.
     pub leader: PeerAddr,
+    config: AspenConfig,
     /// The processes; dropping the cluster stops them.
-    _nodes: Vec<ChildGuard>,
+    nodes: Vec<ChildGuard>,
+}
+
+/// The command that starts node `index` (from 0) of the cluster `config` describes, as
+/// `aspen-cli dev` does; also restarts it on its data dir.
+fn aspen_node(config: &AspenConfig, index: usize) -> Result<(String, Command, PathBuf), ClusterError> {
+    let id = index + 1;
+    let data_dir = config.dir.join(format!("node-{id}"));
+    std::fs::create_dir_all(&data_dir).map_err(io_error(format!("cannot create {}", data_dir.display())))?;
+    let mut command = Command::new(&config.bin);
+    command
+        .arg("--node-id")
+        .arg(id.to_string())
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg("--bind")
+        .arg(format!("127.0.0.1:{}", port(config.base_port, index)?))
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{}", port(config.base_port, 10 + index)?));
+    // aspen-node reads ASPEN_* settings (ASPEN_BENCH_SECS among them) from the
+    // environment; none may change the nodes.
+    for (variable, _) in std::env::vars_os() {
+        if variable.to_string_lossy().starts_with("ASPEN_") {
+            command.env_remove(variable);
+        }
+    }
+    // Secrets through the environment: a command line is visible to every user.
+    command
+        .env("ASPEN_CLUSTER_SECRET", config.secret.expose())
+        .env("ASPEN_CLIENT_TOKEN", config.token.expose())
+        .env("ASPEN_ADMIN_TOKEN", config.admin_token.expose());
+    Ok((format!("aspen-node {id}"), command, data_dir.join(LOG_FILE)))
 }
 
 impl AspenCluster {
@@ -316,32 +393,8 @@ impl AspenCluster {
         fresh_dir(&config.dir)?;
         let mut nodes = Vec::new();
         for index in 0..MEMBERS {
-            let id = index + 1;
-            let data_dir = config.dir.join(format!("node-{id}"));
-            std::fs::create_dir_all(&data_dir).map_err(io_error(format!("cannot create {}", data_dir.display())))?;
-            let mut command = Command::new(&config.bin);
-            command
-                .arg("--node-id")
-                .arg(id.to_string())
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .arg("--bind")
-                .arg(format!("127.0.0.1:{}", port(config.base_port, index)?))
-                .arg("--metrics-addr")
-                .arg(format!("127.0.0.1:{}", port(config.base_port, 10 + index)?));
-            // aspen-node reads ASPEN_* settings (ASPEN_BENCH_SECS among them) from the
-            // environment; none may change the nodes.
-            for (variable, _) in std::env::vars_os() {
-                if variable.to_string_lossy().starts_with("ASPEN_") {
-                    command.env_remove(variable);
-                }
-            }
-            // Secrets through the environment: a command line is visible to every user.
-            command
-                .env("ASPEN_CLUSTER_SECRET", config.secret.expose())
-                .env("ASPEN_CLIENT_TOKEN", config.token.expose())
-                .env("ASPEN_ADMIN_TOKEN", config.admin_token.expose());
-            nodes.push(ChildGuard::spawn(format!("aspen-node {id}"), command, data_dir.join(LOG_FILE))?);
+            let (name, command, log) = aspen_node(config, index)?;
+            nodes.push(ChildGuard::spawn(name, command, log)?);
         }
         let peers = wait_for_addrs(&mut nodes, &config.dir).await?;
         let client = AspenClient::connect(peers.clone(), config.admin_token.clone()).await?;
@@ -354,7 +407,74 @@ impl AspenCluster {
         .await;
         client.close().await;
         let leader = ready?;
-        Ok(AspenCluster { peers, leader, _nodes: nodes })
+        Ok(AspenCluster { peers, leader, config: config.clone(), nodes })
+    }
+
+    /// SIGKILLs the node that leads now (as a live node reports it); returns its index.
+    pub async fn kill_leader(&mut self) -> Result<usize, ClusterError> {
+        let client = AspenClient::connect(self.peers.clone(), self.config.token.clone()).await?;
+        let status = client.status().await;
+        client.close().await;
+        let leader = status?.leader.ok_or_else(|| ClusterError::NotReady {
+            what: "aspen leader".into(),
+            waited: Duration::ZERO,
+            detail: "no node names a leader".into(),
+        })?;
+        let index = usize::try_from(leader).ok().and_then(|id| id.checked_sub(1)).filter(|index| *index < MEMBERS);
+        let index = index.ok_or_else(|| ClusterError::NotReady {
+            what: "aspen leader".into(),
+            waited: Duration::ZERO,
+            detail: format!("leader {leader} is not one of nodes 1..={MEMBERS}"),
+        })?;
+        self.nodes[index].sigkill()?;
+        Ok(index)
+    }
+
+    /// Restarts node `index` on its data dir and waits until it serves again and the
+    /// cluster has a leader that serves linearizable reads.
+    pub async fn restart(&mut self, index: usize) -> Result<(), ClusterError> {
+        let addr_file = self.config.dir.join(format!("node-{}", index + 1)).join("node.addr");
+        match std::fs::remove_file(&addr_file) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_error(format!("cannot remove {}", addr_file.display()))(error));
+            }
+            _ => {}
+        }
+        let (name, command, log) = aspen_node(&self.config, index)?;
+        self.nodes[index] = ChildGuard::spawn(name, command, log)?;
+        let peers = wait_for_addrs(&mut self.nodes, &self.config.dir).await?;
+        let client = AspenClient::connect(peers.clone(), self.config.token.clone()).await?;
+        let ready = async {
+            let leader = wait_for_aspen_leader(&client, &mut self.nodes, &peers).await?;
+            wait_for_aspen_catch_up(&client, &peers).await?;
+            Ok::<_, ClusterError>(leader)
+        }
+        .await;
+        client.close().await;
+        self.leader = ready?;
+        Ok(())
+    }
+}
+
+/// Waits until every node names the same leader and has applied as much as every other
+/// (no writes run meanwhile), so the next failover starts from three caught-up nodes.
+async fn wait_for_aspen_catch_up(client: &AspenClient, peers: &[PeerAddr]) -> Result<(), ClusterError> {
+    let deadline = Instant::now() + READY_WAIT;
+    loop {
+        let mut views = Vec::new();
+        for peer in peers {
+            let view = client.node_status(peer).await.map(|status| (status.leader, status.last_applied));
+            views.push(view.unwrap_or((None, None)));
+        }
+        let first = views[0];
+        if first.0.is_some() && views.iter().all(|view| *view == first) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let detail = format!("(leader, applied) per node: {views:?}");
+            return Err(ClusterError::NotReady { what: "aspen catch-up".into(), waited: READY_WAIT, detail });
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 

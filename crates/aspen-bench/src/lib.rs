@@ -13,6 +13,7 @@
 pub mod chart;
 pub mod cluster;
 pub mod etcd;
+pub mod failover;
 pub mod fsync;
 pub mod latency;
 pub mod report;

@@ -12,10 +12,15 @@ use anyhow::{Context, bail};
 use aspen_bench::chart;
 use aspen_bench::cluster::{AspenCluster, AspenConfig, EtcdCluster, EtcdConfig};
 use aspen_bench::etcd::EtcdClient;
+use aspen_bench::failover::{self, EtcdMembers};
 use aspen_bench::fsync::{self, FsyncProbe};
-use aspen_bench::report::{Comparison, Environment, Report, Settings, Skipped, baseline_fsyncs_per_sec};
-use aspen_bench::target::System;
-use aspen_bench::workload::{self, HOT_KEYS, KEY_SPACE, Measurement, RowRun, SCAN_KEYS, Step, VALUE_SIZE, Workload};
+use aspen_bench::report::{
+    Comparison, Environment, FailoverRound, Report, Settings, Skipped, baseline_fsyncs_per_sec, failover_table,
+};
+use aspen_bench::target::{OpError, System};
+use aspen_bench::workload::{
+    self, HOT_KEYS, KEY_SPACE, Measurement, RowRun, SCAN_KEYS, Step, VALUE_SIZE, Workload, key, value,
+};
 use aspen_client::AspenClient;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -29,6 +34,8 @@ const ROUNDS_MAX: usize = 20;
 const CONNECTIONS_MAX: usize = 64;
 /// The fsync probe before each write row: short, since it runs 2 x rounds x write rows.
 const ROW_PROBE: Duration = Duration::from_millis(500);
+/// The `--workloads` name of the failover measurement (not a load row: see `failover`).
+const FAILOVER: &str = "failover";
 
 /// Aspen vs etcd, 3 nodes each, on this machine, with the same closed-loop load generator.
 ///
@@ -49,7 +56,9 @@ struct Args {
     /// A/B rounds; each row's rounds are merged (totals, percentiles over all samples).
     #[arg(long, default_value_t = 1)]
     rounds: usize,
-    /// Only these workloads (comma-separated): put, get, stale-get, mixed, scan, cas.
+    /// Only these workloads (comma-separated): put, get, stale-get, mixed, scan, cas, and
+    /// failover (the leader SIGKILLed under a closed-loop writer, once per round; only when
+    /// named).
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// Only rows with these client counts (comma-separated), e.g. `1,16`.
@@ -98,13 +107,18 @@ impl Args {
             return Ok(plan);
         }
         let mut chosen = Vec::new();
-        for name in &self.workloads {
+        for name in self.workloads.iter().filter(|name| name.trim() != FAILOVER) {
             let names: Vec<&str> = Workload::ALL.iter().map(|workload| workload.name()).collect();
             let workload = Workload::from_name(name.trim())
                 .with_context(|| format!("unknown workload {name:?}; choose from {}", names.join(", ")))?;
             chosen.push(workload);
         }
         Ok(plan.into_iter().filter(|step| chosen.contains(&step.workload)).collect())
+    }
+
+    /// Whether the failover measurement was asked for.
+    fn failover(&self) -> bool {
+        self.workloads.iter().any(|name| name.trim() == FAILOVER)
     }
 
     fn secs_per_row(&self) -> f64 {
@@ -132,7 +146,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.validate()?;
     let plan = args.plan()?;
-    if plan.is_empty() {
+    if plan.is_empty() && !args.failover() {
         bail!("no workload selected");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
@@ -165,7 +179,7 @@ async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
     eprintln!("starting 3 etcd members ({})", args.etcd_bin.display());
     let etcd_config =
         EtcdConfig { bin: args.etcd_bin.clone(), dir: args.data_dir.join("etcd"), base_port: args.base_port };
-    let etcd = EtcdCluster::start(&etcd_config).await.context("starting the etcd cluster")?;
+    let mut etcd = EtcdCluster::start(&etcd_config).await.context("starting the etcd cluster")?;
     eprintln!("  etcd {} serving, leader {}", etcd.version, etcd.leader_url);
     eprintln!("starting 3 aspen-node processes ({})", node_bin.display());
     let aspen_config = AspenConfig {
@@ -176,7 +190,7 @@ async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
         admin_token: "aspen-bench-admin-token".into(),
         secret: "aspen-bench-cluster-secret".into(),
     };
-    let aspen = AspenCluster::start(&aspen_config).await.context("starting the Aspen cluster")?;
+    let mut aspen = AspenCluster::start(&aspen_config).await.context("starting the Aspen cluster")?;
     eprintln!("  Aspen serving, leader {}", aspen.leader);
 
     // Every connection goes to the leader on both systems: no forwarding hop for either.
@@ -187,9 +201,11 @@ async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
         aspen_connections.push(Arc::new(client));
         etcd_connections.push(Arc::new(EtcdClient::connect(&etcd.leader_url).await?));
     }
-    eprintln!("preloading {KEY_SPACE} keys of {VALUE_SIZE} B and {HOT_KEYS} hot keys into both");
-    workload::preload(&aspen_connections).await.context("preloading Aspen")?;
-    workload::preload(&etcd_connections).await.context("preloading etcd")?;
+    if !plan.is_empty() {
+        eprintln!("preloading {KEY_SPACE} keys of {VALUE_SIZE} B and {HOT_KEYS} hot keys into both");
+        workload::preload(&aspen_connections).await.context("preloading Aspen")?;
+        workload::preload(&etcd_connections).await.context("preloading etcd")?;
+    }
 
     let secs_per_row = args.secs_per_row();
     let duration = Duration::from_secs_f64(secs_per_row);
@@ -254,6 +270,20 @@ async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
     for connection in &aspen_connections {
         connection.close().await;
     }
+    let mut failover = Vec::new();
+    if args.failover() {
+        for round in 0..args.rounds {
+            eprintln!(
+                "failover round {}/{}: SIGKILL of each leader under a closed-loop writer",
+                round + 1,
+                args.rounds
+            );
+            let aspen_run = failover_aspen(&mut aspen, aspen_config.token.expose()).await.context("Aspen failover")?;
+            let etcd_run = failover_etcd(&mut etcd).await.context("etcd failover")?;
+            failover.push(FailoverRound { aspen: aspen_run, etcd: etcd_run });
+            eprint!("{}", failover_table(&failover[failover.len() - 1..]));
+        }
+    }
     let etcd_version = etcd.version.clone();
     drop((aspen, etcd));
 
@@ -308,8 +338,51 @@ async fn run(args: &Args, plan: &[Step]) -> anyhow::Result<()> {
             workload: "Watch".into(),
             reason: "Aspen has no watch API yet, so there is nothing to compare etcd's watch with; not run.".into(),
         }],
+        failover,
     };
     write_outputs(args, &report)
+}
+
+/// One failover of the Aspen cluster: a writer through a client given every node (the
+/// leader first, as an application that just talked to it), the leader SIGKILLed, then
+/// restarted and caught up.
+async fn failover_aspen(aspen: &mut AspenCluster, token: &str) -> anyhow::Result<failover::Failover> {
+    let mut peers = aspen.peers.clone();
+    peers.sort_by_key(|peer| peer.id != aspen.leader.id);
+    let client = Arc::new(AspenClient::connect(peers, token).await?);
+    let writer = Arc::clone(&client);
+    let write = move |n: u64| {
+        let writer = Arc::clone(&writer);
+        async move { writer.put(key(n), value(n)).await.map(|_| ()).map_err(OpError::from) }
+    };
+    let cluster = &mut *aspen;
+    let kill = move || async move {
+        let index = cluster.kill_leader().await?;
+        Ok::<_, aspen_bench::cluster::ClusterError>((format!("node {}", index + 1), index))
+    };
+    let measured = failover::measure(write, kill).await;
+    client.close().await;
+    let (measured, killed) = measured?;
+    aspen.restart(killed).await.context("restarting the killed Aspen node")?;
+    Ok(measured)
+}
+
+/// One failover of the etcd cluster: a writer through every member (the leader first), the
+/// leader SIGKILLed, then restarted.
+async fn failover_etcd(etcd: &mut EtcdCluster) -> anyhow::Result<failover::Failover> {
+    let members = Arc::new(EtcdMembers::connect(&etcd.client_urls, &etcd.leader_url).await?);
+    let write = move |n: u64| {
+        let members = Arc::clone(&members);
+        async move { members.put(key(n), value(n)).await }
+    };
+    let cluster = &mut *etcd;
+    let kill = move || async move {
+        let index = cluster.kill_leader().await?;
+        Ok::<_, aspen_bench::cluster::ClusterError>((format!("e{}", index + 1), index))
+    };
+    let (measured, killed) = failover::measure(write, kill).await?;
+    etcd.restart(killed).await.context("restarting the killed etcd member")?;
+    Ok(measured)
 }
 
 async fn probe_fsync(dir: &Path, duration: Duration) -> anyhow::Result<FsyncProbe> {
@@ -349,6 +422,18 @@ fn write_timeline(dir: &Path, step: &Step, system: System, round: usize, run: &R
 fn write_outputs(args: &Args, report: &Report) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out_dir).with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let json = serde_json::to_string_pretty(report).context("encoding the report")?;
+    if report.rows.is_empty() {
+        // A failover-only run has no chart, and must not replace a full run's report.
+        let json_path = args.out_dir.join("etcd-vs-aspen-failover.json");
+        std::fs::write(&json_path, &json).with_context(|| format!("cannot write {}", json_path.display()))?;
+        eprintln!("wrote {}", json_path.display());
+        if args.json {
+            println!("{json}");
+        } else {
+            println!("{}", report.markdown());
+        }
+        return Ok(());
+    }
     let json_path = args.out_dir.join("etcd-vs-aspen.json");
     std::fs::write(&json_path, &json).with_context(|| format!("cannot write {}", json_path.display()))?;
     let png_path = args.out_dir.join("etcd-vs-aspen.png");

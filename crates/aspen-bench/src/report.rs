@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
+use crate::failover::Failover;
 use crate::fsync::{FsyncProbe, perfect_batcher_ops_per_sec};
 use crate::workload::{Measurement, Workload};
 
@@ -135,6 +136,69 @@ pub struct Report {
     pub rows: Vec<Comparison>,
     /// Workloads not run.
     pub skipped: Vec<Skipped>,
+    /// Failover rounds (`--workloads failover`), in order.
+    pub failover: Vec<FailoverRound>,
+}
+
+/// One failover round: each system's leader SIGKILLed under a closed-loop writer.
+#[derive(Clone, Debug, Serialize)]
+pub struct FailoverRound {
+    /// Aspen's measurement.
+    pub aspen: Failover,
+    /// etcd's measurement.
+    pub etcd: Failover,
+}
+
+fn optional_ms(ms: Option<f64>) -> String {
+    ms.map_or("none".into(), |ms| format!("{ms:.0}"))
+}
+
+/// The median of `values` (the upper one of an even count), `None` for none.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
+}
+
+/// The markdown table of the failover rounds, with a median row when there are several.
+pub fn failover_table(rounds: &[FailoverRound]) -> String {
+    let mut out = String::from(
+        "| round | Aspen: killed | first ack ms | longest gap ms | etcd: killed | first ack ms | longest gap ms | \
+         failed writes Aspen / etcd |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for (index, round) in rounds.iter().enumerate() {
+        let (aspen, etcd) = (&round.aspen, &round.etcd);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.0} | {} | {} | {:.0} | {} / {} |",
+            index + 1,
+            aspen.killed,
+            optional_ms(aspen.first_ack_ms),
+            aspen.longest_gap_ms,
+            etcd.killed,
+            optional_ms(etcd.first_ack_ms),
+            etcd.longest_gap_ms,
+            aspen.errors,
+            etcd.errors
+        );
+    }
+    if rounds.len() > 1 {
+        let first_ack = |pick: fn(&FailoverRound) -> &Failover| {
+            let all: Option<Vec<f64>> = rounds.iter().map(|round| pick(round).first_ack_ms).collect();
+            all.and_then(median)
+        };
+        let gap = |pick: fn(&FailoverRound) -> &Failover| {
+            median(rounds.iter().map(|round| pick(round).longest_gap_ms).collect())
+        };
+        let _ = writeln!(
+            out,
+            "| median | | {} | {} | | {} | {} | |",
+            optional_ms(first_ack(|round| &round.aspen)),
+            optional_ms(gap(|round| &round.aspen)),
+            optional_ms(first_ack(|round| &round.etcd)),
+            optional_ms(gap(|round| &round.etcd)),
+        );
+    }
+    out
 }
 
 /// The faster of the probes taken: an upper bound on the disk's rate during the run.
@@ -266,6 +330,28 @@ impl Report {
         for skipped in &self.skipped {
             let _ = writeln!(out, "### {}\n\nSkipped: {}\n", skipped.workload, skipped.reason);
         }
+        if !self.failover.is_empty() {
+            let _ = writeln!(
+                out,
+                "### Failover: the leader SIGKILLed under a closed-loop writer\n\n\
+                 One writer per system, through a client given all three members (aspen-client; for etcd, the \
+                 gRPC client moving to the next member after a failed write, as an application on etcd's client \
+                 does), writing for {} s before the leader's process is SIGKILLed. \"first ack\": from the kill \
+                 to the acknowledgement of the first write sent after it; \"longest gap\": the longest time \
+                 between two acknowledged writes. The killed member is restarted and caught up between rounds.\n\n{}",
+                crate::failover::BEFORE_KILL.as_secs(),
+                failover_table(&self.failover)
+            );
+            for (system, first) in [
+                ("Aspen", self.failover.iter().find_map(|round| round.aspen.first_error.as_ref())),
+                ("etcd", self.failover.iter().find_map(|round| round.etcd.first_error.as_ref())),
+            ] {
+                if let Some(error) = first {
+                    let _ = writeln!(out, "- {system}'s first failed write: {error}");
+                }
+            }
+            let _ = writeln!(out);
+        }
         let errors: Vec<String> = self
             .rows
             .iter()
@@ -371,6 +457,30 @@ mod tests {
         );
         let one = merged.with_rounds(&[3000.0], &[2000.0]);
         assert!(!workload_table(Workload::GetLinearizable, &[&one]).contains("per round"), "one round: no column");
+    }
+
+    #[test]
+    fn failover_table_has_a_row_per_round_and_a_median() {
+        let run = |killed: &str, first_ack_ms, longest_gap_ms, errors| Failover {
+            killed: killed.into(),
+            first_ack_ms,
+            longest_gap_ms,
+            acked: 100,
+            errors,
+            first_error: None,
+        };
+        let rounds = [
+            FailoverRound { aspen: run("node 1", Some(1000.4), 1001.0, 0), etcd: run("e2", Some(1600.0), 1602.0, 9) },
+            FailoverRound { aspen: run("node 2", Some(1200.0), 1203.0, 0), etcd: run("e3", None, 30000.0, 90) },
+        ];
+        let table = failover_table(&rounds);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 5, "{table}");
+        assert_eq!(lines[2], "| 1 | node 1 | 1000 | 1001 | e2 | 1600 | 1602 | 0 / 9 |");
+        assert_eq!(lines[3], "| 2 | node 2 | 1200 | 1203 | e3 | none | 30000 | 0 / 90 |");
+        // A round that never recovered has no first ack, so neither has the median.
+        assert_eq!(lines[4], "| median | | 1200 | 1203 | | none | 30000 | |");
+        assert_eq!(failover_table(&rounds[..1]).lines().count(), 3, "one round: no median row");
     }
 
     #[test]

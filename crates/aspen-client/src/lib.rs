@@ -18,6 +18,7 @@
 //! Architecture invariant: depends on aspen-api and aspen-transport only, never on
 //! consensus or storage.
 
+pub mod availability;
 pub mod txn_syntax;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,19 +27,27 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::availability::{Availability, is_availability_error};
 use aspen_api::retry::{self, AttemptFailure, RETRY_PAUSE, RetryAction};
 use aspen_api::rounds::SharedRounds;
 use aspen_api::session::{ClientSession, SessionId, WriteId};
 use aspen_api::{
     ApplyError, ClientEnvelope, ClientRequest, ClientResponse, ClientWrite, ClusterError, ClusterNode, ClusterStatus,
-    GetRequest, GetResponse, KeyRange, KvError, LeaderStamp, NodeId, ReadConsistency, ScanRequest, ScanResponse,
-    Secret, SqlRequest, SqlResponse, Stamped, TermReply, TxnRequest, TxnResponse, WriteCommand, WriteResponse,
+    GetRequest, GetResponse, KeyRange, KvError, LeaderStamp, Liveness, NodeId, ReadConsistency, ScanRequest,
+    ScanResponse, Secret, SqlRequest, SqlResponse, Stamped, TermReply, TxnRequest, TxnResponse, WriteCommand,
+    WriteResponse,
 };
-use aspen_transport::{CLIENT_ALPN, PeerAddr, RpcClient, SecretKey, TransportError, bind_endpoint};
+use aspen_transport::{
+    CLIENT_ALPN, PeerAddr, Reachability, RpcClient, SecretKey, TransportError, bind_client_endpoint,
+};
+use futures::StreamExt;
 
 pub use aspen_api::retry::DEFAULT_RETRY_DEADLINE;
-/// Longest `close` waits for connections to finish closing.
-const CLOSE_GRACE: Duration = Duration::from_millis(250);
+/// Longest `close` waits for connections to finish closing. Closing takes milliseconds: a
+/// closed connection drains for three probe timeouts, from its measured round trip, or from
+/// the client's 2 ms first guess for a handshake still under way (a dial to a dead node),
+/// 18 ms. This bound only guards against the unforeseen; past it iroh logs an error.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Most nodes a client is configured with.
 pub const MAX_CLIENT_PEERS: usize = aspen_api::limits::MAX_PEERS;
 /// Longest a client-confirmed read waits for a voter's term before it falls back to the
@@ -53,6 +62,24 @@ const READ_QUORUM_RELEARN: Duration = Duration::from_secs(1);
 const MAX_READ_QUORUM_RELEARN: Duration = Duration::from_secs(32);
 /// Longest a stamped read waits for the leader before the client falls back.
 pub const STAMPED_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a call waits for a first connection to a node while other nodes could answer
+/// instead; the dial goes on in the background. A handshake on a LAN takes milliseconds,
+/// so a node silent this long is most likely down, and a dead node never answers at all:
+/// waiting for the connect timeout would cost every call that picks it seconds.
+pub const DIAL_HEDGE: Duration = Duration::from_millis(250);
+/// Pause between starting dials to the configured nodes when a client connects: a live node
+/// on a LAN answers well within it, so usually one node is dialed, and a dead one first in
+/// the list delays the connection by this much.
+pub const CONNECT_STAGGER: Duration = Duration::from_millis(25);
+/// How long a call waits on a node before it starts asking the other nodes whether a new
+/// leader was elected meanwhile (a write commits in milliseconds; an election takes at
+/// least the shortest election timeout, 500 ms by default).
+pub const LEADER_SUSPECT_AFTER: Duration = Duration::from_millis(250);
+/// How often, at most, a client asks the nodes who leads while calls wait; the calls
+/// waiting at the same time share one look.
+pub const LEADER_CHECK_PERIOD: Duration = Duration::from_millis(100);
+/// Longest the client waits for a node's status when it asks every node who leads.
+pub const LEADER_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -84,25 +111,56 @@ pub enum ClientError {
     /// The local endpoint could not be created.
     #[error("cannot start client endpoint: {0}")]
     Endpoint(TransportError),
+    /// The client gave up at its deadline: what it could reach, and the last error.
+    #[error("{0}")]
+    Unavailable(Availability),
 }
 
-/// Dials every peer at once and returns the index of the first that connects (0 if none
-/// does), so a dead node in the list costs nothing when others are up. The other dials go
-/// on in the background and fill the connection pool.
+/// Dials the peers in turn, starting the next one [`CONNECT_STAGGER`] after the last (or
+/// at once when it fails), and returns the index of the first that connects (0 if none
+/// does). A dead node in the list then costs at most the stagger, and one that comes after
+/// a live one costs nothing at all: it is not dialed until a call needs it. The dials still
+/// under way go on in the background and fill the connection pool.
 async fn first_to_connect(rpc: &Arc<RpcClient>, peers: &[PeerAddr]) -> usize {
-    let (connected, mut first) = tokio::sync::mpsc::channel(peers.len());
-    for (index, peer) in peers.iter().enumerate() {
-        let rpc = Arc::clone(rpc);
-        let peer = peer.clone();
-        let connected = connected.clone();
-        tokio::spawn(async move {
-            if rpc.connect(&peer, CLIENT_ALPN).await.is_ok() {
-                let _ = connected.send(index).await;
+    let mut dials = futures::stream::FuturesUnordered::new();
+    let mut next = 0;
+    loop {
+        if next < peers.len() {
+            let peer = &peers[next];
+            let index = next;
+            dials.push(async move { (index, rpc.connect(peer, CLIENT_ALPN).await.is_ok()) });
+            next += 1;
+        }
+        let stagger = tokio::time::sleep(CONNECT_STAGGER);
+        tokio::select! {
+            Some((index, connected)) = dials.next() => {
+                if connected {
+                    return index;
+                }
+                if dials.is_empty() && next >= peers.len() {
+                    return 0;
+                }
             }
-        });
+            () = stagger, if next < peers.len() => {}
+            else => return 0,
+        }
     }
-    drop(connected);
-    first.recv().await.unwrap_or(0)
+}
+
+/// The leader as this client last learned it.
+#[derive(Clone, Debug)]
+struct KnownLeader {
+    addr: PeerAddr,
+    /// Its term, when learned from a status (a redirect names none).
+    term: Option<u64>,
+}
+
+/// A leader some node named in its status.
+#[derive(Clone, Debug)]
+struct LeaderView {
+    term: u64,
+    id: NodeId,
+    addr: PeerAddr,
 }
 
 /// Whom a client-confirmed read goes to.
@@ -145,8 +203,15 @@ pub struct AspenClient {
     rpc: Arc<RpcClient>,
     peers: Vec<PeerAddr>,
     token: Secret,
-    /// Index of the node that answered last; calls start there.
+    /// Index of the node that answered last; calls start there when no leader is known.
     preferred: AtomicUsize,
+    /// The leader as last learned (from a status or a redirect); calls start there.
+    leader: Mutex<Option<KnownLeader>>,
+    /// The newest leader the nodes named when last asked on behalf of a waiting call, and
+    /// when that was: calls waiting together share one look.
+    leader_view: Mutex<Option<(Instant, Option<LeaderView>)>>,
+    /// Held while the nodes are asked who leads for waiting calls.
+    leader_probing: tokio::sync::Mutex<()>,
     retry_deadline: Duration,
     /// Client-confirmed linearizable gets (ADR 0004); off: every one is a leader ReadIndex round.
     confirmed_reads: bool,
@@ -173,7 +238,7 @@ impl AspenClient {
             return Err(ClientError::Config(format!("give 1..={MAX_CLIENT_PEERS} node addresses")));
         }
         let bind: SocketAddr = "0.0.0.0:0".parse().map_err(|_| ClientError::Config("bind address".into()))?;
-        let endpoint = bind_endpoint(SecretKey::generate(), bind, Vec::new()).await.map_err(ClientError::Endpoint)?;
+        let endpoint = bind_client_endpoint(SecretKey::generate(), bind).await.map_err(ClientError::Endpoint)?;
         let rpc = Arc::new(RpcClient::new(endpoint));
         let token = token.into();
         // Every stream opens with the token, so a node checks it before reading a request.
@@ -185,6 +250,9 @@ impl AspenClient {
             peers,
             token,
             preferred,
+            leader: Mutex::new(None),
+            leader_view: Mutex::new(None),
+            leader_probing: tokio::sync::Mutex::new(()),
             retry_deadline: DEFAULT_RETRY_DEADLINE,
             confirmed_reads: true,
             quorum: Mutex::new(QuorumCache::default()),
@@ -248,6 +316,15 @@ impl AspenClient {
     }
 
     /// [`AspenClient::call`], and whether any failed attempt may have taken effect.
+    ///
+    /// Each round tries the known leader first, then the other nodes, those with an open
+    /// connection before those never reached and those known to be down last (a call to a
+    /// node known down fails at once; see `aspen_transport::dial`). A node not connected
+    /// yet is waited for at most [`DIAL_HEDGE`] when there are others. Only after a round
+    /// in which every node failed does the call pause ([`RETRY_PAUSE`]), then ask every
+    /// node who leads. A redirect to the leader is followed at once, unless it names a node
+    /// that already failed this round. At the deadline an availability error becomes
+    /// [`ClientError::Unavailable`], which says how many nodes could be reached.
     async fn call_tracked<T>(
         &self,
         request: ClientRequest,
@@ -256,41 +333,291 @@ impl AspenClient {
     ) -> (Result<T, ClientError>, bool) {
         let started = Instant::now();
         let mut maybe_applied = false;
-        let mut target: Option<PeerAddr> = None;
-        let mut index = self.preferred.load(Ordering::Relaxed);
+        let mut tried: Vec<PeerAddr> = Vec::new();
+        let mut answered: Vec<PeerAddr> = Vec::new();
+        let mut failures: BTreeMap<String, String> = BTreeMap::new();
+        // Nodes this call already waited for a first connection to, in vain: not again.
+        let mut slow_dials: Vec<PeerAddr> = Vec::new();
+        let mut redirect: Option<PeerAddr> = None;
         loop {
-            let peer = target.take().unwrap_or_else(|| self.peers[index % self.peers.len()].clone());
-            let outcome = self.call_node(&peer, request.clone()).await.and_then(&decode);
-            let failure = match &outcome {
-                Ok(_) => {
+            let Some(peer) = redirect.take().or_else(|| self.next_target(&tried)) else {
+                // Every node failed this round: pause (an election takes a moment), then
+                // learn who leads before the next round.
+                let left = self.retry_deadline.saturating_sub(started.elapsed());
+                tokio::time::sleep(RETRY_PAUSE.min(left)).await;
+                tried.clear();
+                self.learn_leader().await;
+                continue;
+            };
+            tried.push(peer.clone());
+            // A node not connected yet is waited for briefly when there are others to ask
+            // (this round or the next), else until the deadline; its dial goes on anyway.
+            let left = self.retry_deadline.saturating_sub(started.elapsed());
+            let connect_wait = if self.peers.len() == 1 {
+                left
+            } else if slow_dials.contains(&peer) {
+                Duration::ZERO
+            } else {
+                DIAL_HEDGE.min(left)
+            };
+            let term_before = self.known_term();
+            let attempt = if idempotent {
+                self.attempt_watching_leader(&peer, request.clone(), connect_wait).await
+            } else {
+                self.attempt(&peer, request.clone(), connect_wait).await
+            };
+            let error = match attempt.and_then(&decode) {
+                Ok(value) => {
                     if let Some(position) = self.peers.iter().position(|known| *known == peer) {
                         self.preferred.store(position, Ordering::Relaxed);
                     }
-                    return (outcome, maybe_applied);
+                    return (Ok(value), maybe_applied);
                 }
-                Err(ClientError::Unreachable(error)) => {
+                Err(error) => error,
+            };
+            if self.rpc.reachability(&peer, CLIENT_ALPN) == Reachability::Dialing && !slow_dials.contains(&peer) {
+                slow_dials.push(peer.clone());
+            }
+            let failure = match &error {
+                ClientError::Unreachable(error) => {
+                    failures.insert(peer.short(), error.reason());
                     AttemptFailure::Unreachable { before_send: error.is_before_send() }
                 }
-                Err(ClientError::Kv(error)) => AttemptFailure::Kv(error),
-                Err(ClientError::Cluster(error)) => AttemptFailure::Cluster(error),
-                Err(_) => AttemptFailure::Other,
+                ClientError::Kv(error) => AttemptFailure::Kv(error),
+                ClientError::Cluster(error) => AttemptFailure::Cluster(error),
+                _ => AttemptFailure::Other,
             };
+            if !matches!(failure, AttemptFailure::Unreachable { .. }) {
+                answered.push(peer.clone());
+            }
             let action = retry::after_failure(failure, idempotent);
             let this_maybe_applied = retry::may_have_applied(failure);
             if action == RetryAction::Stop || started.elapsed() >= self.retry_deadline {
-                return (outcome, maybe_applied || this_maybe_applied);
+                let error = if action != RetryAction::Stop && is_availability_error(&error) {
+                    ClientError::Unavailable(self.availability(&answered, &failures, &error))
+                } else {
+                    error
+                };
+                return (Err(error), maybe_applied || this_maybe_applied);
             }
             maybe_applied |= this_maybe_applied;
-            tracing::debug!(peer = %peer.short(), error = ?outcome.as_ref().err(), "retrying");
-            target = match action {
-                RetryAction::Redirect(addr) => addr.parse().ok(),
-                RetryAction::NextNode | RetryAction::Stop => None,
-            };
-            if target.is_none() {
-                index += 1;
-                tokio::time::sleep(RETRY_PAUSE).await;
+            tracing::debug!(peer = %peer.short(), %error, "retrying");
+            // The node failed, or said it does not lead: it is not the leader to start with
+            // (unless the attempt was given up because it was just elected).
+            if self.known_term() == term_before {
+                self.forget_leader(&peer);
+            }
+            if let RetryAction::Redirect(addr) = action
+                && let Ok(leader) = addr.parse::<PeerAddr>()
+                && !tried.contains(&leader)
+            {
+                self.set_leader(leader.clone(), None);
+                redirect = Some(leader);
             }
         }
+    }
+
+    /// Sends `request` to `peer`, waiting at most `connect_wait` for a connection if it has
+    /// none (its dial goes on in the background).
+    async fn attempt(
+        &self,
+        peer: &PeerAddr,
+        request: ClientRequest,
+        connect_wait: Duration,
+    ) -> Result<ClientResponse, ClientError> {
+        if self.rpc.reachability(peer, CLIENT_ALPN) != Reachability::Connected {
+            match tokio::time::timeout(connect_wait, self.rpc.connect(peer, CLIENT_ALPN)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => return Err(ClientError::Unreachable(error)),
+                Err(_) => {
+                    let reason = match connect_wait.as_millis() {
+                        0 => "no answer to the handshake yet".to_string(),
+                        waited => format!("no answer to the handshake within {waited} ms"),
+                    };
+                    return Err(ClientError::Unreachable(TransportError::Connect { peer: peer.short(), reason }));
+                }
+            }
+        }
+        self.call_node(peer, request).await
+    }
+
+    /// The node to try next this round: the known leader, then the configured nodes from
+    /// the one that answered last, connected ones first and those known down last; `None`
+    /// once every one was tried.
+    fn next_target(&self, tried: &[PeerAddr]) -> Option<PeerAddr> {
+        let leader = self.known_leader();
+        if let Some(leader) = leader.filter(|leader| !tried.contains(leader))
+            && !matches!(self.rpc.reachability(&leader, CLIENT_ALPN), Reachability::Down { .. })
+        {
+            return Some(leader);
+        }
+        let start = self.preferred.load(Ordering::Relaxed);
+        (0..self.peers.len())
+            .map(|offset| &self.peers[(start + offset) % self.peers.len()])
+            .filter(|peer| !tried.contains(peer))
+            .min_by_key(|peer| match self.rpc.reachability(peer, CLIENT_ALPN) {
+                Reachability::Connected => 0,
+                Reachability::Unknown | Reachability::Dialing => 1,
+                Reachability::Down { .. } => 2,
+            })
+            .cloned()
+    }
+
+    fn known_leader(&self) -> Option<PeerAddr> {
+        self.leader.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_ref().map(|leader| leader.addr.clone())
+    }
+
+    /// The term of the leader as last learned, if a status told it.
+    fn known_term(&self) -> Option<u64> {
+        self.leader.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_ref().and_then(|leader| leader.term)
+    }
+
+    fn set_leader(&self, addr: PeerAddr, term: Option<u64>) {
+        *self.leader.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(KnownLeader { addr, term });
+    }
+
+    /// Forgets the leader if it is `peer`.
+    fn forget_leader(&self, peer: &PeerAddr) {
+        let mut leader = self.leader.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if leader.as_ref().is_some_and(|leader| leader.addr.id == peer.id) {
+            *leader = None;
+        }
+    }
+
+    /// Asks the nodes who leads and remembers the answer (see [`AspenClient::probe_leader`]).
+    async fn learn_leader(&self) {
+        if let Some(view) = self.probe_leader(None).await {
+            self.set_leader(view.addr, Some(view.term));
+        }
+    }
+
+    /// Asks the nodes likeliest to answer at once, except `skip`, for their status at once,
+    /// each for at most [`LEADER_PROBE_TIMEOUT`]:
+    /// the leader named in the highest term, unless it is known to be down (a follower
+    /// still names a crashed leader until it elects another).
+    async fn probe_leader(&self, skip: Option<&PeerAddr>) -> Option<LeaderView> {
+        // Only the likeliest to answer at once are asked: those with an open connection, else
+        // those never dialed, else those whose first dial is still under way; never those
+        // known to be down.
+        let ranked: Vec<(u8, &PeerAddr)> = self
+            .peers
+            .iter()
+            .filter(|peer| skip.is_none_or(|skip| skip.id != peer.id))
+            .filter_map(|peer| match self.rpc.reachability(peer, CLIENT_ALPN) {
+                Reachability::Connected => Some((0, peer)),
+                Reachability::Unknown => Some((1, peer)),
+                Reachability::Dialing => Some((2, peer)),
+                Reachability::Down { .. } => None,
+            })
+            .collect();
+        let best = ranked.iter().map(|(rank, _)| *rank).min();
+        let ask = ranked.into_iter().filter(|(rank, _)| Some(*rank) == best).map(|(_, peer)| peer);
+        let asks = ask.map(|peer| async move {
+            match tokio::time::timeout(LEADER_PROBE_TIMEOUT, self.call_node(peer, ClientRequest::Status)).await {
+                Ok(Ok(ClientResponse::Status(Ok(status)))) => Some(status),
+                _ => None,
+            }
+        });
+        let statuses = futures::future::join_all(asks).await;
+        statuses
+            .iter()
+            .flatten()
+            .filter_map(|status| {
+                let id = status.leader?;
+                let addr: PeerAddr = status.nodes.iter().find(|node| node.id == id)?.addr.parse().ok()?;
+                Some(LeaderView { term: status.term, id, addr })
+            })
+            .filter(|view| !matches!(self.rpc.reachability(&view.addr, CLIENT_ALPN), Reachability::Down { .. }))
+            .max_by_key(|view| view.term)
+    }
+
+    /// Who the other nodes say leads, asked at most once per [`LEADER_CHECK_PERIOD`] for
+    /// all the calls waiting meanwhile; `waiting_on` is not asked (it is the node a call
+    /// waits for).
+    async fn leader_view(&self, waiting_on: &PeerAddr) -> Option<LeaderView> {
+        let fresh = || {
+            let view = self.leader_view.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            view.as_ref().filter(|(at, _)| at.elapsed() < LEADER_CHECK_PERIOD).map(|(_, view)| view.clone())
+        };
+        if let Some(view) = fresh() {
+            return view;
+        }
+        let _probing = self.leader_probing.lock().await;
+        if let Some(view) = fresh() {
+            return view;
+        }
+        let view = self.probe_leader(Some(waiting_on)).await;
+        *self.leader_view.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            Some((Instant::now(), view.clone()));
+        view
+    }
+
+    /// [`AspenClient::attempt`], given up when a new leader is elected meanwhile: after
+    /// [`LEADER_SUSPECT_AFTER`] the client asks the other nodes who leads, every
+    /// [`LEADER_CHECK_PERIOD`], and stops waiting once one names a leader in a term newer
+    /// than the one it knew when the attempt began (or than the first answer, if it knew
+    /// none). A leader that crashed after acknowledging the request would otherwise hold it
+    /// until the silence of its connection is noticed. Only for requests that may be sent
+    /// again: the abandoned attempt may still take effect.
+    async fn attempt_watching_leader(
+        &self,
+        peer: &PeerAddr,
+        request: ClientRequest,
+        connect_wait: Duration,
+    ) -> Result<ClientResponse, ClientError> {
+        let mut baseline = self.known_term();
+        let attempt = self.attempt(peer, request, connect_wait);
+        tokio::pin!(attempt);
+        let mut pause = LEADER_SUSPECT_AFTER;
+        loop {
+            tokio::select! {
+                result = &mut attempt => return result,
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = LEADER_CHECK_PERIOD;
+            let view = tokio::select! {
+                result = &mut attempt => return result,
+                view = self.leader_view(peer) => view,
+            };
+            let Some(view) = view else { continue };
+            match baseline {
+                Some(term) if view.term > term => {
+                    tracing::debug!(peer = %peer.short(), leader = view.id, term = view.term, "new leader; resending");
+                    let reason = format!("stopped waiting: node {} leads since term {}", view.id, view.term);
+                    self.set_leader(view.addr, Some(view.term));
+                    return Err(ClientError::Unreachable(TransportError::Stream { peer: peer.short(), reason }));
+                }
+                Some(_) => {}
+                None => baseline = Some(view.term),
+            }
+        }
+    }
+
+    /// How many configured nodes `answered` this call or are connected, and why the others
+    /// are not reachable, for an error about `last`.
+    fn availability(
+        &self,
+        answered: &[PeerAddr],
+        failures: &BTreeMap<String, String>,
+        last: &ClientError,
+    ) -> Availability {
+        let mut reachable = 0;
+        let mut unreachable = Vec::new();
+        for peer in &self.peers {
+            let reachability = self.rpc.reachability(peer, CLIENT_ALPN);
+            if answered.contains(peer) || reachability == Reachability::Connected {
+                reachable += 1;
+                continue;
+            }
+            let reason = match (failures.get(&peer.short()), reachability) {
+                (Some(error), _) => error.clone(),
+                (None, Reachability::Down { reason, .. }) => reason,
+                (None, Reachability::Dialing) => "no answer to the handshake yet".into(),
+                (None, _) => "not tried".into(),
+            };
+            unreachable.push((peer.short(), reason));
+        }
+        Availability { reachable, total: self.peers.len(), unreachable, last_error: last.to_string() }
     }
 
     /// Reads one key (linearizable).
@@ -436,10 +763,40 @@ impl AspenClient {
             Ok(ClientResponse::Status(Ok(status))) => status,
             _ => return None,
         };
+        if let Some(leader) = status.leader.and_then(|id| status.nodes.iter().find(|node| node.id == id))
+            && let Ok(addr) = leader.addr.parse()
+        {
+            self.set_leader(addr, Some(status.term));
+        }
         let mut cache = self.quorum_cache();
         let now = Instant::now();
         cache.suspects.retain(|_, until| *until > now);
-        let quorum = Arc::new(read_quorum_from(&status, &cache.suspects)?);
+        // Voters are asked in order of how likely they are to answer at once: connected,
+        // never dialed, still being dialed (a first dial that takes long is to a dead node
+        // more often than not), suspected (they failed to confirm lately, or the leader's
+        // failure detector does not call them healthy: a new process knows nothing itself
+        // yet), and known down last.
+        let mut rank: BTreeMap<NodeId, u8> = BTreeMap::new();
+        for node in &status.nodes {
+            let Ok(addr) = node.addr.parse::<PeerAddr>() else { continue };
+            let reachability = match self.rpc.reachability(&addr, CLIENT_ALPN) {
+                Reachability::Connected => 0,
+                Reachability::Unknown => 1,
+                Reachability::Dialing => 2,
+                Reachability::Down { .. } => 4,
+            };
+            rank.insert(node.id, reachability);
+        }
+        let unhealthy = status
+            .peers
+            .iter()
+            .filter(|peer| status.leader == Some(status.node_id) && peer.liveness != Liveness::Healthy)
+            .map(|peer| peer.node_id);
+        for id in cache.suspects.keys().copied().chain(unhealthy) {
+            let entry = rank.entry(id).or_default();
+            *entry = (*entry).max(3);
+        }
+        let quorum = Arc::new(read_quorum_from(&status, &rank)?);
         cache.current = Some(Arc::clone(&quorum));
         Some(quorum)
     }
@@ -617,8 +974,9 @@ impl AspenClient {
         &self.peers
     }
 
-    /// Closes the client's connections (peers see a clean close). Bounded: a dial still
-    /// pending to a dead node would otherwise hold the close for seconds.
+    /// Closes the client's connections (peers see a clean close) and cancels its dials
+    /// still under way (to dead nodes, most likely), which then hold the close for
+    /// milliseconds, not seconds (see [`aspen_transport::endpoint::CLIENT_INITIAL_RTT`]).
     pub async fn close(&self) {
         self.rpc.close_all();
         let _ = tokio::time::timeout(CLOSE_GRACE, self.rpc.endpoint().close()).await;
@@ -626,18 +984,19 @@ impl AspenClient {
 }
 
 /// Whom to ask for reads confirmed against `status`'s leader: the fewest other voters that
-/// make a majority with it, passing over `suspects` while others can stand in.
-fn read_quorum_from(status: &ClusterStatus, suspects: &BTreeMap<NodeId, Instant>) -> Option<ReadQuorum> {
+/// make a majority with it, those with the lowest `rank` first (likeliest to answer at once;
+/// a voter missing from it ranks 0).
+fn read_quorum_from(status: &ClusterStatus, rank: &BTreeMap<NodeId, u8>) -> Option<ReadQuorum> {
     let leader_id = status.leader?;
     let addr = |id: NodeId| -> Option<PeerAddr> {
         status.nodes.iter().find(|node| node.id == id).and_then(|node| node.addr.parse().ok())
     };
     let needed =
         LeaderStamp { leader: leader_id, term: 0, voters: vec![status.voters.clone()] }.followers_to_ask().len();
-    let (trusted, suspected): (Vec<NodeId>, Vec<NodeId>) =
-        status.voters.iter().copied().filter(|id| *id != leader_id).partition(|id| !suspects.contains_key(id));
-    let ask =
-        trusted.into_iter().chain(suspected).take(needed).map(|id| Some((id, addr(id)?))).collect::<Option<_>>()?;
+    let mut others: Vec<NodeId> = status.voters.iter().copied().filter(|id| *id != leader_id).collect();
+    // Stable: among equals, the lowest-numbered first.
+    others.sort_by_key(|id| rank.get(id).copied().unwrap_or(0));
+    let ask = others.into_iter().take(needed).map(|id| Some((id, addr(id)?))).collect::<Option<_>>()?;
     Some(ReadQuorum {
         leader_id,
         leader: addr(leader_id)?,
@@ -645,4 +1004,39 @@ fn read_quorum_from(status: &ClusterStatus, suspects: &BTreeMap<NodeId, Instant>
         terms: SharedRounds::default(),
         confirmed_once: AtomicBool::new(false),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of_five() -> ClusterStatus {
+        let addr = |id: u8| format!("{}@127.0.0.1:{}", SecretKey::from_bytes(&[id; 32]).public(), 7000 + u16::from(id));
+        ClusterStatus {
+            node_id: 1,
+            role: aspen_api::NodeRole::Leader,
+            term: 3,
+            leader: Some(1),
+            last_log_index: None,
+            last_applied: None,
+            voters: (1..=5).collect(),
+            learners: BTreeSet::new(),
+            nodes: (1..=5u8).map(|id| ClusterNode { id: NodeId::from(id), addr: addr(id) }).collect(),
+            peers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_confirmed_read_asks_the_voters_likeliest_to_answer_at_once() {
+        let status = status_of_five();
+        let asked = |rank: &[(NodeId, u8)]| -> Vec<NodeId> {
+            let quorum = read_quorum_from(&status, &rank.iter().copied().collect()).expect("a quorum");
+            quorum.ask.iter().map(|(id, _)| *id).collect()
+        };
+        // Two followers make a majority of five with the leader; among equals, the lowest ids.
+        assert_eq!(asked(&[]), vec![2, 3]);
+        // Known down (4), suspected (3) and still dialing (2) go after connected ones.
+        assert_eq!(asked(&[(2, 2), (3, 3), (4, 4), (5, 0)]), vec![5, 2]);
+        assert_eq!(asked(&[(2, 4), (3, 4), (4, 1)]), vec![5, 4]);
+    }
 }

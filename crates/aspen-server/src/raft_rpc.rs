@@ -141,6 +141,7 @@ fn failure(node: NodeId, error: TransportError) -> RpcFailure {
         TransportError::ConnectTimeout { .. }
         | TransportError::Connect { .. }
         | TransportError::OpenTimeout { .. }
+        | TransportError::PeerDown { .. }
         | TransportError::InvalidPeerAddr { .. }
         // A peer that refuses our secret stays refused: back off as from an unreachable one.
         | TransportError::Unauthenticated { .. } => RpcFailure::Unreachable { node, reason: error.to_string() },

@@ -87,6 +87,17 @@ pub enum TransportError {
         /// The peer's reason.
         reason: String,
     },
+    /// The peer is taken for down (its last dial failed or its connection went silent), so
+    /// the request was not sent; it is redialed in the background.
+    #[error("{peer} is unreachable ({reason}; down for {for_ms} ms)")]
+    PeerDown {
+        /// The peer.
+        peer: String,
+        /// How long it has been down, in milliseconds.
+        for_ms: u64,
+        /// Why it was taken for down.
+        reason: String,
+    },
     /// The request was not sent: the stream it would have gone on had already failed.
     #[error("not sent to {peer}: {reason}")]
     NotSent {
@@ -98,6 +109,20 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// What went wrong, without naming the peer (for lists that name it already).
+    pub fn reason(&self) -> String {
+        match self {
+            TransportError::ConnectTimeout { after_ms, .. } => format!("connecting timed out after {after_ms} ms"),
+            TransportError::Connect { reason, .. }
+            | TransportError::Stream { reason, .. }
+            | TransportError::NotSent { reason, .. } => reason.clone(),
+            TransportError::OpenTimeout { after_ms, .. } => format!("opening a stream timed out after {after_ms} ms"),
+            TransportError::ReadTimeout { after_ms, .. } => format!("no reply within {after_ms} ms"),
+            TransportError::PeerDown { for_ms, reason, .. } => format!("{reason}; down for {for_ms} ms"),
+            other => other.to_string(),
+        }
+    }
+
     /// Whether the request certainly did not reach the peer's handler (safe to retry anything).
     pub fn is_before_send(&self) -> bool {
         matches!(
@@ -109,6 +134,7 @@ impl TransportError {
                 | TransportError::MessageTooLarge { .. }
                 | TransportError::NotSent { .. }
                 | TransportError::Unauthenticated { .. }
+                | TransportError::PeerDown { .. }
         )
     }
 }

@@ -7,13 +7,17 @@
 //! use it without pulling in consensus or storage.
 
 pub mod auth;
+pub mod dial;
 pub mod endpoint;
 pub mod error;
 pub mod mux;
 pub mod peer;
 pub mod rpc;
 
-pub use endpoint::{InternetServices, bind_endpoint, bind_endpoint_with_lookup, load_or_create_secret_key};
+pub use dial::Reachability;
+pub use endpoint::{
+    InternetServices, bind_client_endpoint, bind_endpoint, bind_endpoint_with_lookup, load_or_create_secret_key,
+};
 pub use error::TransportError;
 pub use iroh::address_lookup::MemoryLookup;
 pub use iroh::{Endpoint, EndpointId, SecretKey};

@@ -10,7 +10,12 @@
 //! knows; QUIC alone would notice only at its idle timeout, cutting the peer off for that
 //! long. So each pooled connection is watched: a peer that sends nothing at all for
 //! [`PEER_SILENCE_LIMIT`] while a request to it waits is taken for gone, the connection is
-//! closed, and the next call dials afresh.
+//! closed, and the peer is marked down: calls to it fail at once while it is redialed in
+//! the background (see [`crate::dial`]), so no caller waits out a connect timeout. A peer
+//! may also die after acknowledging a request and before answering it; while a request
+//! waits and the peer has been quiet for a check period, the watcher sends it a one-byte
+//! datagram, which a live peer's QUIC stack acknowledges within its ack delay whatever its
+//! application is doing, so that silence is noticed too.
 //!
 //! Every stream opens with a hello: one frame carrying the caller's credentials (the
 //! handler's [`RpcHandler::Hello`]), at most `MAX_UNAUTHENTICATED_FRAME_SIZE` bytes. The
@@ -28,6 +33,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -41,6 +47,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::dial::{Dials, PoolKey, Reachability};
 use crate::error::TransportError;
 use crate::mux::MuxSession;
 use crate::peer::PeerAddr;
@@ -64,8 +71,12 @@ pub const LANE_REUSE_WINDOW: Duration = Duration::from_secs(30);
 /// round trip plus its ack delay (25 ms), however long it takes to answer, so this is
 /// generous even on a loaded machine.
 pub const PEER_SILENCE_LIMIT: Duration = Duration::from_secs(2);
-/// How often each pooled connection is checked for a silent peer.
-const SILENCE_CHECK_PERIOD: Duration = Duration::from_millis(500);
+/// How often each pooled connection is checked for a silent peer (and, while a request
+/// waits on a quiet peer, probed).
+const SILENCE_CHECK_PERIOD: Duration = Duration::from_millis(100);
+/// The liveness probe: an unreliable datagram, acknowledged by the peer's QUIC stack and
+/// never read by its application.
+const PROBE_DATAGRAM: &[u8] = b"?";
 
 /// Bytes of the length prefix in front of every frame.
 const FRAME_HEADER_SIZE: usize = 4;
@@ -82,8 +93,6 @@ pub const CLOSE_UNAUTHENTICATED: u32 = 401;
 /// Most bytes of a refusal's reason sent as the close reason (it must fit in one packet).
 const MAX_CLOSE_REASON: usize = 200;
 
-type PoolKey = (EndpointId, &'static [u8]);
-
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -94,6 +103,17 @@ struct WatchedConnection {
     /// While a request waits to be heard: when it was sent and how many frames the
     /// connection had received by then. Cleared once any frame arrives after that.
     unheard: Mutex<Option<(Instant, u64)>>,
+    /// Requests on this connection waiting for their replies.
+    waiting: AtomicUsize,
+}
+
+/// Counts one request as waiting on a connection until dropped.
+struct WaitingReply<'a>(&'a WatchedConnection);
+
+impl Drop for WaitingReply<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl WatchedConnection {
@@ -117,6 +137,12 @@ impl WatchedConnection {
         }
     }
 
+    /// Counts a request as waiting for its reply until the returned guard drops.
+    fn wait_for_reply(&self) -> WaitingReply<'_> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        WaitingReply(self)
+    }
+
     /// How long the peer has sent nothing while a request waited to be heard, if it has.
     fn silent_for(&self) -> Option<Duration> {
         let mut unheard = lock(&self.unheard);
@@ -129,20 +155,33 @@ impl WatchedConnection {
     }
 }
 
-/// Closes `watched`'s connection once its peer has been silent for [`PEER_SILENCE_LIMIT`];
-/// ends when the connection closes or leaves the pool and every lane on it is gone.
-async fn close_when_silent(watched: Weak<WatchedConnection>, peer: String) {
+/// Closes `watched`'s connection once its peer has been silent for [`PEER_SILENCE_LIMIT`]
+/// and marks the peer down in `dials`; ends when the connection closes or leaves the pool
+/// and every lane on it is gone.
+async fn close_when_silent(watched: Weak<WatchedConnection>, dials: Dials, key: PoolKey, peer: String) {
+    let mut received_before = 0;
     loop {
         tokio::time::sleep(SILENCE_CHECK_PERIOD).await;
         let Some(watched) = watched.upgrade() else { return };
         if watched.connection.close_reason().is_some() {
             return;
         }
+        // A reply is awaited and the peer sent nothing for a whole period: make it answer
+        // (its acknowledgement of the probe), and count the probe as a request to be heard.
+        let received = watched.received();
+        if watched.waiting.load(Ordering::Relaxed) > 0 && received == received_before {
+            watched.request_sent();
+            // A peer without datagram support just keeps the old rule.
+            let _ = watched.connection.send_datagram(bytes::Bytes::from_static(PROBE_DATAGRAM));
+        }
+        received_before = received;
         if let Some(silent) = watched.silent_for()
             && silent >= PEER_SILENCE_LIMIT
         {
-            tracing::warn!(peer, silent_ms = silent.as_millis() as u64, "peer went silent; closing the connection");
+            let silent_ms = silent.as_millis() as u64;
+            tracing::warn!(peer, silent_ms, "peer went silent; closing the connection");
             watched.connection.close(VarInt::from_u32(CLOSE_SILENT), b"peer silent");
+            dials.mark_down(key, format!("sent nothing for {silent_ms} ms while a request waited"));
             return;
         }
     }
@@ -165,14 +204,19 @@ struct PoolEntry {
     mux: Option<Arc<MuxSession>>,
 }
 
+/// The connection pool, shared with the dial tasks that fill it.
+type Pool = Arc<Mutex<HashMap<PoolKey, PoolEntry>>>;
+
 /// Sends requests to peers over pooled connections and lanes.
 pub struct RpcClient {
     endpoint: Endpoint,
-    pool: Mutex<HashMap<PoolKey, PoolEntry>>,
+    pool: Pool,
+    dials: Dials,
     read_timeout: Duration,
-    /// Held while a multiplexed stream is being opened, so that callers arriving together
-    /// open one stream, not one each.
-    mux_opening: tokio::sync::Mutex<()>,
+    /// Per peer, held while a multiplexed stream to it is being opened, so that callers
+    /// arriving together open one stream, not one each (and a peer slow to answer holds up
+    /// no other).
+    mux_opening: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
     /// The encoded hello each new stream opens with, by ALPN ([`EMPTY_HELLO`] if none).
     hellos: Mutex<HashMap<&'static [u8], Vec<u8>>>,
 }
@@ -181,6 +225,36 @@ impl fmt::Debug for RpcClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RpcClient").field("endpoint", &self.endpoint.id()).finish()
     }
+}
+
+impl Drop for RpcClient {
+    fn drop(&mut self) {
+        // A dial task holds the pool, not the client: stop it with the client.
+        self.dials.abort_all();
+    }
+}
+
+/// Dials `peer` on `alpn` from `endpoint` within [`CONNECT_TIMEOUT`] and pools the
+/// connection, watched for silence.
+async fn open_connection(
+    endpoint: Endpoint,
+    pool: Pool,
+    dials: Dials,
+    peer: PeerAddr,
+    alpn: &'static [u8],
+) -> Result<(), TransportError> {
+    let connection = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(peer.endpoint_addr(), alpn))
+        .await
+        .map_err(|_| TransportError::ConnectTimeout {
+            peer: peer.short(),
+            after_ms: CONNECT_TIMEOUT.as_millis() as u64,
+        })?
+        .map_err(|error| TransportError::Connect { peer: peer.short(), reason: error.to_string() })?;
+    let key = (peer.id, alpn);
+    let watched = Arc::new(WatchedConnection { connection, unheard: Mutex::new(None), waiting: AtomicUsize::new(0) });
+    tokio::spawn(close_when_silent(Arc::downgrade(&watched), dials, key, peer.short()));
+    lock(&pool).insert(key, PoolEntry { connection: watched, idle: Vec::new(), mux: None });
+    Ok(())
 }
 
 /// Encodes `message` as one frame (length prefix and postcard bytes), refusing one over
@@ -291,9 +365,10 @@ impl RpcClient {
     pub fn with_read_timeout(endpoint: Endpoint, read_timeout: Duration) -> Self {
         RpcClient {
             endpoint,
-            pool: Mutex::new(HashMap::new()),
+            pool: Pool::default(),
+            dials: Dials::default(),
             read_timeout,
-            mux_opening: tokio::sync::Mutex::new(()),
+            mux_opening: Mutex::new(HashMap::new()),
             hellos: Mutex::new(HashMap::new()),
         }
     }
@@ -374,11 +449,22 @@ impl RpcClient {
     }
 
     /// Connects to `peer` on `alpn` (or reuses the pooled connection), without a request.
+    /// Fails at once with [`TransportError::PeerDown`] while the peer is taken for down.
     pub async fn connect(&self, peer: &PeerAddr, alpn: &'static [u8]) -> Result<Connection, TransportError> {
         Ok(self.watched_connection(peer, alpn).await?.connection.clone())
     }
 
-    /// The pooled connection to `peer` on `alpn`, or a new one (then watched for silence).
+    /// What the pool knows about reaching `peer` on `alpn`.
+    pub fn reachability(&self, peer: &PeerAddr, alpn: &'static [u8]) -> Reachability {
+        let key = (peer.id, alpn);
+        if self.pooled(&key).is_some() {
+            return Reachability::Connected;
+        }
+        self.dials.reachability(&key).unwrap_or(Reachability::Unknown)
+    }
+
+    /// The pooled connection to `peer` on `alpn`, or a new one (then watched for silence),
+    /// dialed once however many callers need it; fails at once while the peer is down.
     async fn watched_connection(
         &self,
         peer: &PeerAddr,
@@ -388,17 +474,13 @@ impl RpcClient {
         if let Some(watched) = self.pooled(&key) {
             return Ok(watched);
         }
-        let connection = tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint.connect(peer.endpoint_addr(), alpn))
-            .await
-            .map_err(|_| TransportError::ConnectTimeout {
-                peer: peer.short(),
-                after_ms: CONNECT_TIMEOUT.as_millis() as u64,
-            })?
-            .map_err(|error| TransportError::Connect { peer: peer.short(), reason: error.to_string() })?;
-        let watched = Arc::new(WatchedConnection { connection, unheard: Mutex::new(None) });
-        tokio::spawn(close_when_silent(Arc::downgrade(&watched), peer.short()));
-        self.lock_pool().insert(key, PoolEntry { connection: Arc::clone(&watched), idle: Vec::new(), mux: None });
-        Ok(watched)
+        let (endpoint, pool, dials) = (self.endpoint.clone(), Arc::clone(&self.pool), self.dials.clone());
+        let target = peer.clone();
+        self.dials.dial(key, &peer.short(), move || open_connection(endpoint, pool, dials, target, alpn)).await?;
+        self.pooled(&key).ok_or_else(|| TransportError::Connect {
+            peer: peer.short(),
+            reason: "the new connection closed at once".into(),
+        })
     }
 
     /// A lane to `peer`: an idle pooled one, or a new stream.
@@ -469,6 +551,8 @@ impl RpcClient {
         // A failed or timed-out exchange drops the lane (its stream is finished, never
         // reused), so a late reply can never be read as the answer to a later request.
         lane.connection.request_sent();
+        let connection = Arc::clone(&lane.connection);
+        let waiting = connection.wait_for_reply();
         let exchange = async {
             lane.send.write_all(&frame).await.map_err(|error| stream_error(error.to_string()))?;
             let size = match read_frame_header(&mut lane.recv, MAX_RPC_MESSAGE_SIZE).await {
@@ -488,6 +572,7 @@ impl RpcClient {
                 after_ms: self.read_timeout.as_millis() as u64,
             })?
             .map_err(|error| RpcClient::refusal(&lane.connection, peer).unwrap_or(error))?;
+        drop(waiting);
         self.return_lane((peer.id, alpn), lane);
         postcard::from_bytes(&reply).map_err(|error| TransportError::Codec(error.to_string()))
     }
@@ -514,7 +599,8 @@ impl RpcClient {
         if let Some(found) = self.pooled_mux(&key) {
             return Ok(found);
         }
-        let _opening = self.mux_opening.lock().await;
+        let opening = Arc::clone(lock(&self.mux_opening).entry(key).or_default());
+        let _opening = opening.lock().await;
         if let Some(found) = self.pooled_mux(&key) {
             return Ok(found);
         }
@@ -542,6 +628,7 @@ impl RpcClient {
         Resp: DeserializeOwned,
     {
         let (watched, session) = self.mux_session(peer, alpn).await?;
+        let _waiting = watched.wait_for_reply();
         let exchange = async {
             watched.request_sent();
             let mut claim = session.send(request).await?;
@@ -557,8 +644,10 @@ impl RpcClient {
         postcard::from_bytes(&reply).map_err(|error| TransportError::Codec(error.to_string()))
     }
 
-    /// Closes every pooled connection.
+    /// Cancels every dial under way and closes every pooled connection.
     pub fn close_all(&self) {
+        self.dials.abort_all();
+        lock(&self.mux_opening).clear();
         let mut pool = self.lock_pool();
         for (_, entry) in pool.drain() {
             entry.connection.connection.close(VarInt::from_u32(0), b"closing");

@@ -4,8 +4,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aspen_api::limits::{MAX_IDLE_LANES_PER_PEER, MAX_RPC_MESSAGE_SIZE};
+use aspen_transport::rpc::PEER_SILENCE_LIMIT;
 use aspen_transport::{
-    EndpointId, PeerAddr, RpcClient, RpcHandler, RpcProtocol, SecretKey, TransportError, bind_endpoint,
+    EndpointId, PeerAddr, Reachability, RpcClient, RpcHandler, RpcProtocol, SecretKey, TransportError, bind_endpoint,
     load_or_create_secret_key,
 };
 use iroh::protocol::Router;
@@ -177,6 +178,14 @@ async fn unreachable_peer_fails_within_the_connect_timeout() {
     assert!(matches!(error, TransportError::ConnectTimeout { .. } | TransportError::Connect { .. }), "{error}");
     assert!(started.elapsed() < Duration::from_secs(8), "bounded by the connect timeout");
 
+    // Now known to be down: the next call fails at once instead of dialing and waiting again.
+    assert!(matches!(client.reachability(&nobody, TEST_ALPN), Reachability::Down { .. }));
+    let started = Instant::now();
+    let error = client.call::<_, Reply>(&nobody, TEST_ALPN, &Request::Echo(vec![])).await.expect_err("down");
+    assert!(matches!(error, TransportError::PeerDown { .. }), "{error}");
+    assert!(error.is_before_send(), "nothing was sent to a peer known down");
+    assert!(started.elapsed() < Duration::from_secs(1), "no connect timeout for a peer known down");
+
     // Right address, wrong identity: the handshake refuses it.
     let (router, addr) = server(SecretKey::generate()).await;
     let impostor = PeerAddr { id: SecretKey::generate().public(), addrs: addr.addrs.clone() };
@@ -223,6 +232,20 @@ async fn client_reconnects_after_the_server_restarts_with_the_same_identity() {
         result = client.call::<_, Reply>(&addr, TEST_ALPN, &Request::Echo(vec![1])).await;
     }
     assert!(matches!(result, Ok(Reply::Echo { bytes: 1, .. })), "{result:?}");
+    router.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_peer_slower_to_answer_than_the_silence_limit_is_not_taken_for_gone() {
+    // The peer acknowledges the request, then says nothing until it answers: the watcher's
+    // probes must find it alive, not close the connection under the waiting call.
+    let (router, addr) = server(SecretKey::generate()).await;
+    let client = client().await;
+    let slow = PEER_SILENCE_LIMIT + Duration::from_millis(500);
+    let reply: Reply =
+        client.call(&addr, TEST_ALPN, &Request::Slow(slow.as_millis() as u64)).await.expect("slow reply");
+    assert!(matches!(reply, Reply::Echo { bytes: 0, .. }), "{reply:?}");
+    assert_eq!(client.reachability(&addr, TEST_ALPN), Reachability::Connected, "the connection stayed up");
     router.shutdown().await.expect("shutdown");
 }
 
