@@ -14,7 +14,7 @@ use aspen_consensus::ConsensusConfig;
 use madsim::net::NetSim;
 use madsim::runtime::{Handle, NodeHandle, Runtime};
 
-use crate::cluster::{self, NodeSpec, Registry, member, now_ms};
+use crate::cluster::{self, LiveNode, NodeSpec, Registry, member, now_ms};
 use crate::config::{Fault, SimConfig};
 use crate::history::{History, Trace};
 use crate::invariants::Monitor;
@@ -280,14 +280,7 @@ impl Cluster {
         new_voters.remove(&remove);
         new_voters.insert(add);
         self.trace.event(now_ms(), format!("nemesis: membership {voters:?} -> {new_voters:?} via leader {leader}"));
-        let raft = node.raft.clone();
-        let result = host
-            .spawn(async move {
-                raft.add_learner(member(add)).await?;
-                raft.change_membership(new_voters).await
-            })
-            .await;
-        self.trace.event(now_ms(), format!("nemesis: membership change finished: {result:?}"));
+        self.add_voter(&node, host, add, new_voters).await;
     }
 
     /// The leader and its term, as the leader reports them.
@@ -359,11 +352,17 @@ impl Cluster {
         new_voters.insert(add);
         let (Some(node), Some(host)) = (self.registry.get(new_leader), self.hosts.get(&new_leader)) else { return };
         self.trace.event(now_ms(), format!("nemesis: add node {add} back as a voter via leader {new_leader}"));
+        self.add_voter(&node, host, add, new_voters).await;
+    }
+
+    /// Through the leader `node` on `host`: adds `add` as a learner, then makes `voters` the
+    /// voters; the result goes to the trace.
+    async fn add_voter(&self, node: &LiveNode, host: &NodeHandle, add: NodeId, voters: BTreeSet<NodeId>) {
         let raft = node.raft.clone();
         let result = host
             .spawn(async move {
                 raft.add_learner(member(add)).await?;
-                raft.change_membership(new_voters).await
+                raft.change_membership(voters).await
             })
             .await;
         self.trace.event(now_ms(), format!("nemesis: membership change finished: {result:?}"));
