@@ -26,6 +26,7 @@ struct TraceInner {
     events: Vec<String>,
     dropped: u64,
     violations: Vec<String>,
+    minority_writes_ms: Vec<u64>,
 }
 
 impl Trace {
@@ -45,6 +46,17 @@ impl Trace {
         let message = message.into();
         self.event(at_ms, format!("VIOLATION {message}"));
         lock(&self.inner).violations.push(message);
+    }
+
+    /// Records how long a write through the majority's leader took while a minority was cut
+    /// off (the availability invariant's measurement, summed up over seeds).
+    pub fn minority_write(&self, took_ms: u64) {
+        lock(&self.inner).minority_writes_ms.push(took_ms);
+    }
+
+    /// The writes recorded by [`Trace::minority_write`], in ms.
+    pub fn minority_writes_ms(&self) -> Vec<u64> {
+        lock(&self.inner).minority_writes_ms.clone()
     }
 
     /// Violations so far.

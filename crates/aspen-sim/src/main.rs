@@ -92,6 +92,9 @@ mod sim_main {
         unknown_outcomes: u64,
         simulated_secs: f64,
         trace_digest: String,
+        /// Writes through the majority's leader while a minority was cut off, in ms.
+        #[serde(default)]
+        minority_writes_ms: Vec<u64>,
     }
 
     fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -136,6 +139,9 @@ mod sim_main {
         let root = data_root();
         let _ = std::fs::remove_dir_all(artifacts.join(format!("seed-{}", config.seed)));
         let report = run_seed(&config, &root);
+        if std::env::var_os("ASPEN_SIM_LOG").is_some() {
+            eprintln!("--- trace of seed {} ---\n{}", config.seed, report.trace.render());
+        }
         let _ = std::fs::remove_dir_all(&root);
         let mut result = SeedResult {
             seed: config.seed,
@@ -146,6 +152,7 @@ mod sim_main {
             unknown_outcomes: report.history.iter().filter(|op| op.ret.is_none()).count() as u64,
             simulated_secs: report.sim_elapsed.as_secs_f64(),
             trace_digest: report.trace.digest(),
+            minority_writes_ms: report.trace.minority_writes_ms(),
         };
         if let Some((kind, message)) = &report.failure {
             let kind = serde_json::to_value(kind)?.as_str().unwrap_or("failure").to_string();
@@ -188,6 +195,7 @@ mod sim_main {
                 unknown_outcomes: 0,
                 simulated_secs: 0.0,
                 trace_digest: String::new(),
+                minority_writes_ms: Vec::new(),
             }),
         }
     }
@@ -214,6 +222,20 @@ mod sim_main {
         let template = SimConfig { seed: first, faults, sim_secs: args.secs, clients: args.clients, keys: args.keys };
         template.validate()?;
         if args.worker {
+            // Debugging aid: `ASPEN_SIM_LOG=openraft=debug,aspen=debug` prints the nodes'
+            // own tracing to stderr (simulated wall clock), next to the seed's trace.
+            // `Targets`, not `EnvFilter`: the latter's hash maps draw seeds from getrandom,
+            // which madsim answers from the seed's RNG, so logging would change the run.
+            if let Ok(filter) = std::env::var("ASPEN_SIM_LOG") {
+                use tracing_subscriber::layer::SubscriberExt;
+                use tracing_subscriber::util::SubscriberInitExt;
+                let targets: tracing_subscriber::filter::Targets =
+                    filter.parse().context("ASPEN_SIM_LOG is not a list of target=level")?;
+                tracing_subscriber::registry()
+                    .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false))
+                    .with(targets)
+                    .init();
+            }
             return worker(template, args.bug.as_deref(), &args.artifacts);
         }
         let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
@@ -288,6 +310,12 @@ mod sim_main {
         let unknown: u64 = results.values().map(|result| result.unknown_outcomes).sum();
         let simulated: f64 = results.values().map(|result| result.simulated_secs).sum();
         let sim_hours_per_minute = simulated / 3600.0 / (wall.as_secs_f64() / 60.0).max(1e-9);
+        let mut minority_writes: Vec<u64> =
+            results.values().flat_map(|result| result.minority_writes_ms.iter().copied()).collect();
+        minority_writes.sort_unstable();
+        let percentile = |p: usize| {
+            minority_writes.get((minority_writes.len() * p / 100).min(minority_writes.len().saturating_sub(1))).copied()
+        };
         if args.json {
             println!(
                 "{}",
@@ -301,6 +329,12 @@ mod sim_main {
                     "simulated_secs": simulated,
                     "wall_secs": wall.as_secs_f64(),
                     "simulated_hours_per_wall_minute": sim_hours_per_minute,
+                    "minority_writes": {
+                        "count": minority_writes.len(),
+                        "p50_ms": percentile(50),
+                        "p99_ms": percentile(99),
+                        "max_ms": minority_writes.last(),
+                    },
                     "trace_digests": results.values().map(|result| (result.seed, result.trace_digest.clone())).collect::<BTreeMap<_, _>>(),
                 }))?
             );
@@ -311,6 +345,17 @@ mod sim_main {
                 simulated / 3600.0,
                 wall.as_secs_f64()
             );
+            if let (Some(p50), Some(p99), Some(max)) = (percentile(50), percentile(99), minority_writes.last()) {
+                let slowest = results
+                    .values()
+                    .filter_map(|result| result.minority_writes_ms.iter().max().map(|ms| (*ms, result.seed)))
+                    .max()
+                    .map_or(0, |(_, seed)| seed);
+                println!(
+                    "writes through the majority's leader with a minority cut off: {} (p50 {p50} ms, p99 {p99} ms, max {max} ms at seed {slowest})",
+                    minority_writes.len()
+                );
+            }
         }
         match (args.expect_failure, failures.is_empty()) {
             (false, true) => Ok(()),

@@ -2,9 +2,10 @@
 //! postcard-encoded [`RaftRpc`]s and client requests production carries over QUIC.
 //!
 //! madsim drops (`packet_loss_rate`), delays and reorders (`send_latency`) messages and
-//! clogs links for partitions; this layer adds duplication and long delays. A request
-//! without a reply before its deadline is a timeout: it may or may not have been handled,
-//! exactly as over QUIC.
+//! clogs links for partitions; this layer adds duplication and long delays. Requests that
+//! are safe to handle twice are resent while unanswered, as QUIC retransmits lost packets.
+//! A request without a reply before its deadline is a timeout: it may or may not have been
+//! handled, exactly as over QUIC.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -115,17 +116,35 @@ pub async fn request(
         madsim::time::sleep(Duration::from_millis(madsim::rand::random::<u64>() % max)).await;
     }
     let copies = if delivery == Delivery::AtLeastOnce && chance(&faults.duplicate_ppm) { 2 } else { 1 };
-    for _ in 0..copies {
-        let frame = Frame { reply_tag, bytes: bytes.clone() };
-        endpoint.send_to_raw(dst, tag, Box::new(frame)).await.map_err(|error| NetError::Send(error.to_string()))?;
+    let started = madsim::time::Instant::now();
+    let mut resend_after = RESEND_AFTER_MIN;
+    loop {
+        for _ in 0..copies {
+            let frame = Frame { reply_tag, bytes: bytes.clone() };
+            endpoint.send_to_raw(dst, tag, Box::new(frame)).await.map_err(|error| NetError::Send(error.to_string()))?;
+        }
+        let left = deadline.saturating_sub(started.elapsed());
+        // Requests that may arrive twice are resent while unanswered, as QUIC retransmits a
+        // lost packet: a single lost datagram costs a retransmission timeout, not the whole
+        // deadline. A request that must arrive at most once is sent once.
+        let wait = if delivery == Delivery::AtLeastOnce { left.min(resend_after) } else { left };
+        match madsim::time::timeout(wait, endpoint.recv_from_raw(reply_tag)).await {
+            Ok(Ok((payload, _))) => {
+                let frame = payload.downcast::<Frame>().map_err(|_| NetError::Malformed)?;
+                return Ok(frame.bytes);
+            }
+            Ok(Err(_)) => return Err(NetError::Timeout(deadline)),
+            Err(_) if started.elapsed() >= deadline => return Err(NetError::Timeout(deadline)),
+            Err(_) => resend_after = (resend_after * 2).min(RESEND_AFTER_MAX),
+        }
     }
-    let (payload, _) = madsim::time::timeout(deadline, endpoint.recv_from_raw(reply_tag))
-        .await
-        .map_err(|_| NetError::Timeout(deadline))?
-        .map_err(|_| NetError::Timeout(deadline))?;
-    let frame = payload.downcast::<Frame>().map_err(|_| NetError::Malformed)?;
-    Ok(frame.bytes)
 }
+
+/// First retransmission timeout of a request that may arrive twice: above the longest round
+/// trip the simulated network has (2 x 40 ms), as QUIC's probe timeout is above its RTT.
+pub const RESEND_AFTER_MIN: Duration = Duration::from_millis(200);
+/// Longest retransmission timeout (it doubles after each resend, as QUIC's does).
+pub const RESEND_AFTER_MAX: Duration = Duration::from_secs(1);
 
 /// Serves requests under `tag` on `endpoint` with `handle`, one task per request.
 pub async fn serve<H, F>(endpoint: Arc<Endpoint>, tag: u64, faults: Arc<NetFaults>, handle: H)
