@@ -27,6 +27,7 @@ struct TraceInner {
     dropped: u64,
     violations: Vec<String>,
     minority_writes_ms: Vec<u64>,
+    leader_cut_offs_ms: Vec<u64>,
 }
 
 impl Trace {
@@ -57,6 +58,16 @@ impl Trace {
     /// The writes recorded by [`Trace::minority_write`], in ms.
     pub fn minority_writes_ms(&self) -> Vec<u64> {
         lock(&self.inner).minority_writes_ms.clone()
+    }
+
+    /// Records how long the majority took to lead and commit after the leader was cut off.
+    pub fn leader_cut_off(&self, took_ms: u64) {
+        lock(&self.inner).leader_cut_offs_ms.push(took_ms);
+    }
+
+    /// The times recorded by [`Trace::leader_cut_off`], in ms.
+    pub fn leader_cut_offs_ms(&self) -> Vec<u64> {
+        lock(&self.inner).leader_cut_offs_ms.clone()
     }
 
     /// Violations so far.

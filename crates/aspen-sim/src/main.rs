@@ -95,6 +95,41 @@ mod sim_main {
         /// Writes through the majority's leader while a minority was cut off, in ms.
         #[serde(default)]
         minority_writes_ms: Vec<u64>,
+        /// From cutting off the leader to the majority's new leader committing, in ms.
+        #[serde(default)]
+        leader_cut_offs_ms: Vec<u64>,
+    }
+
+    /// Availability timings of a run, over every seed.
+    #[derive(Serialize)]
+    struct Latencies {
+        count: usize,
+        p50_ms: Option<u64>,
+        p99_ms: Option<u64>,
+        max_ms: Option<u64>,
+        /// The seed with the longest one.
+        max_seed: Option<u64>,
+    }
+
+    impl Latencies {
+        fn of(results: &BTreeMap<u64, SeedResult>, pick: impl Fn(&SeedResult) -> &Vec<u64>) -> Latencies {
+            let mut all: Vec<(u64, u64)> =
+                results.values().flat_map(|result| pick(result).iter().map(|ms| (*ms, result.seed))).collect();
+            all.sort_unstable();
+            let at = |percent: usize| all.get((all.len() * percent / 100).min(all.len().saturating_sub(1)));
+            Latencies {
+                count: all.len(),
+                p50_ms: at(50).map(|(ms, _)| *ms),
+                p99_ms: at(99).map(|(ms, _)| *ms),
+                max_ms: all.last().map(|(ms, _)| *ms),
+                max_seed: all.last().map(|(_, seed)| *seed),
+            }
+        }
+
+        fn line(&self) -> Option<String> {
+            let (p50, p99, max, seed) = (self.p50_ms?, self.p99_ms?, self.max_ms?, self.max_seed?);
+            Some(format!("{} (p50 {p50} ms, p99 {p99} ms, max {max} ms at seed {seed})", self.count))
+        }
     }
 
     fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -153,6 +188,7 @@ mod sim_main {
             simulated_secs: report.sim_elapsed.as_secs_f64(),
             trace_digest: report.trace.digest(),
             minority_writes_ms: report.trace.minority_writes_ms(),
+            leader_cut_offs_ms: report.trace.leader_cut_offs_ms(),
         };
         if let Some((kind, message)) = &report.failure {
             let kind = serde_json::to_value(kind)?.as_str().unwrap_or("failure").to_string();
@@ -196,6 +232,7 @@ mod sim_main {
                 simulated_secs: 0.0,
                 trace_digest: String::new(),
                 minority_writes_ms: Vec::new(),
+                leader_cut_offs_ms: Vec::new(),
             }),
         }
     }
@@ -310,12 +347,8 @@ mod sim_main {
         let unknown: u64 = results.values().map(|result| result.unknown_outcomes).sum();
         let simulated: f64 = results.values().map(|result| result.simulated_secs).sum();
         let sim_hours_per_minute = simulated / 3600.0 / (wall.as_secs_f64() / 60.0).max(1e-9);
-        let mut minority_writes: Vec<u64> =
-            results.values().flat_map(|result| result.minority_writes_ms.iter().copied()).collect();
-        minority_writes.sort_unstable();
-        let percentile = |p: usize| {
-            minority_writes.get((minority_writes.len() * p / 100).min(minority_writes.len().saturating_sub(1))).copied()
-        };
+        let minority_writes = Latencies::of(&results, |result| &result.minority_writes_ms);
+        let leader_cut_offs = Latencies::of(&results, |result| &result.leader_cut_offs_ms);
         if args.json {
             println!(
                 "{}",
@@ -329,12 +362,8 @@ mod sim_main {
                     "simulated_secs": simulated,
                     "wall_secs": wall.as_secs_f64(),
                     "simulated_hours_per_wall_minute": sim_hours_per_minute,
-                    "minority_writes": {
-                        "count": minority_writes.len(),
-                        "p50_ms": percentile(50),
-                        "p99_ms": percentile(99),
-                        "max_ms": minority_writes.last(),
-                    },
+                    "minority_writes": minority_writes,
+                    "leader_cut_offs": leader_cut_offs,
                     "trace_digests": results.values().map(|result| (result.seed, result.trace_digest.clone())).collect::<BTreeMap<_, _>>(),
                 }))?
             );
@@ -345,16 +374,11 @@ mod sim_main {
                 simulated / 3600.0,
                 wall.as_secs_f64()
             );
-            if let (Some(p50), Some(p99), Some(max)) = (percentile(50), percentile(99), minority_writes.last()) {
-                let slowest = results
-                    .values()
-                    .filter_map(|result| result.minority_writes_ms.iter().max().map(|ms| (*ms, result.seed)))
-                    .max()
-                    .map_or(0, |(_, seed)| seed);
-                println!(
-                    "writes through the majority's leader with a minority cut off: {} (p50 {p50} ms, p99 {p99} ms, max {max} ms at seed {slowest})",
-                    minority_writes.len()
-                );
+            if let Some(line) = minority_writes.line() {
+                println!("writes through the majority's leader with a minority cut off: {line}");
+            }
+            if let Some(line) = leader_cut_offs.line() {
+                println!("from cutting off the leader to a new leader's first commit: {line}");
             }
         }
         match (args.expect_failure, failures.is_empty()) {

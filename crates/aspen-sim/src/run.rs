@@ -36,6 +36,12 @@ pub const VOTERS_LARGE: u64 = 5;
 /// outlasted openraft's heartbeat timeout (the heartbeat interval, 100 ms).
 pub const MINORITY_WRITE_BOUND: Duration = Duration::from_secs(3);
 
+/// Longest the majority may go without a leader that commits a write after the old leader
+/// was cut off into a minority: the voters wait out its lease (the maximum election
+/// timeout, 600 ms), then an election timeout, a pre-vote and a vote; the rest is slack for
+/// the network faults that run at the same time.
+pub const LEADER_CUT_OFF_BOUND: Duration = Duration::from_secs(4);
+
 /// How many voters the run of `seed` starts with.
 pub fn voters_for_seed(seed: u64) -> u64 {
     if seed % 4 == 3 { VOTERS_LARGE } else { VOTERS }
@@ -205,6 +211,12 @@ impl Cluster {
         })
     }
 
+    /// A handle to node `id`'s host that spawns into its current boot (a handle kept from
+    /// before a restart spawns into the killed one, whose tasks never run).
+    fn host_now(&self, id: NodeId) -> Option<NodeHandle> {
+        self.handle.get_node(self.hosts.get(&id)?.id())
+    }
+
     fn members(&self) -> BTreeSet<NodeId> {
         let Some(leader) = self.leader().and_then(|id| self.registry.get(id)) else { return BTreeSet::new() };
         let metrics = leader.raft.metrics();
@@ -282,12 +294,12 @@ impl Cluster {
             return;
         };
         let Some(node) = self.registry.get(leader) else { return };
-        let Some(host) = self.hosts.get(&leader) else { return };
+        let Some(host) = self.host_now(leader) else { return };
         let mut new_voters = voters.clone();
         new_voters.remove(&remove);
         new_voters.insert(add);
         self.trace.event(now_ms(), format!("nemesis: membership {voters:?} -> {new_voters:?} via leader {leader}"));
-        self.add_voter(&node, host, add, new_voters).await;
+        self.add_voter(&node, &host, add, new_voters).await;
     }
 
     /// The leader and its term, as the leader reports them.
@@ -298,10 +310,9 @@ impl Cluster {
     }
 
     /// A write through `leader`'s own node: `Some(committed)`, or `None` if it could not be
-    /// started there (a host restarted by an earlier crash step refuses tasks spawned through
-    /// its old handle).
+    /// started there.
     async fn probe_write(&self, leader: NodeId) -> Option<bool> {
-        let (node, host) = (self.registry.get(leader)?, self.hosts.get(&leader)?);
+        let (node, host) = (self.registry.get(leader)?, self.host_now(leader)?);
         let raft = node.raft.clone();
         let probe = WriteCommand::Put { key: b"probe/minority".to_vec(), value: b"up".to_vec(), lease: None };
         let written =
@@ -342,11 +353,50 @@ impl Cluster {
         }
     }
 
+    /// With the leader cut off into `minority`: a node of `majority` becomes leader and
+    /// commits a write within [`LEADER_CUT_OFF_BOUND`] of the cut (checked only while the
+    /// partition lasts that long).
+    async fn check_leader_cut_off(&self, minority: &[NodeId], majority: &[NodeId], held: Duration) {
+        let started = madsim::time::Instant::now();
+        let bound = LEADER_CUT_OFF_BOUND.min(held);
+        while started.elapsed() < bound {
+            let new_leader = majority.iter().copied().find(|id| {
+                self.registry.get(*id).is_some_and(|node| node.raft.metrics().state == openraft::ServerState::Leader)
+            });
+            if let Some(new_leader) = new_leader {
+                let left = bound.saturating_sub(started.elapsed());
+                let committed = madsim::time::timeout(left, self.probe_write(new_leader)).await;
+                // `None`: the probe cannot be started on that node's host; no verdict.
+                if matches!(committed, Ok(None)) {
+                    return;
+                }
+                if let Ok(Some(true)) = committed {
+                    let took = started.elapsed();
+                    self.trace.event(
+                        now_ms(),
+                        format!("availability: with the leader in {minority:?} cut off, node {new_leader} led and committed after {took:?}"),
+                    );
+                    self.trace.leader_cut_off(took.as_millis() as u64);
+                    return;
+                }
+            }
+            madsim::time::sleep(Duration::from_millis(20)).await;
+        }
+        if held >= LEADER_CUT_OFF_BOUND {
+            self.trace.violation(
+                now_ms(),
+                format!(
+                    "with the leader cut off in {minority:?}, no node of {majority:?} led and committed a write within {LEADER_CUT_OFF_BOUND:?}"
+                ),
+            );
+        }
+    }
+
     /// Removes the leader from the voters through `ClusterController::remove`, then brings
     /// the voter count back with a spare node, through whoever leads next.
     async fn remove_leader(&self, leader: NodeId) {
         let voters = self.voters();
-        let (Some(node), Some(host)) = (self.registry.get(leader), self.hosts.get(&leader)) else { return };
+        let (Some(node), Some(host)) = (self.registry.get(leader), self.host_now(leader)) else { return };
         self.trace.event(now_ms(), format!("nemesis: remove the leader {leader} from {voters:?}"));
         let raft = node.raft.clone();
         let result = host.spawn(async move { raft.remove(leader).await }).await;
@@ -360,9 +410,9 @@ impl Cluster {
         let spare: Vec<NodeId> = self.hosts.keys().copied().filter(|id| !new_voters.contains(id)).collect();
         let Some(add) = pick(&spare) else { return };
         new_voters.insert(add);
-        let (Some(node), Some(host)) = (self.registry.get(new_leader), self.hosts.get(&new_leader)) else { return };
+        let (Some(node), Some(host)) = (self.registry.get(new_leader), self.host_now(new_leader)) else { return };
         self.trace.event(now_ms(), format!("nemesis: add node {add} back as a voter via leader {new_leader}"));
-        self.add_voter(&node, host, add, new_voters).await;
+        self.add_voter(&node, &host, add, new_voters).await;
     }
 
     /// Through the leader `node` on `host`: adds `add` as a learner, then makes `voters` the
@@ -409,6 +459,16 @@ impl Cluster {
                     let cut = minority.iter().filter(|id| voters.contains(id)).count();
                     (2 * cut < voters.len()).then(|| minority.clone())
                 });
+                // The leader cut off into a minority: the majority must elect a leader and
+                // commit within about an election (the voters first wait out the old
+                // leader's lease, then a pre-vote and a vote round).
+                let cut_off_leader = before.and_then(|(leader, _)| {
+                    let (minority, majority) = if left.contains(&leader) { (&left, &right) } else { (&right, &left) };
+                    let kept = majority.iter().filter(|id| voters.contains(id)).count();
+                    (2 * kept > voters.len()
+                        && self.registry.live().keys().filter(|id| majority.contains(id)).count() == majority.len())
+                    .then(|| (minority.clone(), majority.clone()))
+                });
                 for a in &left {
                     for b in &right {
                         net.clog_link(self.hosts[a].id(), self.hosts[b].id());
@@ -418,6 +478,10 @@ impl Cluster {
                 let held = Duration::from_millis(random_range(500, 5000));
                 if let (Some(minority), Some((leader, term))) = (&quiet_minority, before) {
                     self.check_quiet_minority(minority, leader, term, held).await;
+                } else if let Some((minority, majority)) = &cut_off_leader {
+                    let started = madsim::time::Instant::now();
+                    self.check_leader_cut_off(minority, majority, held).await;
+                    madsim::time::sleep(held.saturating_sub(started.elapsed())).await;
                 } else {
                     madsim::time::sleep(held).await;
                 }
@@ -481,7 +545,7 @@ impl Cluster {
             Fault::Membership => self.membership_swap().await,
             Fault::Snapshot => {
                 let Some(id) = pick(&ids) else { return };
-                let (Some(node), Some(host)) = (self.registry.get(id), self.hosts.get(&id)) else { return };
+                let (Some(node), Some(host)) = (self.registry.get(id), self.host_now(id)) else { return };
                 let raft = node.raft.clone();
                 let result = host.spawn(async move { raft.trigger_snapshot().await }).await;
                 self.trace.event(now_ms(), format!("nemesis: snapshot on node {id}: {result:?}"));
