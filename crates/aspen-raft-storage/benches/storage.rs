@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aspen_api::WriteCommand;
+use aspen_api::session::{ClientWrite, Proposal, SessionId, WriteId};
 use aspen_raft_storage::log::chain;
 use aspen_raft_storage::{Entry, RedbLogStore, SqliteStateMachine};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -92,6 +93,49 @@ fn state_machine_apply(c: &mut Criterion) {
     group.finish();
 }
 
+/// Writers in one entry of the session benchmark: one entry as the leader's batcher builds
+/// it under 64 closed-loop clients.
+const SESSION_WRITERS: u64 = 64;
+
+/// One entry of `SESSION_WRITERS` puts, one per client; with `ids`, each carries its
+/// client's write identity (exactly-once writes), as every aspen-client write does.
+fn session_entry(index: u64, ids: bool) -> Entry {
+    let writes = (0..SESSION_WRITERS)
+        .map(|client| {
+            let key = format!("bench/key/{:08}", (index * SESSION_WRITERS + client) % READ_KEYS).into_bytes();
+            let command = WriteCommand::Put { key, value: vec![b'x'; VALUE_SIZE], lease: None };
+            let id = ids.then(|| WriteId {
+                session: SessionId(u128::from(client + 1) << 64 | 0x5e55),
+                seq: index,
+                first_outstanding: index,
+            });
+            ClientWrite { id, command }
+        })
+        .collect();
+    let proposal = Proposal { time_ms: 1_800_000_000_000 + index, writes };
+    Entry { log_id: openraft::LogId::new(1u64.into(), index), payload: EntryPayload::Normal(proposal) }
+}
+
+/// What exactly-once writes cost the state machine: the same entries of 64 puts from 64
+/// clients, with and without write identities (the baseline), in the same run.
+fn session_apply(c: &mut Criterion) {
+    let mut group = c.benchmark_group("state_machine_apply_64_clients");
+    group.measurement_time(Duration::from_secs(4));
+    group.throughput(Throughput::Elements(SESSION_WRITERS));
+    for (name, ids) in [("without_identities", false), ("with_identities", true)] {
+        group.bench_function(name, |b| {
+            let dir = bench_dir();
+            let state_machine = SqliteStateMachine::open(dir.path()).expect("open");
+            let mut next = 1;
+            b.iter(|| {
+                black_box(state_machine.apply_entries(&[session_entry(next, ids)]).expect("apply"));
+                next += 1;
+            });
+        });
+    }
+    group.finish();
+}
+
 fn point_reads(c: &mut Criterion) {
     let dir = bench_dir();
     let state_machine = SqliteStateMachine::open(dir.path()).expect("open");
@@ -125,5 +169,5 @@ fn point_reads(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, log_append, state_machine_apply, point_reads);
+criterion_group!(benches, log_append, state_machine_apply, session_apply, point_reads);
 criterion_main!(benches);

@@ -179,14 +179,44 @@ fn sessions_travel_in_snapshots() {
     assert_eq!(follower.applied_state_now().cluster_time_ms, T0);
 }
 
+/// The state machine keeps session rows decoded between applies; a snapshot install must
+/// replace those too, or a retry would get an answer the installed state never gave.
+#[test]
+fn an_installed_snapshot_replaces_the_sessions_a_node_held() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let leader = SqliteStateMachine::open(dir.path().join("leader")).expect("open");
+    let first = entry(1, T0, vec![ClientWrite { id: id(1, 1, 1), command: put("k", "a") }]);
+    leader.apply_entries(std::slice::from_ref(&first)).expect("apply");
+    let (meta, file) = leader.build_snapshot_now().expect("build");
+    // The follower applied the session's second write too (an entry the new leader never
+    // committed), so it remembers an answer for sequence 2.
+    let follower = SqliteStateMachine::open(dir.path().join("follower")).expect("open");
+    follower
+        .apply_entries(&[first, entry(2, T0, vec![ClientWrite { id: id(1, 2, 1), command: cas(b"a", b"b") }])])
+        .expect("apply");
+    follower.install_snapshot_now(&meta, &file).expect("install");
+    // Sequence 2 now carries another command: the installed state has no answer for it,
+    // so it applies.
+    let applied = results(
+        follower
+            .apply_entries(&[entry(2, T0, vec![ClientWrite { id: id(1, 2, 1), command: cas(b"a", b"c") }])])
+            .expect("apply"),
+    );
+    assert!(cas_succeeded(&applied[0]), "{applied:?}");
+    assert_eq!(value(&follower, "k"), Some((b"c".to_vec(), 2)));
+}
+
 #[test]
 fn a_full_session_table_replaces_only_long_idle_sessions() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state_machine = SqliteStateMachine::open(dir.path()).expect("open");
-    // MAX_SESSIONS sessions, each with one write, 1000 to an entry.
+    // MAX_SESSIONS sessions, each with one write, 1000 to an entry. The highest ids come
+    // first, 1 ms earlier than the rest: the least recently used session is then one the
+    // state machine still holds decoded (its cache keeps the highest ids), so replacing it
+    // must drop it there too.
     let per_entry = 1000u64;
     let mut index = 0;
-    for chunk in 0..MAX_SESSIONS / per_entry {
+    for chunk in (0..MAX_SESSIONS / per_entry).rev() {
         index += 1;
         let writes = (0..per_entry)
             .map(|n| {
@@ -194,8 +224,10 @@ fn a_full_session_table_replaces_only_long_idle_sessions() {
                 ClientWrite { id: id(session, 1, 1), command: put("shared", "v") }
             })
             .collect();
-        state_machine.apply_entries(&[entry(index, T0, writes)]).expect("apply");
+        let time = if index == 1 { T0 } else { T0 + 1 };
+        state_machine.apply_entries(&[entry(index, time, writes)]).expect("apply");
     }
+    let least_recent = u128::from(MAX_SESSIONS - per_entry + 1);
     let newcomer =
         |index, time| entry(index, time, vec![ClientWrite { id: id(u128::MAX, 1, 1), command: put("n", "1") }]);
     let refused = results(state_machine.apply_entries(&[newcomer(index + 1, T0 + 1000)]).expect("apply"));
@@ -210,9 +242,20 @@ fn a_full_session_table_replaces_only_long_idle_sessions() {
             .apply_entries(&[entry(
                 index + 3,
                 T0 + SESSION_MIN_IDLE_MS,
-                vec![ClientWrite { id: id(1, 2, 2), command: put("shared", "w") }],
+                vec![ClientWrite { id: id(least_recent, 2, 2), command: put("shared", "w") }],
             )])
             .expect("apply"),
     );
-    assert_eq!(gone[0], Err(ApplyError::SessionExpired { session: SessionId(1) }));
+    assert_eq!(gone[0], Err(ApplyError::SessionExpired { session: SessionId(least_recent) }));
+    // A session used later than it is still there.
+    let kept = results(
+        state_machine
+            .apply_entries(&[entry(
+                index + 4,
+                T0 + SESSION_MIN_IDLE_MS,
+                vec![ClientWrite { id: id(1, 2, 2), command: put("shared", "x") }],
+            )])
+            .expect("apply"),
+    );
+    assert!(kept[0].is_ok(), "{kept:?}");
 }

@@ -101,6 +101,8 @@ pub type StateMachineWatch = CloseWatch;
 struct Writer {
     conn: Connection,
     applied: AppliedState,
+    /// Session rows as last committed (taken for each apply, given back after its commit).
+    sessions: session::SessionCache,
 }
 
 /// Serves reads from the pool of read-only connections. Cheap to clone.
@@ -146,7 +148,7 @@ impl SqliteStateMachine {
             db_path,
             durability,
             opened,
-            writer: Mutex::new(Writer { conn, applied }),
+            writer: Mutex::new(Writer { conn, applied, sessions: session::SessionCache::default() }),
             snapshots,
             reader: StateMachineReader { pool },
             wal_pages,
@@ -252,11 +254,12 @@ impl Shared {
     fn apply_entries(&self, entries: &[Entry]) -> Result<Vec<EntryResponse>, StateMachineError> {
         let mut writer = self.lock_writer();
         let mut applied = writer.applied.clone();
+        // Taken out: if anything below fails, the cache is dropped with the transaction.
+        let mut sessions = session::Sessions::with_cache(std::mem::take(&mut writer.sessions));
         let txn = writer.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut responses = Vec::with_capacity(entries.len());
         let mut membership_changed = false;
         let clock_before = applied.cluster_time_ms;
-        let mut sessions = session::Sessions::default();
         for entry in entries {
             let index = entry.log_id.index;
             let response = match &entry.payload {
@@ -284,6 +287,7 @@ impl Shared {
         meta::write_applied(&txn, &applied, membership_changed, applied.cluster_time_ms != clock_before)?;
         txn.commit()?;
         writer.applied = applied;
+        writer.sessions = sessions.into_cache();
         Ok(responses)
     }
 
@@ -292,6 +296,7 @@ impl Shared {
     fn load_snapshot_into_db(&self, meta: &SnapshotMeta) -> Result<(), StateMachineError> {
         let snapshot_path = self.snapshots_current_path()?;
         let mut writer = self.lock_writer();
+        writer.sessions = session::SessionCache::default();
         let path = snapshot_path.to_str().ok_or_else(|| SnapshotError::Invalid("non-UTF-8 data path".into()))?;
         writer.conn.execute("ATTACH DATABASE ?1 AS snap", [format!("file:{path}?mode=ro")])?;
         let result = (|| -> Result<AppliedState, StateMachineError> {

@@ -8,6 +8,10 @@
 //!
 //! Within one apply transaction the rows are read once into [`Sessions`] and written back
 //! once, before the commit: a client with many writes in one entry pays for one row.
+//! Between transactions the decoded rows are kept in a [`SessionCache`], which the writer
+//! gets back only after a commit (a failed apply drops it), so a cached row always equals
+//! the table's; it saves the row's read and decoding on each write (bounded by
+//! [`MAX_CACHED_SESSIONS`] rows of at most [`MAX_CACHED_SESSION_SIZE`] bytes).
 //! Everything here depends only on the database and the entries, so every replica reaches
 //! the same sessions at the same index; `--features sim-bug-no-dedup` (a deliberate bug for
 //! the simulator's self-test) skips the check.
@@ -47,16 +51,46 @@ struct Session {
     replies: BTreeMap<u64, Remembered>,
 }
 
+/// Most session rows kept decoded between apply transactions.
+pub const MAX_CACHED_SESSIONS: usize = 16 * 1024;
+/// Largest encoded row kept decoded between transactions (a closed-loop client's row, with
+/// one remembered answer, is a few dozen bytes); larger rows are read again when used.
+pub const MAX_CACHED_SESSION_SIZE: usize = 1024;
+
+/// Session rows as committed, kept decoded between apply transactions. Only
+/// [`Sessions::into_cache`] makes one, after its transaction committed.
+#[derive(Default)]
+pub struct SessionCache {
+    rows: BTreeMap<SessionId, Session>,
+}
+
 /// The sessions one apply transaction touches, written back by [`Sessions::flush`].
 #[derive(Default)]
 pub struct Sessions {
-    /// Ordered, so rows are written back in the same order on every replica.
+    /// Rows as this transaction sees them: the cache's plus those read or created here.
     rows: BTreeMap<SessionId, Session>,
+    /// Rows changed since the last flush, and whether each is new to the table. Ordered, so
+    /// rows are written back in the same order on every replica.
+    dirty: BTreeMap<SessionId, bool>,
     /// Live sessions, loaded from `raft_meta` on first need.
     count: Option<u64>,
 }
 
 impl Sessions {
+    /// Sessions for a new transaction, starting from the rows `cache` holds.
+    pub fn with_cache(cache: SessionCache) -> Sessions {
+        Sessions { rows: cache.rows, dirty: BTreeMap::new(), count: None }
+    }
+
+    /// The rows to keep for the next transaction; call only after this one committed.
+    pub fn into_cache(mut self) -> SessionCache {
+        debug_assert!(self.dirty.is_empty(), "flush before the commit");
+        while self.rows.len() > MAX_CACHED_SESSIONS {
+            self.rows.pop_first();
+        }
+        SessionCache { rows: self.rows }
+    }
+
     /// Applies `write` at `revision` and cluster time `now_ms`: once per write identity.
     pub fn apply(&mut self, conn: &Connection, revision: Revision, now_ms: u64, write: &ClientWrite) -> Applied {
         let Some(id) = write.id else { return apply::apply_command(conn, revision, &write.command) };
@@ -77,6 +111,7 @@ impl Sessions {
                 return Ok(Err(error));
             }
             self.rows.insert(id.session, Session { floor: 1, last_used_ms: now_ms, replies: BTreeMap::new() });
+            self.dirty.insert(id.session, true);
         }
         // Worked on in place: a client with many writes in one apply pays for its row once.
         let Some(session) = self.rows.get_mut(&id.session) else {
@@ -97,6 +132,7 @@ impl Sessions {
             return Ok(Err(ApplyError::WriteTooOld { seq: id.seq, floor }));
         }
         let result = apply::apply_command(conn, revision, &write.command)?;
+        self.dirty.entry(id.session).or_insert(false);
         if floor > session.floor {
             session.floor = floor;
             session.replies = session.replies.split_off(&floor);
@@ -146,6 +182,9 @@ impl Sessions {
         match oldest {
             Some((id, last_used_ms)) if now_ms.saturating_sub(last_used_ms) >= SESSION_MIN_IDLE_MS => {
                 conn.prepare_cached("DELETE FROM sessions WHERE id = ?1")?.execute(params![id])?;
+                if let Ok(bytes) = <[u8; 16]>::try_from(id.as_slice()) {
+                    self.rows.remove(&SessionId(u128::from_be_bytes(bytes)));
+                }
                 self.count = Some(count);
                 Ok(Ok(()))
             }
@@ -163,6 +202,8 @@ impl Sessions {
         self.flush(conn)?;
         let cutoff = now_ms.saturating_sub(SESSION_IDLE_EXPIRY_MS);
         let dropped = conn.prepare_cached("DELETE FROM sessions WHERE last_used_ms < ?1")?.execute(params![cutoff])?;
+        // Flushed above, so every row here is as the table had it before the delete.
+        self.rows.retain(|_, session| session.last_used_ms >= cutoff);
         if dropped > 0 {
             let count = match self.count {
                 Some(count) => count,
@@ -176,14 +217,19 @@ impl Sessions {
 
     /// Writes every changed row and the session count; call before the transaction commits.
     pub fn flush(&mut self, conn: &Connection) -> rusqlite::Result<()> {
-        let mut upsert = conn.prepare_cached(
-            "INSERT INTO sessions (id, last_used_ms, state) VALUES (?1, ?2, ?3)
-             ON CONFLICT(id) DO UPDATE SET last_used_ms = excluded.last_used_ms, state = excluded.state",
-        )?;
-        for (id, session) in std::mem::take(&mut self.rows) {
-            let state = postcard::to_stdvec(&session)
+        for (id, new) in std::mem::take(&mut self.dirty) {
+            let Some(session) = self.rows.get(&id) else { continue };
+            let state = postcard::to_stdvec(session)
                 .map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))?;
-            upsert.execute(params![id.0.to_be_bytes(), session.last_used_ms, state])?;
+            let sql = if new {
+                "INSERT INTO sessions (id, last_used_ms, state) VALUES (?1, ?2, ?3)"
+            } else {
+                "UPDATE sessions SET last_used_ms = ?2, state = ?3 WHERE id = ?1"
+            };
+            conn.prepare_cached(sql)?.execute(params![id.0.to_be_bytes(), session.last_used_ms, state])?;
+            if state.len() > MAX_CACHED_SESSION_SIZE {
+                self.rows.remove(&id);
+            }
         }
         if let Some(count) = self.count {
             conn.prepare_cached(
