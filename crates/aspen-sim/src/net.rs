@@ -2,8 +2,8 @@
 //! postcard-encoded [`RaftRpc`]s and client requests production carries over QUIC.
 //!
 //! madsim drops (`packet_loss_rate`), delays and reorders (`send_latency`) messages and
-//! clogs links for partitions; this layer adds duplication and long delays. Requests that
-//! are safe to handle twice are resent while unanswered, as QUIC retransmits lost packets.
+//! clogs links for partitions; this layer adds duplication and long delays. Raft requests
+//! are resent while unanswered, as QUIC retransmits lost packets.
 //! A request without a reply before its deadline is a timeout: it may or may not have been
 //! handled, exactly as over QUIC.
 
@@ -92,10 +92,20 @@ impl NetError {
 /// writes without one may not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Delivery {
-    /// May arrive twice (idempotent by protocol).
+    /// May arrive twice (idempotent by protocol), and is resent while unanswered, as QUIC
+    /// retransmits what it lost: Raft's RPCs between nodes.
+    Resent,
+    /// May arrive twice (idempotent by protocol), sent once: a client's write with an
+    /// identity, whose resending is the client's own logic under test.
     AtLeastOnce,
     /// Arrives at most once.
     AtMostOnce,
+}
+
+impl Delivery {
+    fn may_duplicate(self) -> bool {
+        matches!(self, Delivery::Resent | Delivery::AtLeastOnce)
+    }
 }
 
 /// Sends `bytes` to `dst` under `tag` from a fresh endpoint of the current host and
@@ -115,7 +125,7 @@ pub async fn request(
         let max = faults.max_delay_ms.load(Ordering::Relaxed).max(1);
         madsim::time::sleep(Duration::from_millis(madsim::rand::random::<u64>() % max)).await;
     }
-    let copies = if delivery == Delivery::AtLeastOnce && chance(&faults.duplicate_ppm) { 2 } else { 1 };
+    let copies = if delivery.may_duplicate() && chance(&faults.duplicate_ppm) { 2 } else { 1 };
     let started = madsim::time::Instant::now();
     let mut resend_after = RESEND_AFTER_MIN;
     loop {
@@ -124,10 +134,10 @@ pub async fn request(
             endpoint.send_to_raw(dst, tag, Box::new(frame)).await.map_err(|error| NetError::Send(error.to_string()))?;
         }
         let left = deadline.saturating_sub(started.elapsed());
-        // Requests that may arrive twice are resent while unanswered, as QUIC retransmits a
-        // lost packet: a single lost datagram costs a retransmission timeout, not the whole
-        // deadline. A request that must arrive at most once is sent once.
-        let wait = if delivery == Delivery::AtLeastOnce { left.min(resend_after) } else { left };
+        // Raft's requests are resent while unanswered, as QUIC retransmits a lost packet: a
+        // single lost datagram costs a retransmission timeout, not the whole deadline.
+        // Client requests are sent once: resending them is aspen-client's job, under test.
+        let wait = if delivery == Delivery::Resent { left.min(resend_after) } else { left };
         match madsim::time::timeout(wait, endpoint.recv_from_raw(reply_tag)).await {
             Ok(Ok((payload, _))) => {
                 let frame = payload.downcast::<Frame>().map_err(|_| NetError::Malformed)?;
@@ -199,7 +209,7 @@ impl RaftRpcClient for SimRaftClient {
         // deduplicated by Raft or by the write's session.
         let delivery = match &request {
             RaftRpc::Forward(write) if write.id.is_none() => Delivery::AtMostOnce,
-            _ => Delivery::AtLeastOnce,
+            _ => Delivery::Resent,
         };
         let reply =
             self::request(&self.faults, addr, RAFT_TAG, bytes, RAFT_RPC_TIMEOUT, delivery).await.map_err(|error| {
