@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aspen_api::Right;
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 
 use crate::cli::{Cli, Command, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_OUTCOME_UNKNOWN};
 use crate::connect::{connect, release};
@@ -34,7 +35,16 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     // Usage errors exit with clap's code 2 here, before anything runs.
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    for (id, flag) in [("token", "--token"), ("admin_token", "--admin-token")] {
+        if matches.value_source(id) == Some(ValueSource::CommandLine) {
+            tracing::warn!(
+                "{flag} puts a token on the command line, where every local user can read it (ps); \
+                 use {flag}-file or the ASPEN_* variable"
+            );
+        }
+    }
     let json = cli.json;
     match run(cli).await {
         Ok(Outcome::Done) => ExitCode::from(EXIT_OK),

@@ -3,8 +3,9 @@
 //! data dirs every acknowledged write is there. A client that stays connected through a
 //! node's crash and restart reaches it again within seconds; so does the leader, to a
 //! follower restarted or frozen (SIGSTOP) and thawed. A dev cluster keeps its secrets in
-//! owner-only files and off every command line. With a node down, commands do not wait for
-//! it; with two down, the error says how many nodes answered.
+//! owner-only files and off every command line, and the CLI takes its tokens from files
+//! (--token-file, --admin-token-file). With a node down, commands do not wait for it; with
+//! two down, the error says how many nodes answered.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -353,6 +354,42 @@ fn a_dev_cluster_keeps_its_secrets_in_private_files_and_off_every_command_line()
     let admin = [("ASPEN_PEERS", peers.as_str()), ("ASPEN_ADMIN_TOKEN", secrets[2].as_str())];
     let snapshot = cli_with(&admin, &["cluster", "snapshot"]);
     assert!(snapshot.status.success(), "snapshot: {}", String::from_utf8_lossy(&snapshot.stderr));
+
+    // From anywhere, the token files named as options (or ASPEN_*_FILE): no token on the
+    // command line, each file its own right.
+    let (token_file, admin_token_file) = (files[1].display().to_string(), files[2].display().to_string());
+    let peers_only = [("ASPEN_PEERS", peers.as_str())];
+    let get = cli_with(&peers_only, &["--json", "kv", "get", "private", "--token-file", &token_file]);
+    let stderr = String::from_utf8_lossy(&get.stderr);
+    assert!(get.status.success(), "get with --token-file: {stderr}");
+    assert!(!stderr.contains("WARN"), "a private token file is not warned about: {stderr}");
+    let refused = cli_with(&peers_only, &["--token-file", &token_file, "cluster", "snapshot"]);
+    assert_eq!(refused.status.code(), Some(1), "the data token file cannot administer");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("admin token"));
+    let snapshot = cli_with(&peers_only, &["--admin-token-file", &admin_token_file, "cluster", "snapshot"]);
+    assert!(snapshot.status.success(), "--admin-token-file: {}", String::from_utf8_lossy(&snapshot.stderr));
+    let by_env = [("ASPEN_PEERS", peers.as_str()), ("ASPEN_TOKEN_FILE", token_file.as_str())];
+    assert!(cli_with(&by_env, &["kv", "put", "by-env-file", "yes"]).status.success(), "ASPEN_TOKEN_FILE");
+    // A token file others can read works, with a warning naming the fix.
+    let loose = work.path().join("loose-token");
+    std::fs::write(&loose, format!("{}\n", secrets[1])).expect("write");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    let get = cli_with(&peers_only, &["--token-file", &loose.display().to_string(), "kv", "get", "private"]);
+    let stderr = String::from_utf8_lossy(&get.stderr);
+    assert!(get.status.success(), "get with a loose token file: {stderr}");
+    assert!(stderr.contains("mode 0644") && stderr.contains("chmod 600"), "{stderr}");
+    // The token itself on the command line still works, with a warning.
+    let get = cli_with(&peers_only, &["--token", &secrets[1], "kv", "get", "private"]);
+    let stderr = String::from_utf8_lossy(&get.stderr);
+    assert!(get.status.success(), "get with --token: {stderr}");
+    assert!(stderr.contains("--token puts a token on the command line"), "{stderr}");
+    let wrong = work.path().join("wrong-token");
+    std::fs::write(&wrong, "not-the-token\n").expect("write");
+    let refused = cli_with(&peers_only, &["--token-file", &wrong.display().to_string(), "kv", "get", "private"]);
+    assert_eq!(refused.status.code(), Some(1), "a wrong token from a file is refused");
     drop(cluster);
 
     // A restart keeps the cluster's secrets, and makes a loosened file private again.
