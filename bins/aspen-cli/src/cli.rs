@@ -91,7 +91,10 @@ pub struct ConnectionArgs {
     /// ./aspen-dev if it has one].
     #[arg(long, env = "ASPEN_CLUSTER_DIR", global = true, value_name = "DIR")]
     pub cluster_dir: Option<PathBuf>,
-    /// How long a command keeps retrying through leader elections and unreachable nodes.
+    /// How long a command may take: it retries through leader elections and unreachable
+    /// nodes until then, and waits for an answer no longer (each attempt gets at least
+    /// 500 ms, so a command can overrun by about a second). A write given up on after an
+    /// attempt that may have applied it exits 4 (outcome unknown).
     #[arg(long, global = true, default_value_t = 15, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout_secs: u64,
@@ -125,6 +128,13 @@ pub enum Command {
     written to DATA_DIR/cluster.env. Other aspen-cli commands run from the directory holding \
     DATA_DIR, or given --cluster-dir DATA_DIR, find both.")]
     Dev(DevArgs),
+}
+
+impl Command {
+    /// Whether the command writes keys (a transaction counts, whatever its branches hold).
+    pub fn writes(&self) -> bool {
+        matches!(self, Command::Kv(KvCommand::Put { .. } | KvCommand::Delete { .. } | KvCommand::Txn(_)))
+    }
 }
 
 /// Key-value commands. Keys and values are UTF-8 text; results show bytes that are not

@@ -46,6 +46,7 @@ async fn main() -> ExitCode {
         }
     }
     let json = cli.json;
+    let writes = cli.command.writes();
     match run(cli).await {
         Ok(Outcome::Done) => ExitCode::from(EXIT_OK),
         Ok(Outcome::NotFound) => ExitCode::from(EXIT_NOT_FOUND),
@@ -57,6 +58,11 @@ async fn main() -> ExitCode {
                 eprintln!(
                     "The write may or may not have been applied: the client gave up before the cluster \
                      answered. Read the key to find out before writing again."
+                );
+            } else if writes && gave_up(&error) {
+                eprintln!(
+                    "The write was not applied: no node could take it before the deadline \
+                     (--timeout-secs). Running the command again is safe."
                 );
             }
             if json {
@@ -76,6 +82,12 @@ fn outcome_unknown(error: &anyhow::Error) -> bool {
             Some(aspen_client::ClientError::Kv(aspen_api::KvError::OutcomeUnknown(_)))
         )
     })
+}
+
+/// Whether `error` says the client gave up at its deadline (see `ClientError::Unavailable`;
+/// for a write, only when no attempt can have been applied: otherwise the outcome is unknown).
+fn gave_up(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| matches!(cause.downcast_ref(), Some(aspen_client::ClientError::Unavailable(_))))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<Outcome> {

@@ -43,6 +43,9 @@ use aspen_transport::{
 use futures::StreamExt;
 
 pub use aspen_api::retry::DEFAULT_RETRY_DEADLINE;
+/// Least time a call's attempt may wait for its answer, even when the call's retry deadline
+/// is nearer: a call overruns its deadline by at most this (and a leader probe).
+pub const MIN_ATTEMPT_WINDOW: Duration = Duration::from_millis(500);
 /// Longest `close` waits for connections to finish closing. Closing takes milliseconds: a
 /// closed connection drains for three probe timeouts, from its measured round trip, or from
 /// the client's 2 ms first guess for a handshake still under way (a dial to a dead node),
@@ -270,7 +273,8 @@ impl AspenClient {
             .collect()
     }
 
-    /// Sets how long calls retry through elections and unreachable nodes.
+    /// Sets how long calls retry through elections and unreachable nodes; it bounds each
+    /// attempt's wait for an answer too (see [`MIN_ATTEMPT_WINDOW`]).
     pub fn with_retry_deadline(mut self, deadline: Duration) -> Self {
         self.retry_deadline = deadline;
         self
@@ -361,11 +365,21 @@ impl AspenClient {
                 DIAL_HEDGE.min(left)
             };
             let term_before = self.known_term();
-            let attempt = if idempotent {
-                self.attempt_watching_leader(&peer, request.clone(), connect_wait).await
-            } else {
-                self.attempt(&peer, request.clone(), connect_wait).await
+            let attempt = async {
+                if idempotent {
+                    self.attempt_watching_leader(&peer, request.clone(), connect_wait).await
+                } else {
+                    self.attempt(&peer, request.clone(), connect_wait).await
+                }
             };
+            // The deadline bounds the wait for an answer too (a leader that lost its quorum
+            // holds a write until its own timeout), with a floor so that a last attempt
+            // still gets a node's quick answer. Given up, it is a read timeout: the request
+            // may have been handled.
+            let window = left.max(MIN_ATTEMPT_WINDOW);
+            let given_up = TransportError::ReadTimeout { peer: peer.short(), after_ms: window.as_millis() as u64 };
+            let attempt =
+                tokio::time::timeout(window, attempt).await.unwrap_or(Err(ClientError::Unreachable(given_up)));
             let error = match attempt.and_then(&decode) {
                 Ok(value) => {
                     if let Some(position) = self.peers.iter().position(|known| *known == peer) {

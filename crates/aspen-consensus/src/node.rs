@@ -203,7 +203,9 @@ impl<C: RaftRpcClient> RaftNode<C> {
             return Err(KvError::NotLeader { leader: None, leader_addr: None });
         };
         if leader == self.id() {
-            return Err(KvError::Unavailable("this node is the leader".into()));
+            // openraft refused this leader the request itself, typically because no quorum
+            // acknowledged it within its lease (CheckQuorum): there is no other leader to ask.
+            return Err(KvError::Unavailable(self.leader_refusal_reason()));
         }
         self.inner.rpc.call(leader, &node, request).await.map_err(|failure| match failure {
             RpcFailure::Timeout { after_ms, .. } => KvError::Timeout { after_ms },
@@ -280,7 +282,14 @@ impl<C: RaftRpcClient> RaftNode<C> {
         match self.inner.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(read_log_id) => Ok(read_log_id.index()),
             Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward))) => Err(not_leader(&forward)),
-            Err(RaftError::APIError(error)) => Err(KvError::Unavailable(error.to_string())),
+            Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(quorum))) => {
+                let voters = self.metrics().membership_config.membership().voter_ids().count();
+                Err(KvError::Unavailable(format!(
+                    "no quorum: node {} leads but only {} of {voters} voters confirmed it for this read",
+                    self.id(),
+                    quorum.got.len()
+                )))
+            }
             Err(RaftError::Fatal(fatal)) => Err(KvError::Unavailable(fatal.to_string())),
         }
     }
@@ -679,18 +688,41 @@ impl<C: RaftRpcClient> RaftNode<C> {
         if voters_left.is_empty() {
             return Err(ClusterError::LastVoter(node));
         }
-        // openraft's leader lease is the longest election timeout: a voter silent for that
-        // long may already be following someone else, or be gone.
+        let reachable = self.acked_within_lease(metrics, &voters_left);
+        if reachable * 2 <= voters_left.len() {
+            return Err(ClusterError::WouldLoseQuorum { node, voters_left: voters_left.len(), reachable });
+        }
+        Ok(())
+    }
+
+    /// How many of `voters` this leader counts as with it: itself, and those that
+    /// acknowledged it within the leader lease. openraft's lease is the longest election
+    /// timeout: a voter silent for that long may already follow someone else, or be gone.
+    fn acked_within_lease(&self, metrics: &Metrics, voters: &BTreeSet<NodeId>) -> usize {
         let lease = std::time::Duration::from_millis(self.inner.config.election_timeout_max_ms);
         let acked = |id: &NodeId| {
             let acked_at = metrics.heartbeat.as_ref().and_then(|acks| acks.get(id).cloned().flatten());
             acked_at.is_some_and(|at| at.elapsed() < lease)
         };
-        let reachable = voters_left.iter().filter(|id| **id == self.id() || acked(id)).count();
-        if reachable * 2 <= voters_left.len() {
-            return Err(ClusterError::WouldLoseQuorum { node, voters_left: voters_left.len(), reachable });
+        voters.iter().filter(|id| **id == self.id() || acked(id)).count()
+    }
+
+    /// Why this node, named leader, cannot serve a request openraft refused it: usually it
+    /// has no quorum (and how many voters are with it), else it is stepping down.
+    fn leader_refusal_reason(&self) -> String {
+        let metrics = self.metrics();
+        let (id, term) = (self.id(), metrics.current_term);
+        if !self.quorum_lease_expired(&metrics) {
+            return format!("node {id} leads term {term} but is handing leadership over or leaving the cluster");
         }
-        Ok(())
+        let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        format!(
+            "no quorum: node {id} was elected leader in term {term} but only {} of {} voters acknowledged it \
+             in the last {} ms",
+            self.acked_within_lease(&metrics, &voters),
+            voters.len(),
+            self.inner.config.election_timeout_max_ms
+        )
     }
 
     /// Whether this node leads but no quorum acknowledged it within openraft's leader lease
