@@ -35,11 +35,13 @@ Exit codes:
                   administer a cluster, or start a local dev cluster.\n\n\
                   Which cluster: --peers (or ASPEN_PEERS) if given, else the cluster.env file in \
                   --cluster-dir, else ./aspen-dev/cluster.env as written by `aspen-cli dev`.\n\n\
-                  Which token: the data token (--token, ASPEN_TOKEN, or the cluster dir's `token` \
-                  file) reads and writes keys; the admin token (--admin-token, ASPEN_ADMIN_TOKEN, or \
-                  the cluster dir's `admin-token` file) also administers the cluster. A command uses \
-                  the token it needs if given, else the other one. Prefer the variables or files to \
-                  the options: a command line is visible to every user of the machine.\n\n\
+                  Which token: the data token (--token-file FILE, ASPEN_TOKEN, or the cluster dir's \
+                  `token` file) reads and writes keys; the admin token (--admin-token-file FILE, \
+                  ASPEN_ADMIN_TOKEN, or the cluster dir's `admin-token` file) also administers the \
+                  cluster. A command uses the token it needs if given, else the other one. Keep \
+                  tokens in files only you can read (mode 0600) or in the variables: --token and \
+                  --admin-token put a token on the command line, where every user of the machine \
+                  can read it.\n\n\
                   Quick start:\n  \
                   aspen-cli dev                 # in one terminal: a 3-node cluster in ./aspen-dev\n  \
                   aspen-cli kv put hello world  # in another terminal, same directory\n  \
@@ -66,12 +68,22 @@ pub struct ConnectionArgs {
     /// the cluster's nodes works.
     #[arg(long, env = "ASPEN_PEERS", global = true, value_name = "ADDRS")]
     pub peers: Option<String>,
-    /// Data token (client_token on the nodes): reads and writes keys [default: the cluster
-    /// dir's `token` file].
+    /// File holding the data token (client_token on the nodes), which reads and writes keys;
+    /// keep it mode 0600 (a file others can read gets a warning) [default: the cluster dir's
+    /// `token` file].
+    #[arg(long, env = "ASPEN_TOKEN_FILE", global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// File holding the admin token (admin_token on the nodes), needed by cluster init,
+    /// add-learner, promote, remove, snapshot and transfer-leader; mode 0600 [default: the
+    /// cluster dir's `admin-token` file].
+    #[arg(long, env = "ASPEN_ADMIN_TOKEN_FILE", global = true, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The data token itself. Prefer --token-file or ASPEN_TOKEN: a command line is visible
+    /// to every user of the machine (`ps`).
     #[arg(long, env = "ASPEN_TOKEN", global = true, hide_env_values = true, value_name = "TOKEN")]
     pub token: Option<Secret>,
-    /// Admin token (admin_token on the nodes): needed by cluster init, add-learner, promote,
-    /// remove, snapshot and transfer-leader [default: the cluster dir's `admin-token` file].
+    /// The admin token itself. Prefer --admin-token-file or ASPEN_ADMIN_TOKEN: a command
+    /// line is visible to every user of the machine (`ps`).
     #[arg(long, env = "ASPEN_ADMIN_TOKEN", global = true, hide_env_values = true, value_name = "TOKEN")]
     pub admin_token: Option<Secret>,
     /// Directory holding a cluster.env (ASPEN_PEERS=...) and the `token` and `admin-token`
@@ -79,7 +91,10 @@ pub struct ConnectionArgs {
     /// ./aspen-dev if it has one].
     #[arg(long, env = "ASPEN_CLUSTER_DIR", global = true, value_name = "DIR")]
     pub cluster_dir: Option<PathBuf>,
-    /// How long a command keeps retrying through leader elections and unreachable nodes.
+    /// How long a command may take: it retries through leader elections and unreachable
+    /// nodes until then, and waits for an answer no longer (each attempt gets at least
+    /// 500 ms, so a command can overrun by about a second). A write given up on after an
+    /// attempt that may have applied it exits 4 (outcome unknown).
     #[arg(long, global = true, default_value_t = 15, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout_secs: u64,
@@ -113,6 +128,13 @@ pub enum Command {
     written to DATA_DIR/cluster.env. Other aspen-cli commands run from the directory holding \
     DATA_DIR, or given --cluster-dir DATA_DIR, find both.")]
     Dev(DevArgs),
+}
+
+impl Command {
+    /// Whether the command writes keys (a transaction counts, whatever its branches hold).
+    pub fn writes(&self) -> bool {
+        matches!(self, Command::Kv(KvCommand::Put { .. } | KvCommand::Delete { .. } | KvCommand::Txn(_)))
+    }
 }
 
 /// Key-value commands. Keys and values are UTF-8 text; results show bytes that are not

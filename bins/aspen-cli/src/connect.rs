@@ -3,14 +3,15 @@
 //! writes them and the other commands read them.
 //!
 //! A command needing the data right (kv, sql, cluster status and metrics) uses the data
-//! token if it has one (--token, ASPEN_TOKEN, the dir's `token` file, a cluster.env
-//! ASPEN_TOKEN line), else the admin token, which grants everything. A cluster
-//! administration command uses the admin token if it has one (--admin-token,
-//! ASPEN_ADMIN_TOKEN, the dir's `admin-token` file), else the data token, which the node
-//! then refuses with a message naming the admin token: whoever holds a single token passes
-//! it as --token, whichever it is.
+//! token if it has one (--token-file or ASPEN_TOKEN_FILE, --token or ASPEN_TOKEN, the dir's
+//! `token` file, a cluster.env ASPEN_TOKEN line), else the admin token, which grants
+//! everything. A cluster administration command uses the admin token if it has one
+//! (--admin-token-file or ASPEN_ADMIN_TOKEN_FILE, --admin-token or ASPEN_ADMIN_TOKEN, the
+//! dir's `admin-token` file), else the data token, which the node then refuses with a
+//! message naming the admin token: whoever holds a single token passes it as --token-file,
+//! whichever it is. Every token file is read through `aspen_transport::secret_file`, which
+//! warns when users other than the file's owner can read it.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use aspen_api::protocol::MAX_TOKEN_SIZE;
 use aspen_api::{Right, Secret};
 use aspen_client::AspenClient;
 use aspen_transport::PeerAddr;
+use aspen_transport::secret_file::read_secret_file;
 
 use crate::cli::ConnectionArgs;
 
@@ -93,21 +95,25 @@ pub fn render_cluster_env(peers: &[PeerAddr]) -> String {
 }
 
 /// Reads a token file of a cluster dir: `None` when there is none, else its contents without
-/// surrounding whitespace, refused when larger than any token can be.
+/// surrounding whitespace, warning when users other than its owner can read it.
 pub fn read_token_file(path: &Path) -> anyhow::Result<Option<Secret>> {
-    let file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(error) => return Err(error).with_context(|| format!("cannot read {}", path.display())),
-    };
-    let mut text = String::new();
-    // Room for the longest token and a line ending around it.
-    let bytes_max = MAX_TOKEN_SIZE as u64 + 2;
-    file.take(bytes_max + 1).read_to_string(&mut text).with_context(|| format!("cannot read {}", path.display()))?;
-    if text.len() as u64 > bytes_max {
-        bail!("{} is larger than a token can be ({MAX_TOKEN_SIZE} bytes)", path.display());
+    match read_secret_file(path, "a client token") {
+        Ok(token) => Ok(Some(token)),
+        Err(error) if error.is_not_found() => Ok(None),
+        Err(error) => Err(error.into()),
     }
-    Ok(Some(Secret::new(text.trim())))
+}
+
+/// The token given by an option's value or its file (`--token`/ASPEN_TOKEN or
+/// `--token-file`/ASPEN_TOKEN_FILE; likewise for the admin token), if either; both is an
+/// error, as for the node's settings.
+fn given_token(value: &Option<Secret>, file: &Option<PathBuf>, names: (&str, &str)) -> anyhow::Result<Option<Secret>> {
+    match (value, file) {
+        (Some(_), Some(_)) => bail!("{} and {} both give a token; give one", names.0, names.1),
+        (Some(value), None) => Ok(Some(value.clone())),
+        (None, Some(path)) => Ok(Some(read_secret_file(path, "a client token")?)),
+        (None, None) => Ok(None),
+    }
 }
 
 /// Reads DIR/cluster.env.
@@ -160,17 +166,22 @@ pub fn resolve(args: &ConnectionArgs, default_dir: &Path, right: Right) -> anyho
         }
     };
     let data = || -> anyhow::Result<Option<Secret>> {
-        Ok(args.token.clone().or(dir_token(TOKEN_FILE)?).or_else(|| env_token.clone()))
+        let given =
+            given_token(&args.token, &args.token_file, ("--token (ASPEN_TOKEN)", "--token-file (ASPEN_TOKEN_FILE)"))?;
+        Ok(given.or(dir_token(TOKEN_FILE)?).or_else(|| env_token.clone()))
     };
-    let admin = || -> anyhow::Result<Option<Secret>> { Ok(args.admin_token.clone().or(dir_token(ADMIN_TOKEN_FILE)?)) };
+    let admin = || -> anyhow::Result<Option<Secret>> {
+        let names = ("--admin-token (ASPEN_ADMIN_TOKEN)", "--admin-token-file (ASPEN_ADMIN_TOKEN_FILE)");
+        Ok(given_token(&args.admin_token, &args.admin_token_file, names)?.or(dir_token(ADMIN_TOKEN_FILE)?))
+    };
     let token = match right {
         Right::Data => data()?.or(admin()?),
         Right::Admin => admin()?.or(data()?),
     };
     let Some(token) = token else {
         bail!(
-            "no token: pass --token <TOKEN> (or set ASPEN_TOKEN; cluster administration needs --admin-token or \
-             ASPEN_ADMIN_TOKEN), or use a cluster dir whose token files `aspen-cli dev` wrote"
+            "no token: pass --token-file <FILE> (or set ASPEN_TOKEN; cluster administration needs \
+             --admin-token-file or ASPEN_ADMIN_TOKEN), or use a cluster dir whose token files `aspen-cli dev` wrote"
         );
     };
     if token.len() > MAX_TOKEN_SIZE {
@@ -209,7 +220,9 @@ mod tests {
         ConnectionArgs {
             peers: peers.map(str::to_string),
             token: token.map(Secret::new),
+            token_file: None,
             admin_token: None,
+            admin_token_file: None,
             cluster_dir: cluster_dir.map(Path::to_path_buf),
             timeout_secs: 15,
         }
@@ -305,5 +318,47 @@ mod tests {
 
         std::fs::write(dir.path().join(TOKEN_FILE), "x".repeat(MAX_TOKEN_SIZE + 3)).expect("write");
         assert!(resolve(&plain, dir.path(), Right::Data).is_err(), "an oversized token file is refused");
+    }
+
+    #[test]
+    fn token_files_given_as_options_beat_the_dirs_and_a_value_with_a_file_is_refused() {
+        let peer = peer();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(CLUSTER_ENV_FILE), format!("ASPEN_PEERS={peer}\n")).expect("write");
+        std::fs::write(dir.path().join(TOKEN_FILE), "data-dir-file\n").expect("write");
+        std::fs::write(dir.path().join(ADMIN_TOKEN_FILE), "admin-dir-file\n").expect("write");
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let (data_file, admin_file) = (elsewhere.path().join("data"), elsewhere.path().join("admin"));
+        std::fs::write(&data_file, " data-option-file\n").expect("write");
+        std::fs::write(&admin_file, "admin-option-file\n").expect("write");
+        let token = |args: &ConnectionArgs, right| {
+            resolve(args, dir.path(), right).expect("resolve").token.expose().to_string()
+        };
+
+        let files = ConnectionArgs {
+            token_file: Some(data_file.clone()),
+            admin_token_file: Some(admin_file.clone()),
+            ..args(None, None, None)
+        };
+        assert_eq!(token(&files, Right::Data), "data-option-file");
+        assert_eq!(token(&files, Right::Admin), "admin-option-file");
+        let data_only = ConnectionArgs { token_file: Some(data_file.clone()), ..args(None, None, None) };
+        assert_eq!(token(&data_only, Right::Admin), "admin-dir-file", "the admin right still finds its own token");
+
+        // A value and a file for the same token: which one was meant is unclear.
+        let both = ConnectionArgs { token_file: Some(data_file), ..args(None, Some("value"), None) };
+        let error = resolve(&both, dir.path(), Right::Data).expect_err("both");
+        assert!(error.to_string().contains("--token-file"), "{error}");
+        let both_admin = ConnectionArgs {
+            admin_token: Some(Secret::new("value")),
+            admin_token_file: Some(admin_file),
+            ..args(None, None, None)
+        };
+        assert!(resolve(&both_admin, dir.path(), Right::Admin).is_err(), "both admin forms are refused too");
+
+        // A token file named explicitly must exist: no silent fallback to another token.
+        let missing = ConnectionArgs { token_file: Some(elsewhere.path().join("nope")), ..args(None, None, None) };
+        let error = resolve(&missing, dir.path(), Right::Data).expect_err("missing file");
+        assert!(format!("{error:#}").contains("nope"), "{error:#}");
     }
 }

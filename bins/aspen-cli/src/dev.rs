@@ -468,7 +468,7 @@ fn report_ready(
     } else {
         lines.push(format!("  aspen-cli --cluster-dir {} kv put hello world", dir.display()));
     }
-    lines.push(format!("  export ASPEN_PEERS={} ASPEN_TOKEN=$(cat {token_file})", peers.join(",")));
+    lines.push(format!("  export ASPEN_PEERS={} ASPEN_TOKEN_FILE={token_file}", peers.join(",")));
     lines.push(String::new());
     lines.push(format!(
         "Tokens (mode 0600): {token_file} reads and writes keys; {admin_token_file} also administers the cluster."

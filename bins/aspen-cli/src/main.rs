@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aspen_api::Right;
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 
 use crate::cli::{Cli, Command, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_OUTCOME_UNKNOWN};
 use crate::connect::{connect, release};
@@ -34,8 +35,18 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     // Usage errors exit with clap's code 2 here, before anything runs.
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    for (id, flag) in [("token", "--token"), ("admin_token", "--admin-token")] {
+        if matches.value_source(id) == Some(ValueSource::CommandLine) {
+            tracing::warn!(
+                "{flag} puts a token on the command line, where every local user can read it (ps); \
+                 use {flag}-file or the ASPEN_* variable"
+            );
+        }
+    }
     let json = cli.json;
+    let writes = cli.command.writes();
     match run(cli).await {
         Ok(Outcome::Done) => ExitCode::from(EXIT_OK),
         Ok(Outcome::NotFound) => ExitCode::from(EXIT_NOT_FOUND),
@@ -47,6 +58,11 @@ async fn main() -> ExitCode {
                 eprintln!(
                     "The write may or may not have been applied: the client gave up before the cluster \
                      answered. Read the key to find out before writing again."
+                );
+            } else if writes && gave_up(&error) {
+                eprintln!(
+                    "The write was not applied: no node could take it before the deadline \
+                     (--timeout-secs). Running the command again is safe."
                 );
             }
             if json {
@@ -66,6 +82,12 @@ fn outcome_unknown(error: &anyhow::Error) -> bool {
             Some(aspen_client::ClientError::Kv(aspen_api::KvError::OutcomeUnknown(_)))
         )
     })
+}
+
+/// Whether `error` says the client gave up at its deadline (see `ClientError::Unavailable`;
+/// for a write, only when no attempt can have been applied: otherwise the outcome is unknown).
+fn gave_up(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| matches!(cause.downcast_ref(), Some(aspen_client::ClientError::Unavailable(_))))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<Outcome> {

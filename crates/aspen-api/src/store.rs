@@ -23,7 +23,9 @@ pub trait KeyValueStore: Send + Sync {
 
 /// Administration of a cluster's membership and maintenance.
 pub trait ClusterController: Send + Sync {
-    /// Initializes a new cluster with these voting members.
+    /// Initializes a new cluster with these voting members, once each member other than this
+    /// node has proven it holds the cluster secret (`ClusterError::SecretNotProven` names one
+    /// that answers without a proof).
     fn init(&self, members: Vec<ClusterNode>) -> impl Future<Output = Result<(), ClusterError>> + Send;
     /// Adds a non-voting member that starts replicating.
     fn add_learner(&self, node: ClusterNode) -> impl Future<Output = Result<(), ClusterError>> + Send;

@@ -22,7 +22,7 @@ use crate::connector::{ClientConnector, ClientPeer, NodeUnreachable, Reachabilit
 use crate::reads::QuorumCache;
 use crate::{
     CONNECT_STAGGER, ClientError, DEFAULT_RETRY_DEADLINE, DIAL_HEDGE, LEADER_CHECK_PERIOD, LEADER_PROBE_TIMEOUT,
-    LEADER_SUSPECT_AFTER, MAX_CLIENT_PEERS, rt,
+    LEADER_SUSPECT_AFTER, MAX_CLIENT_PEERS, MIN_ATTEMPT_WINDOW, rt,
 };
 
 /// Dials the peers in turn, starting the next one [`CONNECT_STAGGER`] after the last (or
@@ -153,7 +153,8 @@ impl<C: ClientConnector> Client<C> {
         &self.connector
     }
 
-    /// Sets how long calls retry through elections and unreachable nodes.
+    /// Sets how long calls retry through elections and unreachable nodes; it bounds each
+    /// attempt's wait for an answer too (see [`MIN_ATTEMPT_WINDOW`]).
     pub fn with_retry_deadline(mut self, deadline: Duration) -> Self {
         self.retry_deadline = deadline;
         self
@@ -240,11 +241,23 @@ impl<C: ClientConnector> Client<C> {
                 DIAL_HEDGE.min(left)
             };
             let term_before = self.known_term();
-            let attempt = if idempotent {
-                self.attempt_watching_leader(&peer, request.clone(), connect_wait).await
-            } else {
-                self.attempt(&peer, request.clone(), connect_wait).await
+            let attempt = async {
+                if idempotent {
+                    self.attempt_watching_leader(&peer, request.clone(), connect_wait).await
+                } else {
+                    self.attempt(&peer, request.clone(), connect_wait).await
+                }
             };
+            // The deadline bounds the wait for an answer too (a leader that lost its quorum
+            // holds a write until its own timeout), with a floor so that a last attempt
+            // still gets a node's quick answer. Given up, it is a read timeout: the request
+            // may have been handled.
+            let window = left.max(MIN_ATTEMPT_WINDOW);
+            let attempt = rt::timeout(window, attempt).await.unwrap_or_else(|rt::Elapsed| {
+                let reason = format!("no reply within {} ms", window.as_millis());
+                let message = format!("no reply from {} within {} ms", peer.short(), window.as_millis());
+                Err(ClientError::Unreachable(NodeUnreachable { message, reason, before_send: false }))
+            });
             let error = match attempt.and_then(&decode) {
                 Ok(value) => {
                     if let Some(position) = self.peers.iter().position(|known| *known == peer) {

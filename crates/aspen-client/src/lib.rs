@@ -46,6 +46,9 @@ pub use crate::connector::{ClientConnector, ClientPeer, NodeUnreachable, Reachab
 pub use crate::iroh::{AspenClient, IrohConnector};
 
 pub use aspen_api::retry::DEFAULT_RETRY_DEADLINE;
+/// Least time a call's attempt may wait for its answer, even when the call's retry deadline
+/// is nearer: a call overruns its deadline by at most this (and a leader probe).
+pub const MIN_ATTEMPT_WINDOW: Duration = Duration::from_millis(500);
 /// Most nodes a client is configured with.
 pub const MAX_CLIENT_PEERS: usize = aspen_api::limits::MAX_PEERS;
 /// Longest a client-confirmed read waits for a voter's term before it falls back to the

@@ -52,6 +52,33 @@ struct SnapshotInbox {
 /// openraft's metrics under Aspen's types.
 type Metrics = RaftMetrics<aspen_raft_storage::TypeConfig>;
 
+/// Pause between proof requests to a would-be member that could not be reached.
+const PROOF_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+/// How long `init` keeps asking an unreachable member for its proof (it may still be
+/// starting): under a client's 10 s wait for an answer, so the caller gets the refusal
+/// naming the member rather than its own timeout.
+const INIT_PROOF_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Why a would-be member was not admitted.
+enum Unproven {
+    /// It answered, and the answer disqualifies it.
+    Refused(ClusterError),
+    /// It could not be reached (or refused our own proof).
+    Unreachable(RpcFailure),
+}
+
+impl Unproven {
+    /// The error reported for would-be member `node`.
+    fn into_error(self, node: NodeId) -> ClusterError {
+        match self {
+            Unproven::Refused(error) => error,
+            Unproven::Unreachable(failure) => {
+                ClusterError::Invalid(format!("node {node} is unreachable or refused us: {failure}"))
+            }
+        }
+    }
+}
+
 /// One cluster member. Cheap to clone.
 pub struct RaftNode<C: RaftRpcClient> {
     inner: Arc<Inner<C>>,
@@ -176,7 +203,9 @@ impl<C: RaftRpcClient> RaftNode<C> {
             return Err(KvError::NotLeader { leader: None, leader_addr: None });
         };
         if leader == self.id() {
-            return Err(KvError::Unavailable("this node is the leader".into()));
+            // openraft refused this leader the request itself, typically because no quorum
+            // acknowledged it within its lease (CheckQuorum): there is no other leader to ask.
+            return Err(KvError::Unavailable(self.leader_refusal_reason()));
         }
         self.inner.rpc.call(leader, &node, request).await.map_err(|failure| match failure {
             RpcFailure::Timeout { after_ms, .. } => KvError::Timeout { after_ms },
@@ -253,7 +282,14 @@ impl<C: RaftRpcClient> RaftNode<C> {
         match self.inner.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(read_log_id) => Ok(read_log_id.index()),
             Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward))) => Err(not_leader(&forward)),
-            Err(RaftError::APIError(error)) => Err(KvError::Unavailable(error.to_string())),
+            Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(quorum))) => {
+                let voters = self.metrics().membership_config.membership().voter_ids().count();
+                Err(KvError::Unavailable(format!(
+                    "no quorum: node {} leads but only {} of {voters} voters confirmed it for this read",
+                    self.id(),
+                    quorum.got.len()
+                )))
+            }
             Err(RaftError::Fatal(fatal)) => Err(KvError::Unavailable(fatal.to_string())),
         }
     }
@@ -586,6 +622,50 @@ impl<C: RaftRpcClient> RaftNode<C> {
         }
     }
 
+    /// Asks `node` to prove, before it enters the membership (and is sent the log), that it
+    /// holds the cluster secret (its answer carries a proof the RPC client checks, see
+    /// [`RpcFailure::Unauthenticated`]) and is the node it claims to be.
+    async fn prove_member(&self, node: &ClusterNode) -> Result<(), Unproven> {
+        match self.inner.rpc.call(node.id, node, RaftRpc::Ping).await {
+            Ok(RaftRpcReply::Pong { node_id }) if node_id == node.id => Ok(()),
+            Err(RpcFailure::Unauthenticated { reason, .. }) => {
+                Err(Unproven::Refused(ClusterError::SecretNotProven { node: node.id, reason }))
+            }
+            Ok(RaftRpcReply::Pong { node_id }) => Err(Unproven::Refused(ClusterError::Invalid(format!(
+                "{} is node {node_id}, not node {}",
+                node.addr, node.id
+            )))),
+            Ok(other) => Err(Unproven::Refused(ClusterError::Invalid(format!("node {} answered {other:?}", node.id)))),
+            Err(failure) => Err(Unproven::Unreachable(failure)),
+        }
+    }
+
+    /// [`RaftNode::prove_member`], asked again while `node` cannot be reached (it may still be
+    /// starting), for at most `timeout`.
+    async fn prove_member_within(&self, node: &ClusterNode, timeout: std::time::Duration) -> Result<(), ClusterError> {
+        let mut last = None;
+        let proven = rt::timeout(timeout, async {
+            loop {
+                match self.prove_member(node).await {
+                    Ok(()) => return Ok(()),
+                    Err(Unproven::Refused(error)) => return Err(error),
+                    Err(unreachable) => last = Some(unreachable),
+                }
+                rt::sleep(PROOF_RETRY_PAUSE).await;
+            }
+        })
+        .await;
+        match proven {
+            Ok(result) => result,
+            Err(_) => Err(match last {
+                Some(unproven) => unproven.into_error(node.id),
+                None => {
+                    ClusterError::Invalid(format!("node {} did not answer within {} ms", node.id, timeout.as_millis()))
+                }
+            }),
+        }
+    }
+
     /// Ok on the leader; else a redirect to the leader this node knows. A leader that
     /// removed itself keeps its own vote (so `current_leader` still names it) but is no
     /// longer in the `Leader` state: it redirects nowhere, and the client tries other nodes.
@@ -608,18 +688,41 @@ impl<C: RaftRpcClient> RaftNode<C> {
         if voters_left.is_empty() {
             return Err(ClusterError::LastVoter(node));
         }
-        // openraft's leader lease is the longest election timeout: a voter silent for that
-        // long may already be following someone else, or be gone.
+        let reachable = self.acked_within_lease(metrics, &voters_left);
+        if reachable * 2 <= voters_left.len() {
+            return Err(ClusterError::WouldLoseQuorum { node, voters_left: voters_left.len(), reachable });
+        }
+        Ok(())
+    }
+
+    /// How many of `voters` this leader counts as with it: itself, and those that
+    /// acknowledged it within the leader lease. openraft's lease is the longest election
+    /// timeout: a voter silent for that long may already follow someone else, or be gone.
+    fn acked_within_lease(&self, metrics: &Metrics, voters: &BTreeSet<NodeId>) -> usize {
         let lease = std::time::Duration::from_millis(self.inner.config.election_timeout_max_ms);
         let acked = |id: &NodeId| {
             let acked_at = metrics.heartbeat.as_ref().and_then(|acks| acks.get(id).cloned().flatten());
             acked_at.is_some_and(|at| at.elapsed() < lease)
         };
-        let reachable = voters_left.iter().filter(|id| **id == self.id() || acked(id)).count();
-        if reachable * 2 <= voters_left.len() {
-            return Err(ClusterError::WouldLoseQuorum { node, voters_left: voters_left.len(), reachable });
+        voters.iter().filter(|id| **id == self.id() || acked(id)).count()
+    }
+
+    /// Why this node, named leader, cannot serve a request openraft refused it: usually it
+    /// has no quorum (and how many voters are with it), else it is stepping down.
+    fn leader_refusal_reason(&self) -> String {
+        let metrics = self.metrics();
+        let (id, term) = (self.id(), metrics.current_term);
+        if !self.quorum_lease_expired(&metrics) {
+            return format!("node {id} leads term {term} but is handing leadership over or leaving the cluster");
         }
-        Ok(())
+        let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        format!(
+            "no quorum: node {id} was elected leader in term {term} but only {} of {} voters acknowledged it \
+             in the last {} ms",
+            self.acked_within_lease(&metrics, &voters),
+            voters.len(),
+            self.inner.config.election_timeout_max_ms
+        )
     }
 
     /// Whether this node leads but no quorum acknowledged it within openraft's leader lease
@@ -663,7 +766,20 @@ impl<C: RaftRpcClient> ClusterController for RaftNode<C> {
         if members.is_empty() || members.len() > MAX_PEERS {
             return Err(ClusterError::Invalid(format!("a cluster has 1..={MAX_PEERS} initial members")));
         }
+        // Already initialized (a restart given `--init` again): say so without asking the
+        // members anything, so a restart does not wait on peers that are down.
+        if self.inner.raft.is_initialized().await.map_err(fatal)? {
+            return Err(ClusterError::AlreadyInitialized);
+        }
         let members: BTreeMap<NodeId, ClusterNode> = members.into_iter().map(|node| (node.id, node)).collect();
+        // Every other member proves the cluster secret before it is sent anything else (the
+        // first heartbeat would carry the log), as a learner must (add_learner). All at once,
+        // each asked again while unreachable.
+        let proofs = members
+            .values()
+            .filter(|node| node.id != self.id())
+            .map(|node| self.prove_member_within(node, INIT_PROOF_WINDOW));
+        futures::future::try_join_all(proofs).await?;
         match self.inner.raft.initialize(members).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Err(ClusterError::AlreadyInitialized),
@@ -677,22 +793,7 @@ impl<C: RaftRpcClient> ClusterController for RaftNode<C> {
         if members >= MAX_PEERS {
             return Err(ClusterError::Invalid(format!("the cluster already has {MAX_PEERS} nodes")));
         }
-        // Refuse a node that cannot be reached, refuses our cluster secret, cannot prove it
-        // holds the secret itself, or is not the node it claims to be, before it enters the
-        // membership (and is sent the log).
-        match self.inner.rpc.call(node.id, &node, RaftRpc::Ping).await {
-            Ok(RaftRpcReply::Pong { node_id }) if node_id == node.id => {}
-            Err(RpcFailure::Unauthenticated { reason, .. }) => {
-                return Err(ClusterError::SecretNotProven { node: node.id, reason });
-            }
-            Ok(RaftRpcReply::Pong { node_id }) => {
-                return Err(ClusterError::Invalid(format!("{} is node {node_id}, not node {}", node.addr, node.id)));
-            }
-            Ok(other) => return Err(ClusterError::Invalid(format!("node {} answered {other:?}", node.id))),
-            Err(failure) => {
-                return Err(ClusterError::Invalid(format!("node {} is unreachable or refused us: {failure}", node.id)));
-            }
-        }
+        self.prove_member(&node).await.map_err(|unproven| unproven.into_error(node.id))?;
         // Blocking: returns once the learner has caught up, so promoting it right after is
         // safe. Bounded: a learner that cannot be reached (or refuses us) is a timeout.
         let timeout = self.inner.config.write_timeout;

@@ -506,12 +506,22 @@ async fn an_isolated_leader_stops_reporting_itself_leader_and_follows_the_new_on
     };
     assert_eq!(status.role, NodeRole::Isolated, "still reports itself leader after {:?}", isolated_at.elapsed());
     assert_eq!(status.leader, None, "an isolated leader names no leader");
-    // It refuses writes at once instead of holding them until they time out.
+    // It refuses writes and linearizable reads at once instead of holding them until they
+    // time out, and a refusal that is not a redirect says why: no quorum.
     let refused = tokio::time::timeout(Duration::from_secs(1), old.write(put("refused", "x"))).await;
-    assert!(
-        matches!(refused, Ok(Err(KvError::NotLeader { .. } | KvError::Unavailable(_)))),
-        "write on the isolated leader: {refused:?}"
-    );
+    let read = GetRequest { key: b"before".to_vec(), consistency: ReadConsistency::Linearizable };
+    let refused_read =
+        tokio::time::timeout(Duration::from_secs(1), old.get(read)).await.map(|result| result.map(|_| ()));
+    for refusal in [refused.map(|result| result.map(|_| ())), refused_read] {
+        match refusal {
+            Ok(Err(KvError::NotLeader { .. })) => {}
+            Ok(Err(KvError::Unavailable(reason))) => {
+                assert!(reason.starts_with(&format!("no quorum: node {old_id}")), "{reason}");
+                assert!(reason.contains("only 1 of 3 voters"), "{reason}");
+            }
+            other => panic!("request on the isolated leader: {other:?}"),
+        }
+    }
 
     let new_id = cluster.wait_for_leader(&survivors).await;
     write_with_retry(&cluster, &survivors, put("during", "2")).await;

@@ -8,7 +8,6 @@
 //! configuration shows `<redacted>` in their place. A config file or secret file that
 //! users other than its owner can read gets a warning at startup.
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,18 +17,13 @@ use aspen_api::protocol::MAX_TOKEN_SIZE;
 use aspen_api::{NodeId, Secret};
 use aspen_consensus::ConsensusConfig;
 use aspen_transport::InternetServices;
+use aspen_transport::secret_file::{self, SecretFileError, warn_if_exposed};
 use serde::Deserialize;
 
 /// Shortest cluster secret accepted: a secret is the only thing keeping strangers out.
 pub const MIN_SECRET_LEN: usize = 8;
 /// Default listen address for the node's endpoint.
 pub const DEFAULT_BIND: &str = "0.0.0.0:7101";
-/// Largest file a secret or token is read from: a secret is a line, so anything bigger is
-/// the wrong file.
-pub const SECRET_FILE_BYTES_MAX: u64 = 4096;
-/// Permission bits that give users other than a file's owner any access to it; a file
-/// holding a secret should have none of them (mode 0600).
-pub const NOT_OWNER_MODE_BITS: u32 = 0o077;
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -275,55 +269,13 @@ fn secret_setting(setting: &'static str, value: Option<Secret>, file: Option<Pat
     }
 }
 
-/// Reads a secret from a file: its contents without surrounding whitespace (so a trailing
-/// newline does not count), at most [`SECRET_FILE_BYTES_MAX`] bytes. Warns when users other
-/// than the owner can read the file.
+/// Reads `setting`'s secret from a file (see [`aspen_transport::secret_file`]), warning when
+/// users other than the owner can read it.
 pub fn read_secret_file(setting: &'static str, path: &Path) -> Result<Secret, ConfigError> {
-    let read_error =
-        |error: std::io::Error| ConfigError::Read { path: path.display().to_string(), reason: error.to_string() };
-    let file = std::fs::File::open(path).map_err(read_error)?;
-    let mut text = String::new();
-    file.take(SECRET_FILE_BYTES_MAX + 1).read_to_string(&mut text).map_err(read_error)?;
-    if text.len() as u64 > SECRET_FILE_BYTES_MAX {
-        return Err(ConfigError::Invalid {
-            setting,
-            reason: format!("{} is larger than {SECRET_FILE_BYTES_MAX} bytes: not a secret file", path.display()),
-        });
-    }
-    warn_if_exposed(path, setting);
-    Ok(Secret::new(text.trim()))
-}
-
-/// The permission bits of `path` when users other than its owner have any access to it
-/// (`mode & 0o077 != 0`), else `None`. Always `None` where there are no Unix modes.
-pub fn exposed_mode(path: &Path) -> std::io::Result<Option<u32>> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)?.permissions().mode() & 0o7777;
-        Ok((mode & NOT_OWNER_MODE_BITS != 0).then_some(mode))
-    }
-    #[cfg(not(unix))]
-    {
-        std::fs::metadata(path).map(|_| None)
-    }
-}
-
-/// Logs a warning when `path`, which holds `what` (a secret or token), can be read by users
-/// other than its owner. Returns whether it warned.
-pub fn warn_if_exposed(path: &Path, what: &str) -> bool {
-    match exposed_mode(path) {
-        Ok(Some(mode)) => {
-            tracing::warn!(
-                file = %path.display(),
-                "{} holds {what} but has mode {mode:04o}: users other than its owner can read it; run `chmod 600 {}`",
-                path.display(),
-                path.display()
-            );
-            true
-        }
-        Ok(None) | Err(_) => false,
-    }
+    secret_file::read_secret_file(path, setting).map_err(|error| match error {
+        SecretFileError::Read { path, source } => ConfigError::Read { path, reason: source.to_string() },
+        error @ SecretFileError::TooLarge { .. } => ConfigError::Invalid { setting, reason: error.to_string() },
+    })
 }
 
 /// A complete, validated node configuration. `Debug` shows `<redacted>` for the secret
@@ -464,7 +416,8 @@ mod tests {
         let missing_file =
             PartialConfig { admin_token: None, admin_token_file: Some(dir.path().join("nope")), ..config_layer() };
         assert!(matches!(missing_file.resolve(), Err(ConfigError::Read { .. })));
-        let huge = file_with_mode(dir.path(), "huge", &"x".repeat(SECRET_FILE_BYTES_MAX as usize + 1), 0o600);
+        let huge =
+            file_with_mode(dir.path(), "huge", &"x".repeat(secret_file::SECRET_FILE_BYTES_MAX as usize + 1), 0o600);
         let huge = PartialConfig { admin_token: None, admin_token_file: Some(huge), ..config_layer() };
         assert!(matches!(huge.resolve(), Err(ConfigError::Invalid { setting: "admin_token", .. })));
     }
@@ -487,16 +440,8 @@ mod tests {
     }
 
     #[test]
-    fn files_open_to_group_or_others_are_exposed() {
+    fn a_config_file_warns_only_when_it_holds_a_secret_itself() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cases = [(0o600, None), (0o400, None), (0o640, Some(0o640)), (0o644, Some(0o644)), (0o604, Some(0o604))];
-        for (mode, expected) in cases {
-            let path = file_with_mode(dir.path(), &format!("f{mode:o}"), "x", mode);
-            assert_eq!(exposed_mode(&path).expect("stat"), expected, "mode {mode:o}");
-            assert_eq!(warn_if_exposed(&path, "a token"), expected.is_some(), "mode {mode:o}");
-        }
-        assert!(exposed_mode(&dir.path().join("missing")).is_err());
-        // A config file warns only when it holds a secret itself.
         let with_secret = file_with_mode(dir.path(), "with.toml", "admin_token = \"a\"", 0o644);
         assert!(PartialConfig::from_file(&with_secret).expect("parse").holds_secrets());
         let without = file_with_mode(dir.path(), "without.toml", "admin_token_file = \"/x\"", 0o644);

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use aspen_api::NodeId;
 use aspen_api::limits::MAX_PEERS;
+use aspen_api::{NodeId, Secret};
 use aspen_transport::auth::{cluster_proof, verify_cluster_proof};
 use aspen_transport::{EndpointId, MemoryLookup, PeerAddr, SecretKey};
 use futures::StreamExt;
@@ -72,12 +72,12 @@ pub enum AnnouncementError {
 }
 
 /// Signs an announcement of `node_id` at `addr`.
-pub fn sign_announcement(key: &SecretKey, secret: &str, node_id: NodeId, addr: &PeerAddr, now_ms: i64) -> Vec<u8> {
+pub fn sign_announcement(key: &SecretKey, secret: &Secret, node_id: NodeId, addr: &PeerAddr, now_ms: i64) -> Vec<u8> {
     let announcement = Announcement {
         node_id,
         addr: addr.to_string(),
         issued_at_ms: now_ms,
-        proof: cluster_proof(secret, &key.public()),
+        proof: cluster_proof(secret.expose(), &key.public()),
     };
     let body = postcard::to_stdvec(&announcement).unwrap_or_default();
     let signature = key.sign(&body);
@@ -87,7 +87,7 @@ pub fn sign_announcement(key: &SecretKey, secret: &str, node_id: NodeId, addr: &
 /// Checks a received announcement; returns it with its parsed address.
 pub fn verify_announcement(
     bytes: &[u8],
-    secret: &str,
+    secret: &Secret,
     now_ms: i64,
 ) -> Result<(Announcement, PeerAddr), AnnouncementError> {
     if bytes.len() > MAX_ANNOUNCEMENT_SIZE {
@@ -102,7 +102,7 @@ pub fn verify_announcement(
         .parse()
         .map_err(|error: aspen_transport::TransportError| AnnouncementError::Malformed(error.to_string()))?;
     addr.id.verify(&signed.body, &signed.signature).map_err(|_| AnnouncementError::BadSignature(addr.short()))?;
-    if !verify_cluster_proof(secret, &addr.id, &announcement.proof) {
+    if !verify_cluster_proof(secret.expose(), &addr.id, &announcement.proof) {
         return Err(AnnouncementError::NotAMember(addr.short()));
     }
     let ahead = announcement.issued_at_ms - now_ms;
@@ -146,14 +146,14 @@ impl AddressBook {
 }
 
 /// The gossip topic of a cluster: derived from its secret, so only members know it.
-pub fn cluster_topic(secret: &str) -> TopicId {
-    TopicId::from_bytes(blake3::derive_key("aspen 2026-11 gossip discovery topic v1", secret.as_bytes()))
+pub fn cluster_topic(secret: &Secret) -> TopicId {
+    TopicId::from_bytes(blake3::derive_key("aspen 2026-11 gossip discovery topic v1", secret.expose().as_bytes()))
 }
 
 /// The mDNS service name of a cluster, derived from its secret so clusters sharing a LAN
 /// do not see each other (and the secret is not revealed).
-pub fn mdns_service_name(secret: &str) -> String {
-    let digest = blake3::derive_key("aspen 2026-11 mdns service name v1", secret.as_bytes());
+pub fn mdns_service_name(secret: &Secret) -> String {
+    let digest = blake3::derive_key("aspen 2026-11 mdns service name v1", secret.expose().as_bytes());
     let suffix: String = digest[..6].iter().map(|byte| format!("{byte:02x}")).collect();
     format!("aspen-{suffix}")
 }
@@ -179,7 +179,7 @@ pub struct Discovery {
     /// This node's key, for signing.
     pub key: SecretKey,
     /// The cluster secret.
-    pub secret: String,
+    pub secret: Secret,
     /// This node's id and address.
     pub me: (NodeId, PeerAddr),
     /// Where learned addresses go.
@@ -188,6 +188,20 @@ pub struct Discovery {
     pub lookup: MemoryLookup,
     /// Endpoints found on the LAN by mDNS, to join the gossip topic through.
     pub local_peers: Option<tokio::sync::mpsc::Receiver<EndpointId>>,
+}
+
+/// Shows who announces what, never the secret (a [`Secret`] prints `<redacted>`).
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Discovery")
+            .field("endpoint", &self.key.public().fmt_short().to_string())
+            .field("secret", &self.secret)
+            .field("me", &(self.me.0, self.me.1.to_string()))
+            .field("known_peers", &self.book.all().len())
+            .field("mdns", &self.local_peers.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Discovery {
@@ -260,27 +274,28 @@ mod tests {
 
     #[test]
     fn only_signed_announcements_from_secret_holders_are_accepted() {
+        let secret = Secret::new("cluster-secret");
         let key = SecretKey::from_bytes(&[3; 32]);
         let addr = addr_of(&key, 7000);
-        let good = sign_announcement(&key, "cluster-secret", 2, &addr, 1_000);
-        let (announcement, parsed) = verify_announcement(&good, "cluster-secret", 1_000).expect("valid");
+        let good = sign_announcement(&key, &secret, 2, &addr, 1_000);
+        let (announcement, parsed) = verify_announcement(&good, &secret, 1_000).expect("valid");
         assert_eq!((announcement.node_id, parsed), (2, addr.clone()));
 
-        assert!(matches!(verify_announcement(&good, "other-secret", 1_000), Err(AnnouncementError::NotAMember(_))));
+        assert!(matches!(
+            verify_announcement(&good, &Secret::new("other-secret"), 1_000),
+            Err(AnnouncementError::NotAMember(_))
+        ));
         // Someone else's key signing an announcement of this node's address.
         let forger = SecretKey::from_bytes(&[4; 32]);
-        let forged = sign_announcement(&forger, "cluster-secret", 2, &addr, 1_000);
-        assert!(matches!(
-            verify_announcement(&forged, "cluster-secret", 1_000),
-            Err(AnnouncementError::BadSignature(_))
-        ));
+        let forged = sign_announcement(&forger, &secret, 2, &addr, 1_000);
+        assert!(matches!(verify_announcement(&forged, &secret, 1_000), Err(AnnouncementError::BadSignature(_))));
         let mut tampered = good.clone();
         let last = tampered.len() - 70;
         tampered[last] ^= 1;
-        assert!(verify_announcement(&tampered, "cluster-secret", 1_000).is_err());
-        assert!(matches!(verify_announcement(b"garbage", "cluster-secret", 0), Err(AnnouncementError::Malformed(_))));
-        let future = sign_announcement(&key, "cluster-secret", 2, &addr, 10_000_000);
-        assert!(matches!(verify_announcement(&future, "cluster-secret", 0), Err(AnnouncementError::FromTheFuture(_))));
+        assert!(verify_announcement(&tampered, &secret, 1_000).is_err());
+        assert!(matches!(verify_announcement(b"garbage", &secret, 0), Err(AnnouncementError::Malformed(_))));
+        let future = sign_announcement(&key, &secret, 2, &addr, 10_000_000);
+        assert!(matches!(verify_announcement(&future, &secret, 0), Err(AnnouncementError::FromTheFuture(_))));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use aspen_api::limits::MAX_PEERS;
-use aspen_api::{ClusterNode, NodeId};
+use aspen_api::{ClusterNode, NodeId, Secret};
 use aspen_consensus::{HealthTracker, RaftNode, RaftRpc, RaftRpcClient, RaftRpcReply, RpcFailure};
 use aspen_transport::auth::{Challenges, cluster_proof, responder_proof, verify_cluster_proof, verify_responder_proof};
 use aspen_transport::{EndpointId, PeerAddr, RAFT_ALPN, RpcClient, RpcHandler, TransportError};
@@ -98,7 +98,7 @@ impl ParsedAddrs {
 pub struct IrohRaftClient {
     rpc: RpcClient,
     proof: [u8; 32],
-    secret: String,
+    secret: Secret,
     challenges: Challenges,
     health: Arc<HealthTracker>,
     book: Arc<AddressBook>,
@@ -111,23 +111,34 @@ impl IrohRaftClient {
     /// in each request), sampling peer clocks into `health`.
     pub fn new(
         rpc: RpcClient,
-        secret: &str,
+        secret: &Secret,
         health: Arc<HealthTracker>,
         book: Arc<AddressBook>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, TransportError> {
-        let proof = cluster_proof(secret, &rpc.endpoint().id());
+        let proof = cluster_proof(secret.expose(), &rpc.endpoint().id());
         rpc.set_hello(RAFT_ALPN, &RaftHello { proof })?;
         Ok(IrohRaftClient {
             rpc,
             proof,
-            secret: secret.to_string(),
+            secret: secret.clone(),
             challenges: Challenges::default(),
             health,
             book,
             metrics,
             parsed: ParsedAddrs::default(),
         })
+    }
+}
+
+/// Shows the sending endpoint, never the secret (a [`Secret`] prints `<redacted>`).
+impl std::fmt::Debug for IrohRaftClient {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("IrohRaftClient")
+            .field("endpoint", &self.rpc.endpoint().id().fmt_short().to_string())
+            .field("secret", &self.secret)
+            .finish_non_exhaustive()
     }
 }
 
@@ -166,7 +177,7 @@ impl RaftRpcClient for IrohRaftClient {
         match reply.map_err(|error| failure(target, error))? {
             RaftEnvelopeReply::Reply { reply, clock_ms, proof } => {
                 let me = self.rpc.endpoint().id();
-                if !verify_responder_proof(&self.secret, &peer.id, &me, &challenge, &proof) {
+                if !verify_responder_proof(self.secret.expose(), &peer.id, &me, &challenge, &proof) {
                     tracing::warn!(node = target, peer = %peer.short(), "a peer answered without proving the cluster secret");
                     let reason = "its answer carries no valid proof of the cluster secret".to_string();
                     return Err(RpcFailure::Unauthenticated { node: target, reason });
@@ -182,7 +193,7 @@ impl RaftRpcClient for IrohRaftClient {
 /// Serves Raft RPCs to a [`RaftNode`].
 pub struct RaftService {
     node: RaftNode<IrohRaftClient>,
-    secret: String,
+    secret: Secret,
     /// This node's endpoint id, which its answers' proofs name.
     me: EndpointId,
     metrics: Arc<Metrics>,
@@ -191,8 +202,20 @@ pub struct RaftService {
 impl RaftService {
     /// Serves `node` on the endpoint `me`, admitting senders that prove `secret` and proving
     /// it in every answer; counts refusals and times served requests in `metrics`.
-    pub fn new(node: RaftNode<IrohRaftClient>, secret: String, me: EndpointId, metrics: Arc<Metrics>) -> Self {
+    pub fn new(node: RaftNode<IrohRaftClient>, secret: Secret, me: EndpointId, metrics: Arc<Metrics>) -> Self {
         RaftService { node, secret, me, metrics }
+    }
+}
+
+/// Shows the serving node and endpoint, never the secret.
+impl std::fmt::Debug for RaftService {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("RaftService")
+            .field("node", &self.node.id())
+            .field("me", &self.me.fmt_short().to_string())
+            .field("secret", &self.secret)
+            .finish_non_exhaustive()
     }
 }
 
@@ -202,7 +225,7 @@ impl RpcHandler for RaftService {
     type Response = RaftEnvelopeReply;
 
     fn authenticate(&self, peer: EndpointId, hello: RaftHello) -> Result<(), String> {
-        if verify_cluster_proof(&self.secret, &peer, &hello.proof) {
+        if verify_cluster_proof(self.secret.expose(), &peer, &hello.proof) {
             return Ok(());
         }
         self.metrics.raft_denied.fetch_add(1, Ordering::Relaxed);
@@ -211,7 +234,7 @@ impl RpcHandler for RaftService {
     }
 
     async fn handle(&self, peer: EndpointId, envelope: RaftEnvelope) -> RaftEnvelopeReply {
-        if !verify_cluster_proof(&self.secret, &peer, &envelope.proof) {
+        if !verify_cluster_proof(self.secret.expose(), &peer, &envelope.proof) {
             self.metrics.raft_denied.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(peer = %peer.fmt_short(), "refused a Raft RPC: wrong cluster secret");
             return RaftEnvelopeReply::Denied("wrong cluster secret".into());
@@ -220,7 +243,7 @@ impl RpcHandler for RaftService {
         let reply = self.node.handle_rpc(envelope.rpc).await;
         let refused = matches!(reply, RaftRpcReply::Failed(_) | RaftRpcReply::ChainDivergence(_));
         self.metrics.raft_served.record(started, refused);
-        let proof = responder_proof(&self.secret, &self.me, &peer, &envelope.challenge);
+        let proof = responder_proof(self.secret.expose(), &self.me, &peer, &envelope.challenge);
         RaftEnvelopeReply::Reply { reply, clock_ms: unix_ms(), proof }
     }
 
@@ -253,6 +276,57 @@ mod tests {
         assert!(cache.get(2, "not-an-address").is_err());
         assert!(cache.get(2, "not-an-address").is_err());
         assert_eq!(cache.len(), 1);
+    }
+
+    /// Debug of everything that holds the cluster secret (the Raft client and service, the
+    /// discovery task) shows `<redacted>`, never the secret.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn debug_of_the_raft_client_service_and_discovery_shows_no_secret() {
+        const SECRET: &str = "raft-rpc-secret-value";
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = SecretKey::generate();
+        let endpoint = aspen_transport::bind_endpoint(
+            key.clone(),
+            "127.0.0.1:0".parse().expect("addr"),
+            vec![RAFT_ALPN.to_vec(), iroh_gossip::ALPN.to_vec()],
+        )
+        .await
+        .expect("bind");
+        let (metrics, health, book) =
+            (Arc::new(Metrics::default()), Arc::new(HealthTracker::default()), Arc::new(AddressBook::default()));
+        let secret = Secret::new(SECRET);
+        let client = IrohRaftClient::new(
+            RpcClient::new(endpoint.clone()),
+            &secret,
+            Arc::clone(&health),
+            Arc::clone(&book),
+            Arc::clone(&metrics),
+        )
+        .expect("client");
+        let client_debug = format!("{client:?}");
+        let log = aspen_raft_storage::RedbLogStore::open(dir.path().join("log.redb")).expect("log");
+        let state_machine = aspen_raft_storage::SqliteStateMachine::open(dir.path().join("sm")).expect("sm");
+        let node =
+            RaftNode::start(aspen_consensus::ConsensusConfig::new(1), log, state_machine, Arc::new(client), health)
+                .await
+                .expect("node");
+        let service = RaftService::new(node.clone(), secret.clone(), endpoint.id(), metrics);
+        let discovery = crate::discovery::Discovery {
+            gossip: iroh_gossip::Gossip::builder().spawn(endpoint.clone()),
+            key,
+            secret,
+            me: (1, PeerAddr::from(endpoint.addr())),
+            book,
+            lookup: aspen_transport::MemoryLookup::new(),
+            local_peers: None,
+        };
+        let texts = [client_debug, format!("{service:?}"), format!("{service:#?}"), format!("{discovery:?}")];
+        for text in &texts {
+            assert!(!text.contains(SECRET), "the secret in {text}");
+            assert!(text.contains(aspen_api::secret::REDACTED), "{text}");
+        }
+        node.shutdown().await.expect("shutdown");
+        endpoint.close().await;
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use aspen_api::{ClusterController, ClusterNode};
+use aspen_api::{ClusterController, ClusterNode, Secret};
 use aspen_consensus::{HealthTracker, RaftNode};
 use aspen_raft_storage::{RedbLogStore, SqliteStateMachine};
 use aspen_transport::EndpointId;
@@ -66,7 +66,10 @@ pub enum ServerError {
 
 /// Starts mDNS on the endpoint: advertises this node under the cluster's service name and
 /// streams the endpoint ids it finds on the LAN.
-fn start_mdns(endpoint: &iroh::Endpoint, secret: &str) -> Result<tokio::sync::mpsc::Receiver<EndpointId>, ServerError> {
+fn start_mdns(
+    endpoint: &iroh::Endpoint,
+    secret: &Secret,
+) -> Result<tokio::sync::mpsc::Receiver<EndpointId>, ServerError> {
     use futures::StreamExt;
     use iroh_mdns_address_lookup::{DiscoveryEvent, MdnsAddressLookup};
     let mdns_error = |reason: String| ServerError::Mdns(reason);
@@ -133,19 +136,15 @@ impl Server {
         let metrics = Arc::new(Metrics { raft_denied: Arc::new(AtomicU64::new(0)), ..Default::default() });
         let raft_client = Arc::new(IrohRaftClient::new(
             RpcClient::new(endpoint.clone()),
-            config.cluster_secret.expose(),
+            &config.cluster_secret,
             Arc::clone(&health),
             Arc::clone(&book),
             Arc::clone(&metrics),
         )?);
         let node = RaftNode::start(config.consensus.clone(), log, state_machine, raft_client, health).await?;
 
-        let raft_service = RaftService::new(
-            node.clone(),
-            config.cluster_secret.expose().to_string(),
-            endpoint.id(),
-            Arc::clone(&metrics),
-        );
+        let raft_service =
+            RaftService::new(node.clone(), config.cluster_secret.clone(), endpoint.id(), Arc::clone(&metrics));
         let tokens = ClientTokens { data: config.client_token.clone(), admin: config.admin_token.clone() };
         let client_service = ClientService::new(node.clone(), tokens, Arc::clone(&metrics));
         let router = Router::builder(endpoint)
@@ -163,15 +162,12 @@ impl Server {
                 bootstrap.push(member_addr.id);
             }
         }
-        let local_peers = if config.mdns_discovery {
-            Some(start_mdns(&endpoint_for_mdns, config.cluster_secret.expose())?)
-        } else {
-            None
-        };
+        let local_peers =
+            if config.mdns_discovery { Some(start_mdns(&endpoint_for_mdns, &config.cluster_secret)?) } else { None };
         let discovery = Discovery {
             gossip,
             key,
-            secret: config.cluster_secret.expose().to_string(),
+            secret: config.cluster_secret.clone(),
             me: (config.node_id, addr.clone()),
             book: Arc::clone(&book),
             lookup,

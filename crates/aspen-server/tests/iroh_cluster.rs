@@ -379,6 +379,28 @@ impl aspen_transport::RpcHandler for Impostor {
     }
 }
 
+/// Starts an [`Impostor`] answering as node `id` on 127.0.0.1; returns it, its address and
+/// the router serving it (shut it down at the end).
+async fn start_impostor(id: u64) -> (std::sync::Arc<Impostor>, PeerAddr, iroh::protocol::Router) {
+    let endpoint = aspen_transport::bind_endpoint(
+        aspen_transport::SecretKey::generate(),
+        "127.0.0.1:0".parse().expect("addr"),
+        vec![RAFT_ALPN.to_vec()],
+    )
+    .await
+    .expect("bind the impostor");
+    let impostor = std::sync::Arc::new(Impostor {
+        id,
+        me: endpoint.id(),
+        saw_more_than_ping: std::sync::atomic::AtomicBool::new(false),
+    });
+    let addr = PeerAddr::from(endpoint.addr());
+    let router = iroh::protocol::Router::builder(endpoint)
+        .accept(RAFT_ALPN, aspen_transport::RpcProtocol::new(std::sync::Arc::clone(&impostor)))
+        .spawn();
+    (impostor, addr, router)
+}
+
 /// Client refusals counted by every node together.
 fn unauthorized_total(nodes: &[TestNode]) -> u64 {
     nodes.iter().filter_map(|node| node.server.as_ref()).map(|server| server.metrics().unauthorized.get()).sum()
@@ -462,23 +484,7 @@ async fn a_learner_must_prove_the_cluster_secret_before_it_is_admitted() {
     let leader_id = wait_for_leader(&all).await;
     let leader = nodes.iter().find(|node| node.id == leader_id).expect("leader").server().node();
 
-    let endpoint = aspen_transport::bind_endpoint(
-        aspen_transport::SecretKey::generate(),
-        "127.0.0.1:0".parse().expect("addr"),
-        vec![RAFT_ALPN.to_vec()],
-    )
-    .await
-    .expect("bind the impostor");
-    let impostor = std::sync::Arc::new(Impostor {
-        id: 9,
-        me: endpoint.id(),
-        saw_more_than_ping: std::sync::atomic::AtomicBool::new(false),
-    });
-    let impostor_addr = PeerAddr::from(endpoint.addr());
-    let router = iroh::protocol::Router::builder(endpoint)
-        .accept(RAFT_ALPN, aspen_transport::RpcProtocol::new(std::sync::Arc::clone(&impostor)))
-        .spawn();
-
+    let (impostor, impostor_addr, router) = start_impostor(9).await;
     let added = leader.add_learner(ClusterNode { id: 9, addr: impostor_addr.to_string() }).await;
     assert!(
         matches!(&added, Err(ClusterError::SecretNotProven { node: 9, .. })),
@@ -494,6 +500,37 @@ async fn a_learner_must_prove_the_cluster_secret_before_it_is_admitted() {
     let member = TestNode::start(4, root.path()).await;
     leader.add_learner(member.server().member()).await.expect("a node with the secret joins");
     assert!(leader.metrics().membership_config.membership().get_node(&4).is_some());
+    router.shutdown().await.expect("stop the impostor");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn init_makes_every_member_prove_the_cluster_secret_first() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let first = TestNode::start(1, root.path()).await;
+    let second = TestNode::start(2, root.path()).await;
+    let (impostor, impostor_addr, router) = start_impostor(3).await;
+    let impostor_member = ClusterNode { id: 3, addr: impostor_addr.to_string() };
+
+    let members = vec![first.server().member(), second.server().member(), impostor_member];
+    let init = first.server().node().init(members).await;
+    assert!(
+        matches!(&init, Err(ClusterError::SecretNotProven { node: 3, .. })),
+        "init must refuse a member without the secret, by name: {init:?}"
+    );
+    for node in [&first, &second] {
+        let metrics = node.server().node().metrics();
+        assert!(metrics.last_log_index.is_none(), "node {} was not initialized: {metrics:?}", node.id);
+        assert_eq!(metrics.membership_config.membership().voter_ids().count(), 0, "node {} has no voters", node.id);
+    }
+    assert!(
+        !impostor.saw_more_than_ping.load(std::sync::atomic::Ordering::Relaxed),
+        "the impostor was sent nothing but the Ping"
+    );
+
+    // The same nodes without the impostor: a cluster.
+    let members = vec![first.server().member(), second.server().member()];
+    first.server().node().init(members).await.expect("members that prove the secret form a cluster");
+    wait_for_leader(&[&first, &second]).await;
     router.shutdown().await.expect("stop the impostor");
 }
 

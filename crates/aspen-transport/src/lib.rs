@@ -1,7 +1,7 @@
 //! Aspen's network layer on iroh QUIC: binding an endpoint with relays off and a persistent
 //! identity, peer addresses, bounded request/response RPC with pooled connections and
-//! timeouts, and cluster-secret proofs. It knows nothing of Raft or the KV store: message
-//! types are the caller's.
+//! timeouts, cluster-secret proofs, and reading secrets from owner-only files. It knows
+//! nothing of Raft or the KV store: message types are the caller's.
 //!
 //! Architecture invariant: depends only on aspen-api among Aspen crates, so the client can
 //! use it without pulling in consensus or storage.
@@ -13,6 +13,7 @@ pub mod error;
 pub mod mux;
 pub mod peer;
 pub mod rpc;
+pub mod secret_file;
 
 pub use dial::Reachability;
 pub use endpoint::{
